@@ -1,0 +1,7 @@
+"""`postwarden` subcommands: dkim (placeholder until implemented)."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: list[click.Command] = []

@@ -1,0 +1,1 @@
+"""The DKIM milter (a thin pymilter adapter over postwarden.dkim_*)."""

@@ -1,0 +1,1 @@
+"""The Postfix policy server (policy delegation protocol codec and asyncio server)."""

@@ -1,0 +1,208 @@
+"""The one config model: every daemon setting and every rendered Postfix/Dovecot file comes from it.
+
+Each section is a frozen pydantic model that forbids unknown keys, so a typo is an error
+naming the key rather than a silently ignored setting. Defaults make an empty file run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from postwarden.config.mail import MailConfig
+from postwarden.config.types import Listen, ListenAddress, Network, Seconds, parse_network
+
+
+class Section(BaseModel):
+    """Base for every config table: immutable, and unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StoreConfig(Section):
+    """Where lists, aliases and greylist state live."""
+
+    # sqlite:///abs/path.db, redis://host:port/db, rediss://…, redis+sentinel://h1:p,h2:p/master/db
+    # or redis+cluster://host:port
+    url: str = "sqlite:///var/lib/postwarden/state.db"
+    # How often a daemon asks the store whether the lists changed (seconds).
+    refresh_interval: Annotated[float, Field(gt=0, le=1.0)] = 0.5
+    # Store operations slower than this count as failures (the safe default is answered).
+    timeout: Annotated[float, Field(gt=0)] = 1.0
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        allowed = ("sqlite://", "redis://", "rediss://", "redis+sentinel://", "redis+cluster://")
+        if not value.startswith(allowed):
+            raise ValueError(f"must start with one of {', '.join(allowed)}")
+        return value
+
+
+PolicyAction = Literal["DUNNO", "DEFER_IF_PERMIT"]
+
+
+class PolicydConfig(Section):
+    """The Postfix policy server."""
+
+    listen: list[Listen] = Field(
+        default_factory=lambda: [ListenAddress("unix", path="/run/postwarden/policyd.sock")],
+        min_length=1,
+    )
+    # Worker processes sharing the listening sockets; 0 means one per CPU core.
+    workers: Annotated[int, Field(ge=0, le=64)] = 1
+    # What to answer when a check fails internally or the store/DNS is unreachable.
+    default_action: PolicyAction = "DUNNO"
+    # Unix socket permissions (Postfix's smtpd must be able to connect).
+    socket_mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0660"
+    socket_group: str | None = None
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    # Close a connection after this much silence (Postfix closes idle ones after max_idle=100s).
+    idle_timeout: Annotated[float, Field(gt=0)] = 300.0
+    # Total time one request may take before the default action is answered.
+    request_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # Prometheus metrics on a loopback HTTP port, e.g. "127.0.0.1:9641"; off when unset.
+    metrics_listen: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MilterdConfig(Section):
+    """The DKIM milter."""
+
+    listen: list[Listen] = Field(
+        default_factory=lambda: [ListenAddress("unix", path="/run/postwarden/milterd.sock")],
+        min_length=1,
+    )
+    socket_mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0660"
+    socket_group: str | None = None
+    # What happens to a message when signing/verifying fails internally.
+    on_error: Literal["accept", "tempfail"] = "accept"
+    # The authserv-id in Authentication-Results; defaults to mail.hostname.
+    authserv_id: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class DnsConfig(Section):
+    """The resolver used for DNSBL, SPF and DKIM lookups."""
+
+    # "IP" or "IP:port" ("[v6]:port"); empty means the system's /etc/resolv.conf.
+    nameservers: list[str] = Field(default_factory=list)
+    # Per-query timeout in seconds.
+    timeout: Annotated[float, Field(gt=0, le=30)] = 2.0
+
+    @field_validator("nameservers")
+    @classmethod
+    def _valid_nameservers(cls, value: list[str]) -> list[str]:
+        for item in value:
+            host = item
+            m = re.fullmatch(r"\[(.+)\]:(\d+)", item) or re.fullmatch(r"([0-9.]+):(\d+)", item)
+            if m:
+                host = m.group(1)
+            parse_network(host)  # raises ValueError naming the bad item
+        return value
+
+
+class GreylistingConfig(Section):
+    """Greylisting (RFC 6647) of inbound mail."""
+
+    enabled: bool = True
+    # A triplet seen for the first time is deferred for this long (seconds).
+    delay: Seconds = 300
+    # After the delay the sender must retry within this window, else it starts again.
+    retry_window: Seconds = 2 * 86400
+    # A triplet that passed is remembered this long after it was last seen.
+    expiry: Seconds = 35 * 86400
+    # Client addresses are grouped into networks of these prefix lengths.
+    ipv4_prefix: Annotated[int, Field(ge=8, le=32)] = 24
+    ipv6_prefix: Annotated[int, Field(ge=16, le=128)] = 64
+    # A client network that passed greylisting this many times skips it; 0 turns this off.
+    auto_whitelist_after: Annotated[int, Field(ge=0)] = 5
+    # Large senders that retry from many addresses: one pattern per line (see the shipped file).
+    # None uses the list shipped with postwarden.
+    large_senders_file: Path | None = None
+    # Text of the deferral (the client sees "450 4.7.1 <text>").
+    defer_text: str = "Greylisted, please try again later"
+    # Add an X-Greylist: header to mail that passed after a delay.
+    add_header: bool = True
+
+
+class DnsblZone(Section):
+    zone: str
+    weight: int = 1
+    # Return codes that count: "127.0.0.2", or ranges "127.0.0.2-127.0.0.11". Empty: any 127/8.
+    codes: list[str] = Field(default_factory=list)
+
+    @field_validator("codes")
+    @classmethod
+    def _valid_codes(cls, value: list[str]) -> list[str]:
+        for code in value:
+            for part in code.split("-"):
+                parse_network(part)
+        return value
+
+
+class DnsblConfig(Section):
+    enabled: bool = False
+    zones: list[DnsblZone] = Field(default_factory=list)
+    # A client whose summed zone weights reach this is rejected.
+    threshold: Annotated[int, Field(ge=1)] = 1
+    # Total time for all zones together (seconds); a zone that has not answered counts as clean.
+    budget: Annotated[float, Field(gt=0, le=30)] = 2.0
+    reject_text: str = "Client host blocked using DNSBL"
+
+
+class SpfConfig(Section):
+    enabled: bool = False
+    # `fail` results: "reject" refuses the recipient, "mark" only adds Received-SPF.
+    fail_action: Literal["reject", "mark"] = "reject"
+    # Time bound for one SPF evaluation (seconds), after which the result is temperror.
+    timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    add_header: bool = True
+
+
+class DkimKey(Section):
+    domain: str
+    selector: str
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+    key: Path
+
+
+class DkimConfig(Section):
+    sign: bool = True
+    verify: bool = True
+    # Also sign for subdomains of a configured key's domain.
+    sign_subdomains: bool = False
+    keys: list[DkimKey] = Field(default_factory=list)
+    # Where `postwarden dkim keygen` writes keys.
+    key_directory: Path = Path("/etc/postwarden/dkim")
+
+
+class NetworkConfig(Section):
+    # Mail from these networks is outgoing: signed, not filtered.
+    trusted: list[Network] = Field(
+        default_factory=lambda: [parse_network("127.0.0.0/8"), parse_network("::1/128")]
+    )
+
+
+class Config(Section):
+    """The whole `postwarden.toml`."""
+
+    store: StoreConfig = StoreConfig()
+    policyd: PolicydConfig = PolicydConfig()
+    milterd: MilterdConfig = MilterdConfig()
+    dns: DnsConfig = DnsConfig()
+    greylisting: GreylistingConfig = GreylistingConfig()
+    dnsbl: DnsblConfig = DnsblConfig()
+    spf: SpfConfig = SpfConfig()
+    dkim: DkimConfig = DkimConfig()
+    network: NetworkConfig = NetworkConfig()
+    mail: MailConfig = MailConfig()
+
+    @model_validator(mode="after")
+    def _dnsbl_needs_zones(self) -> Config:
+        if self.dnsbl.enabled and not self.dnsbl.zones:
+            raise ValueError("dnsbl.enabled = true needs at least one [[dnsbl.zones]] entry")
+        return self
