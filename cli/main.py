@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import click
 
-from cli import commands_config, commands_dkim, commands_greylist, commands_lists, commands_mail
-from cli import commands_daemons
+from cli import (
+    commands_config,
+    commands_daemons,
+    commands_dkim,
+    commands_greylist,
+    commands_lists,
+    commands_mail,
+    commands_milterd,
+)
 from cli.context import CliContext
 
 
@@ -27,6 +34,7 @@ def cli(ctx: click.Context, config_file: str | None) -> None:
 
 for module in (
     commands_daemons,
+    commands_milterd,
     commands_lists,
     commands_greylist,
     commands_dkim,
