@@ -34,7 +34,7 @@ class Rule(StrEnum):
     SPF_FAIL = "spf_fail"
     SPF = "spf"  # SPF evaluated, not refused: Received-SPF added
     GREYLIST_DEFER = "greylist_defer"
-    GREYLIST_PASS = "greylist_pass"
+    GREYLIST_PASS = "greylist_pass"  # noqa: S105 -- a rule name, not a password
     GREYLIST_KNOWN = "greylist_known"  # triplet or client network already known good
     GREYLIST_EXEMPT = "greylist_exempt"  # large-sender list
     NO_CHECKS = "no_checks"  # nothing enabled objected

@@ -52,7 +52,7 @@ def parse_listen_address(value: object) -> ListenAddress:
 
 
 def parse_network(value: object) -> IPNetwork:
-    """A network in CIDR (`10.0.0.0/8`), `addr/netmask` or `addr:netmask` form, or a bare address."""
+    """A network as CIDR (`10.0.0.0/8`), `addr/netmask`, `addr:netmask` or a bare address."""
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return value
     if not isinstance(value, str):
@@ -78,7 +78,5 @@ def _positive_duration(value: float) -> float:
 Listen = Annotated[
     ListenAddress, PlainValidator(parse_listen_address), PlainSerializer(str, return_type=str)
 ]
-Network = Annotated[
-    IPNetwork, PlainValidator(parse_network), PlainSerializer(str, return_type=str)
-]
+Network = Annotated[IPNetwork, PlainValidator(parse_network), PlainSerializer(str, return_type=str)]
 Seconds = Annotated[float, AfterValidator(_positive_duration)]
