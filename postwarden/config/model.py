@@ -6,6 +6,7 @@ naming the key rather than a silently ignored setting. Defaults make an empty fi
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -67,6 +68,23 @@ class PolicydConfig(Section):
     # Prometheus metrics on a loopback HTTP port, e.g. "127.0.0.1:9641"; off when unset.
     metrics_listen: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _loopback_metrics(cls, value: str | None) -> str | None:
+        # Metrics reveal traffic patterns: they are served on loopback only.
+        if value is None:
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError('must look like "127.0.0.1:9641" or "[::1]:9641"')
+        try:
+            loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError("must be a loopback address (127.0.0.0/8 or [::1]) and a port")
+        return value
 
 
 class MilterdConfig(Section):
