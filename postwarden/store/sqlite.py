@@ -1,0 +1,458 @@
+"""SQLite store: the single-host default, one file shared by every postwarden process.
+
+The sqlite3 calls run directly inside the async methods, on purpose: a lookup takes a
+few microseconds, far less than handing it to a thread would cost, and the daemon does
+one per request. WAL mode lets readers proceed while one process writes; writers wait at
+most `busy_timeout` and then fail with StoreError (the caller answers its default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from postwarden.store.base import (
+    ClientNetworkRecord,
+    ListChange,
+    ListEntry,
+    ListName,
+    Store,
+    StoreError,
+    TripletRecord,
+)
+
+SCHEMA_VERSION = 1
+DEFAULT_CHANGE_LOG_LIMIT = 100_000
+_LIST_NAMES = frozenset(name.value for name in ListName)
+
+# Every change to list_entries is logged by a trigger, so no code path (or a future
+# one) can change a list without the daemons hearing of it. An upsert that only
+# updates the comment fires no INSERT trigger: re-adding an entry is not a change.
+_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE list_entries (
+    list TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (list, entry)
+) WITHOUT ROWID;
+CREATE TABLE list_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL,
+    list TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    comment TEXT NOT NULL
+);
+CREATE TRIGGER list_entry_added AFTER INSERT ON list_entries BEGIN
+    INSERT INTO list_changes (op, list, entry, comment)
+    VALUES ('add', NEW.list, NEW.entry, NEW.comment);
+END;
+CREATE TRIGGER list_entry_removed AFTER DELETE ON list_entries BEGIN
+    INSERT INTO list_changes (op, list, entry, comment)
+    VALUES ('remove', OLD.list, OLD.entry, OLD.comment);
+END;
+CREATE TABLE aliases (address TEXT PRIMARY KEY, targets TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE greylist_triplets (
+    triplet TEXT PRIMARY KEY,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    passes INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE greylist_networks (
+    network TEXT PRIMARY KEY,
+    passes INTEGER NOT NULL,
+    last_seen REAL NOT NULL,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+_UPSERT_ENTRY = (
+    "INSERT INTO list_entries (list, entry, comment) VALUES (?, ?, ?)"
+    " ON CONFLICT (list, entry) DO UPDATE SET comment = excluded.comment"
+)
+_VERSION = "SELECT COALESCE(MAX(seq), 0) FROM list_changes"
+_LOOKUP_TRIPLET = (
+    "SELECT first_seen, last_seen, passes FROM greylist_triplets"
+    " WHERE triplet = ? AND expires_at > ?"
+)
+_LOOKUP_NETWORK = (
+    "SELECT passes, last_seen FROM greylist_networks WHERE network = ? AND expires_at > ?"
+)
+_UPSERT_TRIPLET = (
+    "INSERT INTO greylist_triplets (triplet, first_seen, last_seen, passes, expires_at)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (triplet) DO UPDATE SET"
+    " first_seen = excluded.first_seen, last_seen = excluded.last_seen,"
+    " passes = excluded.passes, expires_at = excluded.expires_at"
+)
+_UPSERT_NETWORK = (
+    "INSERT INTO greylist_networks (network, passes, last_seen, expires_at)"
+    " VALUES (?, ?, ?, ?) ON CONFLICT (network) DO UPDATE SET"
+    " passes = excluded.passes, last_seen = excluded.last_seen, expires_at = excluded.expires_at"
+)
+
+
+class _Errors:
+    """Turn sqlite3 failures into StoreError, rolling back any open transaction."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            return
+        conn = self._store._connection
+        if conn is not None:
+            try:
+                if conn.in_transaction:
+                    conn.rollback()
+            except sqlite3.Error:
+                pass  # the original error is the one worth reporting
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"sqlite store {self._store.path}: {exc}") from exc
+
+
+class SqliteStore(Store):
+    """The Store contract on one SQLite file (WAL), one connection per process."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 1.0,
+        change_log_limit: int = DEFAULT_CHANGE_LOG_LIMIT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Open (creating the directory and schema if needed). Raises StoreError."""
+        if change_log_limit < 1:
+            raise ValueError("change_log_limit must be at least 1")
+        self.path = Path(path)
+        self._timeout = timeout
+        self._change_log_limit = change_log_limit
+        self._clock = clock
+        self._connection: sqlite3.Connection | None = None
+        self._pid = os.getpid()
+        self._errors = _Errors(self)
+        self._closed = False
+        with self._errors:
+            self._connection = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"sqlite store {self.path}: cannot create directory: {exc}") from exc
+        # isolation_level=None: we issue BEGIN ourselves, so reads are not left in an
+        # open transaction that would pin an old WAL snapshot.
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=64,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"sqlite store {self.path}: cannot enable WAL (got {mode})")
+            # NORMAL in WAL mode: a power loss may lose the last commits, never corrupts.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._ensure_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+        # IMMEDIATE: two processes opening a new file at once must not both create it.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            exists = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+            ).fetchone()
+            if exists is None:
+                for statement in _split_script(_SCHEMA):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            else:
+                row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+                version = row[0] if row else None
+                if version != SCHEMA_VERSION:
+                    raise StoreError(
+                        f"sqlite store {self.path}: schema version {version}, this postwarden"
+                        f" knows {SCHEMA_VERSION}"
+                    )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        # A connection must not cross fork(): a worker forked after open gets its own.
+        conn = self._connection
+        if conn is None or self._pid != os.getpid():
+            if self._closed:
+                raise StoreError(f"sqlite store {self.path}: closed")
+            self._pid = os.getpid()
+            conn = self._connection = self._connect()
+        return conn
+
+    # --- permitted / forbidden lists -------------------------------------------------
+    async def add_list_entries(self, entries: Sequence[ListEntry]) -> int:
+        with self._errors:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            before = conn.execute(_VERSION).fetchone()[0]
+            conn.executemany(_UPSERT_ENTRY, _entry_rows(entries))
+            after = conn.execute(_VERSION).fetchone()[0]
+            self._trim_change_log(conn, after)
+            conn.execute("COMMIT")
+        return int(after - before)
+
+    async def remove_list_entries(self, list_name: ListName, entries: Sequence[str]) -> int:
+        name = _checked_list_name(list_name)
+        with self._errors:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            before = conn.execute(_VERSION).fetchone()[0]
+            conn.executemany(
+                "DELETE FROM list_entries WHERE list = ? AND entry = ?",
+                ((name, entry) for entry in entries),
+            )
+            after = conn.execute(_VERSION).fetchone()[0]
+            self._trim_change_log(conn, after)
+            conn.execute("COMMIT")
+        return int(after - before)
+
+    def _trim_change_log(self, conn: sqlite3.Connection, newest: int) -> None:
+        conn.execute("DELETE FROM list_changes WHERE seq <= ?", (newest - self._change_log_limit,))
+
+    async def list_entries(self, list_name: ListName | None = None) -> list[ListEntry]:
+        with self._errors:
+            if list_name is None:
+                rows = self._conn.execute(
+                    "SELECT list, entry, comment FROM list_entries ORDER BY list, entry"
+                ).fetchall()
+            else:
+                rows = self._conn.execute(
+                    "SELECT list, entry, comment FROM list_entries WHERE list = ? ORDER BY entry",
+                    (_checked_list_name(list_name),),
+                ).fetchall()
+        return [ListEntry(ListName(name), entry, comment) for name, entry, comment in rows]
+
+    async def list_changes_since(self, seq: int) -> tuple[int, list[ListChange]] | None:
+        with self._errors:
+            conn = self._conn
+            conn.execute("BEGIN")  # one snapshot for the bounds and the rows
+            newest = conn.execute(_VERSION).fetchone()[0]
+            if seq == newest:
+                conn.execute("COMMIT")
+                return newest, []
+            oldest = conn.execute("SELECT MIN(seq) FROM list_changes").fetchone()[0]
+            # seq > newest: the caller saw a store that has since been replaced.
+            if seq > newest or oldest is None or oldest > seq + 1:
+                conn.execute("COMMIT")
+                return None
+            rows = conn.execute(
+                "SELECT seq, op, list, entry, comment FROM list_changes WHERE seq > ? ORDER BY seq",
+                (seq,),
+            ).fetchall()
+            conn.execute("COMMIT")
+        changes = [
+            ListChange(row_seq, _op(op), ListEntry(ListName(name), entry, comment))
+            for row_seq, op, name, entry, comment in rows
+        ]
+        return newest, changes
+
+    async def lists_version(self) -> int:
+        with self._errors:
+            return int(self._conn.execute(_VERSION).fetchone()[0])
+
+    # --- forwarding aliases ----------------------------------------------------------
+    async def set_alias(self, address: str, targets: Sequence[str]) -> None:
+        with self._errors:
+            self._conn.execute(
+                "INSERT INTO aliases (address, targets) VALUES (?, ?)"
+                " ON CONFLICT (address) DO UPDATE SET targets = excluded.targets",
+                (address, json.dumps(list(targets))),
+            )
+
+    async def remove_alias(self, address: str) -> bool:
+        with self._errors:
+            cursor = self._conn.execute("DELETE FROM aliases WHERE address = ?", (address,))
+        return cursor.rowcount > 0
+
+    async def get_alias(self, address: str) -> list[str] | None:
+        with self._errors:
+            row = self._conn.execute(
+                "SELECT targets FROM aliases WHERE address = ?", (address,)
+            ).fetchone()
+        return None if row is None else _targets(row[0])
+
+    async def list_aliases(self) -> dict[str, list[str]]:
+        with self._errors:
+            rows = self._conn.execute(
+                "SELECT address, targets FROM aliases ORDER BY address"
+            ).fetchall()
+        return {address: _targets(targets) for address, targets in rows}
+
+    # --- greylisting -----------------------------------------------------------------
+    async def greylist_lookup(
+        self, triplet: str, client_network: str
+    ) -> tuple[TripletRecord | None, ClientNetworkRecord | None]:
+        now = self._clock()
+        with self._errors:
+            conn = self._conn
+            t = conn.execute(_LOOKUP_TRIPLET, (triplet, now)).fetchone()
+            n = conn.execute(_LOOKUP_NETWORK, (client_network, now)).fetchone()
+        return (
+            None if t is None else TripletRecord(t[0], t[1], t[2]),
+            None if n is None else ClientNetworkRecord(n[0], n[1]),
+        )
+
+    async def greylist_update(
+        self,
+        triplet: str,
+        record: TripletRecord | None,
+        client_network: str,
+        network_record: ClientNetworkRecord | None,
+        ttl: float,
+    ) -> None:
+        if record is None and network_record is None:
+            return
+        expires_at = self._clock() + ttl
+        with self._errors:
+            conn = self._conn
+            both = record is not None and network_record is not None
+            if both:
+                conn.execute("BEGIN IMMEDIATE")
+            if record is not None:
+                conn.execute(
+                    _UPSERT_TRIPLET,
+                    (triplet, record.first_seen, record.last_seen, record.passes, expires_at),
+                )
+            if network_record is not None:
+                conn.execute(
+                    _UPSERT_NETWORK,
+                    (client_network, network_record.passes, network_record.last_seen, expires_at),
+                )
+            if both:
+                conn.execute("COMMIT")
+
+    async def greylist_triplets(self, limit: int = 1000) -> list[tuple[str, TripletRecord]]:
+        with self._errors:
+            rows = self._conn.execute(
+                "SELECT triplet, first_seen, last_seen, passes FROM greylist_triplets"
+                " WHERE expires_at > ? ORDER BY last_seen DESC, triplet LIMIT ?",
+                (self._clock(), limit),
+            ).fetchall()
+        return [
+            (triplet, TripletRecord(first, last, passes)) for triplet, first, last, passes in rows
+        ]
+
+    async def greylist_client_networks(
+        self, limit: int = 1000
+    ) -> list[tuple[str, ClientNetworkRecord]]:
+        with self._errors:
+            rows = self._conn.execute(
+                "SELECT network, passes, last_seen FROM greylist_networks"
+                " WHERE expires_at > ? ORDER BY last_seen DESC, network LIMIT ?",
+                (self._clock(), limit),
+            ).fetchall()
+        return [(network, ClientNetworkRecord(passes, last)) for network, passes, last in rows]
+
+    async def greylist_delete(self, triplet_prefix: str = "") -> int:
+        with self._errors:
+            if triplet_prefix:
+                # substr, not LIKE/GLOB: a prefix may contain % _ * and must match literally.
+                cursor = self._conn.execute(
+                    "DELETE FROM greylist_triplets WHERE substr(triplet, 1, ?) = ?",
+                    (len(triplet_prefix), triplet_prefix),
+                )
+            else:
+                cursor = self._conn.execute("DELETE FROM greylist_triplets")
+        return cursor.rowcount
+
+    async def greylist_purge_expired(self, now: float, expiry: float) -> int:
+        cutoff = now - expiry
+        with self._errors:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            # Records past their ttl are already invisible; delete them too.
+            deleted = conn.execute(
+                "DELETE FROM greylist_triplets WHERE last_seen < ? OR expires_at <= ?",
+                (cutoff, now),
+            ).rowcount
+            deleted += conn.execute(
+                "DELETE FROM greylist_networks WHERE last_seen < ? OR expires_at <= ?",
+                (cutoff, now),
+            ).rowcount
+            conn.execute("COMMIT")
+        return deleted
+
+    # --- lifecycle -------------------------------------------------------------------
+    async def close(self) -> None:
+        self._closed = True
+        conn, self._connection = self._connection, None
+        if conn is not None:
+            with self._errors:
+                conn.close()
+
+
+def _split_script(script: str) -> Iterator[str]:
+    """Statements of _SCHEMA (executescript would COMMIT our IMMEDIATE transaction)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement.strip()
+            statement = ""
+
+
+def _checked_list_name(name: str) -> str:
+    if name not in _LIST_NAMES:
+        raise ValueError(f"unknown list {name!r}; allowed: {', '.join(sorted(_LIST_NAMES))}")
+    return str(name)
+
+
+def _entry_rows(entries: Sequence[ListEntry]) -> Iterator[tuple[str, str, str]]:
+    # A generator: executemany streams a million rows without a second copy in memory.
+    for e in entries:
+        yield _checked_list_name(e.list_name), e.entry, e.comment
+
+
+def _op(op: str) -> Literal["add", "remove"]:
+    if op == "add":
+        return "add"
+    if op == "remove":
+        return "remove"
+    raise StoreError(f"sqlite store: corrupt change log (op {op!r})")
+
+
+def _targets(raw: str) -> list[str]:
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise StoreError(f"sqlite store: corrupt alias targets {raw!r}") from exc
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise StoreError(f"sqlite store: corrupt alias targets {raw!r}")
+    return value

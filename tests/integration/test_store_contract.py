@@ -1,0 +1,526 @@
+"""One contract, two real backends: every Store behaviour tested on SQLite and on Redis.
+
+The SQLite store runs on a file in tmp_path with a fake clock; the Redis store on the
+redis-server the fixture starts (its TTLs are real, so the one expiry test sleeps once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, overload
+
+import pytest
+
+from postwarden.store import (
+    ClientNetworkRecord,
+    ListChange,
+    ListEntry,
+    ListName,
+    Store,
+    StoreError,
+    TripletRecord,
+    open_store,
+)
+from postwarden.store.redis import open_redis_store
+from postwarden.store.sqlite import SqliteStore
+from tests.fixtures.redis_server import RedisServer, free_port
+
+P, F = ListName.PERMITTED, ListName.FORBIDDEN
+T0 = 1_700_000_000.0  # a fixed "now" for greylist records
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Backend:
+    """How to open stores on one shared state, and how to let TTL time pass."""
+
+    name: str
+    opener: Callable[[int], Store]
+    advance: Callable[[float], Awaitable[None]]
+    opened: list[Store] = field(default_factory=list)
+
+    def open(self, change_log_limit: int = 100_000) -> Store:
+        store = self.opener(change_log_limit)
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "sqlite":
+        clock = FakeClock()
+        path = tmp_path / "state" / "postwarden.db"
+
+        async def advance_clock(seconds: float) -> None:
+            clock.now += seconds
+
+        result = Backend(
+            "sqlite",
+            lambda limit: SqliteStore(path, timeout=0.5, change_log_limit=limit, clock=clock),
+            advance_clock,
+        )
+    else:
+        url = request.getfixturevalue("redis_url")
+        result = Backend(
+            "redis",
+            lambda limit: open_redis_store(url, timeout=2.0, change_log_limit=limit),
+            asyncio.sleep,  # Redis expires keys on its own clock
+        )
+    yield result
+    for store in result.opened:
+        await store.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> Store:
+    return backend.open()
+
+
+def entries(list_name: ListName, *names: str, comment: str = "") -> list[ListEntry]:
+    return [ListEntry(list_name, name, comment) for name in names]
+
+
+class FailingSequence(Sequence[ListEntry]):
+    """A batch whose item `fail_at` cannot be produced: the failure comes mid-batch."""
+
+    def __init__(self, items: list[ListEntry], fail_at: int) -> None:
+        self._items = items
+        self._fail_at = fail_at
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> ListEntry: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ListEntry]: ...
+    def __getitem__(self, index: int | slice) -> ListEntry | Sequence[ListEntry]:
+        if isinstance(index, slice):
+            raise NotImplementedError
+        if index == self._fail_at:
+            raise RuntimeError("entry source failed mid-batch")
+        return self._items[index]
+
+    def __iter__(self) -> Iterator[ListEntry]:
+        for index in range(len(self._items)):
+            yield self[index]
+
+
+# --- lists ------------------------------------------------------------------------------
+async def test_empty_store_has_no_entries_and_version_zero(store: Store) -> None:
+    assert await store.list_entries() == []
+    assert await store.lists_version() == 0
+    assert await store.list_changes_since(0) == (0, [])
+
+
+async def test_add_returns_new_count_and_lists_sort_by_list_then_entry(store: Store) -> None:
+    added = await store.add_list_entries(
+        [
+            ListEntry(P, "example.com", "partner"),
+            ListEntry(F, "192.0.2.0/24"),
+            ListEntry(P, "10.0.0.1"),
+            ListEntry(F, ".spam.test", "whole domain"),
+        ]
+    )
+    assert added == 4
+    assert await store.list_entries() == [
+        ListEntry(F, ".spam.test", "whole domain"),
+        ListEntry(F, "192.0.2.0/24"),
+        ListEntry(P, "10.0.0.1"),
+        ListEntry(P, "example.com", "partner"),
+    ]
+    assert await store.list_entries(P) == entries(P, "10.0.0.1") + [
+        ListEntry(P, "example.com", "partner")
+    ]
+    assert await store.list_entries(F) == [
+        ListEntry(F, ".spam.test", "whole domain"),
+        ListEntry(F, "192.0.2.0/24"),
+    ]
+
+
+async def test_same_entry_in_both_lists_is_two_entries(store: Store) -> None:
+    assert await store.add_list_entries(entries(P, "a.test") + entries(F, "a.test")) == 2
+    assert await store.list_entries() == entries(F, "a.test") + entries(P, "a.test")
+
+
+async def test_readd_updates_comment_without_a_change(store: Store) -> None:
+    await store.add_list_entries(entries(P, "a.test", "b.test", comment="old"))
+    version = await store.lists_version()
+    assert await store.add_list_entries(entries(P, "a.test", comment="new")) == 0
+    assert await store.lists_version() == version
+    assert await store.list_changes_since(version) == (version, [])
+    assert await store.list_entries(P) == [
+        ListEntry(P, "a.test", "new"),
+        ListEntry(P, "b.test", "old"),
+    ]
+
+
+async def test_duplicate_inside_one_batch_counts_once(store: Store) -> None:
+    added = await store.add_list_entries(
+        [ListEntry(P, "a.test", "first"), ListEntry(P, "a.test", "second")]
+    )
+    assert added == 1
+    assert await store.lists_version() == 1
+    assert await store.list_entries() == [ListEntry(P, "a.test", "second")]
+
+
+async def test_remove_counts_only_existing_entries_of_that_list(store: Store) -> None:
+    await store.add_list_entries(entries(P, "a.test", "b.test") + entries(F, "a.test"))
+    assert await store.remove_list_entries(P, ["a.test", "missing.test"]) == 1
+    assert await store.list_entries() == entries(F, "a.test") + entries(P, "b.test")
+    assert await store.remove_list_entries(P, ["a.test"]) == 0
+    assert await store.remove_list_entries(F, []) == 0
+
+
+async def test_change_log_records_adds_and_removes_in_order(store: Store) -> None:
+    await store.add_list_entries([ListEntry(P, "a.test", "why a"), ListEntry(F, "b.test")])
+    await store.remove_list_entries(P, ["a.test"])
+    await store.add_list_entries(entries(P, "c.test"))
+    assert await store.lists_version() == 4
+    assert await store.list_changes_since(0) == (
+        4,
+        [
+            ListChange(1, "add", ListEntry(P, "a.test", "why a")),
+            ListChange(2, "add", ListEntry(F, "b.test")),
+            ListChange(3, "remove", ListEntry(P, "a.test", "why a")),
+            ListChange(4, "add", ListEntry(P, "c.test")),
+        ],
+    )
+    assert await store.list_changes_since(2) == (
+        4,
+        [
+            ListChange(3, "remove", ListEntry(P, "a.test", "why a")),
+            ListChange(4, "add", ListEntry(P, "c.test")),
+        ],
+    )
+    assert await store.list_changes_since(4) == (4, [])
+
+
+async def test_changes_since_is_none_once_the_log_no_longer_reaches_back(
+    backend: Backend,
+) -> None:
+    store = backend.open(change_log_limit=3)
+    for name in ("a", "b", "c", "d", "e"):
+        await store.add_list_entries(entries(P, f"{name}.test"))
+    assert await store.lists_version() == 5
+    # The newest 3 changes (3, 4, 5) are kept: a reader at seq 2 can catch up...
+    result = await store.list_changes_since(2)
+    assert result is not None
+    assert [change.seq for change in result[1]] == [3, 4, 5]
+    # ...a reader at 1 or 0 missed change 2 and must reload everything.
+    assert await store.list_changes_since(1) is None
+    assert await store.list_changes_since(0) is None
+    # A seq from the future means the store was replaced: reload too.
+    assert await store.list_changes_since(99) is None
+    assert len(await store.list_entries()) == 5
+
+
+async def test_add_is_all_or_nothing_when_the_batch_fails_midway(store: Store) -> None:
+    await store.add_list_entries(entries(F, "kept.test"))
+    # Large enough that the Redis store has already uploaded chunks when it fails.
+    batch = [ListEntry(P, f"host{i}.test") for i in range(25_000)]
+    with pytest.raises(RuntimeError, match="mid-batch"):
+        await store.add_list_entries(FailingSequence(batch, fail_at=24_000))
+    assert await store.list_entries() == entries(F, "kept.test")
+    assert await store.lists_version() == 1
+    # The store is still usable afterwards.
+    assert await store.add_list_entries(batch[:3]) == 3
+
+
+async def test_unknown_list_name_midway_rejects_the_whole_batch(store: Store) -> None:
+    batch = entries(P, "a.test", "b.test") + [ListEntry("allowed", "c.test")]  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown list 'allowed'"):
+        await store.add_list_entries(batch)
+    assert await store.list_entries() == []
+    assert await store.lists_version() == 0
+
+
+async def test_200k_entries_add_in_one_call_and_version_moves_per_change(store: Store) -> None:
+    batch = [ListEntry(F, f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}") for i in range(200_000)]
+    started = time.monotonic()
+    assert await store.add_list_entries(batch) == 200_000
+    elapsed = time.monotonic() - started
+    assert elapsed < 30, f"200k entries took {elapsed:.1f}s"
+    assert await store.lists_version() == 200_000
+    assert len(await store.list_entries(F)) == 200_000
+    # The default log keeps the newest 100k changes.
+    assert await store.list_changes_since(0) is None
+    caught_up = await store.list_changes_since(100_000)
+    assert caught_up is not None
+    newest, changes = caught_up
+    assert newest == 200_000
+    assert [c.seq for c in changes] == list(range(100_001, 200_001))
+    assert await store.add_list_entries(batch[:10] + entries(P, "one-more.test")) == 1
+    assert await store.lists_version() == 200_001
+
+
+# --- aliases ----------------------------------------------------------------------------
+async def test_aliases_set_replace_list_and_remove(store: Store) -> None:
+    assert await store.get_alias("info@example.com") is None
+    assert await store.list_aliases() == {}
+    await store.set_alias("info@example.com", ["a@example.com", "b@example.org"])
+    await store.set_alias("sales@example.com", ["c@example.com"])
+    assert await store.get_alias("info@example.com") == ["a@example.com", "b@example.org"]
+    await store.set_alias("info@example.com", ["z@example.com"])
+    assert await store.list_aliases() == {
+        "info@example.com": ["z@example.com"],
+        "sales@example.com": ["c@example.com"],
+    }
+    assert await store.remove_alias("info@example.com") is True
+    assert await store.remove_alias("info@example.com") is False
+    assert await store.list_aliases() == {"sales@example.com": ["c@example.com"]}
+
+
+# --- greylisting ------------------------------------------------------------------------
+TRIPLET = "192.0.2.0/24|bob@sender.test|alice@example.com"
+NETWORK = "192.0.2.0/24"
+
+
+async def test_greylist_unknown_triplet_has_no_records(store: Store) -> None:
+    assert await store.greylist_lookup(TRIPLET, NETWORK) == (None, None)
+
+
+async def test_greylist_update_then_lookup_returns_both_records(store: Store) -> None:
+    record = TripletRecord(first_seen=T0, last_seen=T0 + 301.25, passes=1)
+    network = ClientNetworkRecord(passes=3, last_seen=T0 + 301.25)
+    await store.greylist_update(TRIPLET, record, NETWORK, network, ttl=3600)
+    assert await store.greylist_lookup(TRIPLET, NETWORK) == (record, network)
+    # Another triplet from the same network sees the network record only.
+    other = "192.0.2.0/24|carol@sender.test|alice@example.com"
+    assert await store.greylist_lookup(other, NETWORK) == (None, network)
+
+
+async def test_greylist_update_with_none_leaves_that_record(store: Store) -> None:
+    record = TripletRecord(T0, T0, 0)
+    network = ClientNetworkRecord(1, T0)
+    await store.greylist_update(TRIPLET, record, NETWORK, network, ttl=3600)
+    newer = TripletRecord(T0, T0 + 400, 1)
+    await store.greylist_update(TRIPLET, newer, NETWORK, None, ttl=3600)
+    assert await store.greylist_lookup(TRIPLET, NETWORK) == (newer, network)
+    newer_network = ClientNetworkRecord(2, T0 + 500)
+    await store.greylist_update(TRIPLET, None, NETWORK, newer_network, ttl=3600)
+    assert await store.greylist_lookup(TRIPLET, NETWORK) == (newer, newer_network)
+    await store.greylist_update(TRIPLET, None, NETWORK, None, ttl=3600)
+    assert await store.greylist_lookup(TRIPLET, NETWORK) == (newer, newer_network)
+
+
+async def test_greylist_records_expire_ttl_after_the_last_write(backend: Backend) -> None:
+    store = backend.open()
+    await store.greylist_update(
+        TRIPLET, TripletRecord(T0, T0, 0), NETWORK, ClientNetworkRecord(1, T0), ttl=0.5
+    )
+    kept = "198.51.100.0/24|x@y.test|alice@example.com"
+    await store.greylist_update(kept, TripletRecord(T0, T0, 0), "198.51.100.0/24", None, ttl=60)
+    await backend.advance(0.7)
+    assert await store.greylist_lookup(TRIPLET, NETWORK) == (None, None)
+    assert [t for t, _ in await store.greylist_triplets()] == [kept]
+    assert await store.greylist_client_networks() == []
+
+
+async def test_greylist_listings_are_newest_first_and_limited(store: Store) -> None:
+    for i in range(5):
+        network = f"10.0.{i}.0/24"
+        await store.greylist_update(
+            f"{network}|s{i}@x.test|r@y.test",
+            TripletRecord(T0, T0 + i, i),
+            network,
+            ClientNetworkRecord(i, T0 + 10 * i),
+            ttl=3600,
+        )
+    triplets = await store.greylist_triplets(limit=3)
+    assert triplets == [
+        (f"10.0.{i}.0/24|s{i}@x.test|r@y.test", TripletRecord(T0, T0 + i, i)) for i in (4, 3, 2)
+    ]
+    assert await store.greylist_client_networks(limit=2) == [
+        ("10.0.4.0/24", ClientNetworkRecord(4, T0 + 40)),
+        ("10.0.3.0/24", ClientNetworkRecord(3, T0 + 30)),
+    ]
+    assert len(await store.greylist_triplets()) == 5
+
+
+async def test_greylist_delete_by_literal_prefix_or_all(store: Store) -> None:
+    names = ["10.0.0.0/24|a%b@x.test|r", "10.0.0.0/24|a_b@x.test|r", "10.0.0.0/24|zz@x.test|r"]
+    names.append("2001:db8::/64|q@x.test|r")
+    for name in names:
+        network = name.split("|", 1)[0]
+        await store.greylist_update(name, TripletRecord(T0, T0, 0), network, None, ttl=3600)
+    await store.greylist_update("x", None, "10.0.0.0/24", ClientNetworkRecord(5, T0), ttl=3600)
+    # % and _ are not wildcards: only the first triplet starts with "10.0.0.0/24|a%".
+    assert await store.greylist_delete("10.0.0.0/24|a%") == 1
+    assert await store.greylist_delete("nothing") == 0
+    remaining = sorted(t for t, _ in await store.greylist_triplets())
+    assert remaining == sorted(names[1:])
+    assert await store.greylist_delete() == 3
+    assert await store.greylist_triplets() == []
+    # Deleting triplets leaves the auto-whitelist alone.
+    assert await store.greylist_client_networks() == [("10.0.0.0/24", ClientNetworkRecord(5, T0))]
+
+
+async def test_greylist_purge_deletes_records_last_seen_before_now_minus_expiry(
+    store: Store,
+) -> None:
+    old, new = "10.0.0.0/24|old@x.test|r", "10.0.1.0/24|new@x.test|r"
+    await store.greylist_update(
+        old, TripletRecord(T0, T0, 0), "10.0.0.0/24", ClientNetworkRecord(1, T0), ttl=3600
+    )
+    await store.greylist_update(
+        new,
+        TripletRecord(T0, T0 + 5000, 0),
+        "10.0.1.0/24",
+        ClientNetworkRecord(1, T0 + 5000),
+        ttl=3600,
+    )
+    assert await store.greylist_purge_expired(now=T0 + 6000, expiry=2000) == 2
+    assert await store.greylist_lookup(old, "10.0.0.0/24") == (None, None)
+    assert await store.greylist_lookup(new, "10.0.1.0/24") == (
+        TripletRecord(T0, T0 + 5000, 0),
+        ClientNetworkRecord(1, T0 + 5000),
+    )
+    assert await store.greylist_purge_expired(now=T0 + 6000, expiry=2000) == 0
+
+
+# --- shared state -----------------------------------------------------------------------
+async def test_two_stores_on_one_backend_see_each_others_changes(backend: Backend) -> None:
+    host_a, host_b = backend.open(), backend.open()
+    await host_a.add_list_entries(entries(F, "203.0.113.7"))
+    assert await host_b.lists_version() == 1
+    assert await host_b.list_entries() == entries(F, "203.0.113.7")
+    await host_b.remove_list_entries(F, ["203.0.113.7"])
+    assert await host_a.list_changes_since(1) == (
+        2,
+        [ListChange(2, "remove", ListEntry(F, "203.0.113.7"))],
+    )
+    record = TripletRecord(T0, T0, 0)
+    await host_a.greylist_update(TRIPLET, record, NETWORK, None, ttl=3600)
+    assert await host_b.greylist_lookup(TRIPLET, NETWORK) == (record, None)
+    await host_b.set_alias("a@example.com", ["b@example.com"])
+    assert await host_a.get_alias("a@example.com") == ["b@example.com"]
+
+
+# --- failures ---------------------------------------------------------------------------
+async def test_redis_unreachable_raises_store_error_quickly() -> None:
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        store.lists_version,
+        lambda: store.greylist_lookup(TRIPLET, NETWORK),
+        lambda: store.greylist_update(TRIPLET, TripletRecord(T0, T0, 0), NETWORK, None, 60),
+        lambda: store.add_list_entries(entries(P, "a.test")),
+        store.list_entries,
+        lambda: store.list_changes_since(0),
+        store.greylist_triplets,
+    ]
+    try:
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="redis store"):
+                await call()
+            assert time.monotonic() - started < 2
+    finally:
+        await store.close()
+
+
+async def test_redis_server_going_away_raises_store_error(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    from tests.fixtures.redis_server import start_redis_server, stop_redis_server
+
+    private = start_redis_server(tmp_path)
+    store = open_store(private.url, timeout=0.5)
+    try:
+        await store.add_list_entries(entries(P, "a.test"))
+        stop_redis_server(private.process)
+        with pytest.raises(StoreError):
+            await store.greylist_lookup(TRIPLET, NETWORK)
+    finally:
+        stop_redis_server(private.process)
+        await store.close()
+
+
+async def test_failed_redis_upload_leaves_no_staging_key(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    store = open_store(redis_url)
+    try:
+        batch = [ListEntry(P, f"h{i}.test") for i in range(25_000)]
+        with pytest.raises(RuntimeError):
+            await store.add_list_entries(FailingSequence(batch, fail_at=20_000))
+    finally:
+        await store.close()
+    client = redis_server.client()
+    try:
+        assert client.keys("pw:*") == []
+    finally:
+        client.close()
+
+
+def test_sqlite_unwritable_path_raises_store_error(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    # Root ignores permission bits, so "a file where a directory must be" is the
+    # unwritable path that fails for every user.
+    with pytest.raises(StoreError, match="cannot create directory"):
+        open_store(f"sqlite://{not_a_directory}/sub/state.db")
+    with pytest.raises(StoreError, match="sqlite store"):
+        open_store(f"sqlite://{not_a_directory}/state.db")
+
+
+async def test_sqlite_write_blocked_by_another_writer_fails_and_rolls_back(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path, timeout=0.2)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="locked"):
+            await store.add_list_entries(entries(P, "a.test", "b.test"))
+        assert time.monotonic() - started < 2
+        # Readers are not blocked by a writer in WAL mode.
+        assert await store.greylist_lookup(TRIPLET, NETWORK) == (None, None)
+        other.execute("ROLLBACK")
+        assert await store.list_entries() == []
+        assert await store.add_list_entries(entries(P, "a.test")) == 1
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_sqlite_closed_store_raises_store_error(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.lists_version()
+
+
+def test_sqlite_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    asyncio.run(SqliteStore(path).close())
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        SqliteStore(path)
+
+
+def test_sqlite_uses_wal_journal(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    asyncio.run(SqliteStore(path).close())
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
