@@ -166,13 +166,14 @@ def close_listeners(listeners: Sequence[Listener]) -> None:
 # --- building the pipeline ---------------------------------------------------------------
 
 
-async def open_store_for(cfg: Config) -> Store:
+def open_store_for(cfg: Config) -> Store:
+    """The store, opened in the process that uses it (after any fork)."""
     from postwarden.store import open_store
 
     try:
-        return await open_store(cfg.store.url, timeout=cfg.store.timeout)
-    except StoreError as exc:
-        raise StartupError(f"store {cfg.store.url}: {exc}") from None
+        return open_store(cfg.store.url, timeout=cfg.store.timeout)
+    except (StoreError, ValueError) as exc:
+        raise StartupError(str(exc)) from None
 
 
 def build_checkers(cfg: Config) -> tuple[object | None, object | None, object]:
@@ -234,7 +235,7 @@ class PolicyServer:
 
     # -- lifecycle --
     async def start(self) -> None:
-        self.store = await open_store_for(self.cfg)
+        self.store = open_store_for(self.cfg)
         lists = LiveLists()
         try:
             await lists.reload(self.store)
@@ -507,6 +508,14 @@ def run(cfg: Config, config_path: Path | None, workers: int | None = None) -> in
         if count == 1:
             code = _serve_in_this_process(cfg, config_path, listeners, metrics_thread=True)
             return 1 if code == EXIT_STARTUP_FAILED else code
+        try:
+            # Open (and create) the store once before forking: a bad store is one clear
+            # error instead of N, and workers do not race to create a new SQLite file.
+            # Closed again at once: every worker opens its own connections after the fork.
+            asyncio.run(open_store_for(cfg).close())
+        except StartupError as exc:
+            log.error("policyd: cannot start: %s", exc)
+            return 1
         return Supervisor(cfg, config_path, listeners, count).run()
     finally:
         close_listeners(listeners)
