@@ -1,7 +1,212 @@
-"""`postwarden` subcommands: lists (placeholder until implemented)."""
+"""`postwarden lists`: edit the permitted/forbidden lists that policyd applies.
+
+Entries are validated and canonicalised here (postwarden.lists.parse_entry) before the
+store sees them, so a typo is refused with the reason instead of never matching.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
 import click
 
-COMMANDS: list[click.Command] = []
+from cli.context import EXIT_FAILURE, EXIT_USAGE, CliContext, pass_cli
+from postwarden.lists import InvalidEntry, parse_entry
+from postwarden.store import open_store
+from postwarden.store.base import ListEntry, ListName, Store, StoreError
+
+T = TypeVar("T")
+
+LIST_NAME = click.Choice([name.value for name in ListName])
+MAX_REPORTED_ERRORS = 20  # a file with thousands of bad lines needs the first few, not all
+PROGRESS_THRESHOLD = 10_000  # lines; smaller imports finish before a bar would help
+
+
+def with_store(cli_ctx: CliContext, work: Callable[[Store], Awaitable[T]]) -> T:
+    """Run `work` against the configured store; a store failure ends the command (exit 1)."""
+    cfg = cli_ctx.config()
+
+    async def session() -> T:
+        try:
+            store = open_store(cfg.store.url, timeout=cfg.store.timeout)
+        except ValueError as exc:  # a URL the config's scheme check let through
+            click.echo(f"error: {exc}", err=True)
+            raise SystemExit(EXIT_USAGE) from None
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(session())
+    except StoreError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_FAILURE) from None
+
+
+def _canonical(entries: tuple[str, ...]) -> list[str]:
+    """Every entry canonicalised; any invalid one ends the command (exit 2), nothing changed."""
+    canonical: list[str] = []
+    failed = False
+    for text in entries:
+        try:
+            canonical.append(parse_entry(text))
+        except InvalidEntry as exc:
+            click.echo(f"error: {exc}", err=True)
+            failed = True
+    if failed:
+        raise SystemExit(EXIT_USAGE)
+    return canonical
+
+
+def _one_line(comment: str) -> str:
+    """A comment as it can be exported on one line (the import format is line based)."""
+    return " ".join(comment.replace("#", " ").split())
+
+
+@click.group("lists")
+def lists_group() -> None:
+    """Permitted and forbidden senders: IPs, networks, mailboxes, domains."""
+
+
+@lists_group.command("add")
+@click.argument("list_name", metavar="permitted|forbidden", type=LIST_NAME)
+@click.argument("entries", metavar="ENTRY...", nargs=-1, required=True)
+@click.option("--comment", default="", help="Note stored with each entry.")
+@pass_cli
+def add(cli_ctx: CliContext, list_name: str, entries: tuple[str, ...], comment: str) -> None:
+    """Add entries to a list (all or none).
+
+    Forms: 192.0.2.1, 10.0.0.0/8, 192.168.2.0:255.255.255.0, 192.168.1.*, 2001:db8::/32,
+    j.smith@test.com, example.com, .example.com (its subdomains).
+    """
+    name = ListName(list_name)
+    unique = dict.fromkeys(_canonical(entries))  # 192.168.1.* and 192.168.1.0/24 are one
+    rows = [ListEntry(name, entry, _one_line(comment)) for entry in unique]
+    added = with_store(cli_ctx, lambda store: store.add_list_entries(rows))
+    click.echo(f"{name.value}: {added} added, {len(rows) - added} already present")
+
+
+@lists_group.command("remove")
+@click.argument("list_name", metavar="permitted|forbidden", type=LIST_NAME)
+@click.argument("entries", metavar="ENTRY...", nargs=-1, required=True)
+@pass_cli
+def remove(cli_ctx: CliContext, list_name: str, entries: tuple[str, ...]) -> None:
+    """Remove entries from a list.
+
+    Any spelling works: 192.168.1.* removes 192.168.1.0/24. Exits 1 when some entry
+    was not in the list.
+    """
+    name = ListName(list_name)
+    canonical = sorted(set(_canonical(entries)))
+    removed = with_store(cli_ctx, lambda store: store.remove_list_entries(name, canonical))
+    click.echo(f"{name.value}: {removed} removed")
+    if removed < len(canonical):
+        click.echo(f"{len(canonical) - removed} of the entries were not in the list", err=True)
+        raise SystemExit(EXIT_FAILURE)
+
+
+@lists_group.command("show")
+@click.argument("list_name", metavar="[permitted|forbidden]", type=LIST_NAME, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@pass_cli
+def show(cli_ctx: CliContext, list_name: str | None, as_json: bool) -> None:
+    """Show both lists, or one."""
+    name = ListName(list_name) if list_name else None
+    rows = with_store(cli_ctx, lambda store: store.list_entries(name))
+    if as_json:
+        data = [{"list": r.list_name.value, "entry": r.entry, "comment": r.comment} for r in rows]
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not rows:
+        click.echo("(no entries)")
+        return
+    width = max(len(r.entry) for r in rows)
+    for r in rows:
+        line = f"{r.list_name.value:<9}  {r.entry:<{width}}  {r.comment}"
+        click.echo(line.rstrip())
+
+
+def _parse_lines(
+    lines: list[str], name: ListName, default_comment: str, source: str
+) -> tuple[list[ListEntry], list[str]]:
+    """Entries of the plain-text format, and the errors (`source:line: why`)."""
+    entries: dict[str, ListEntry] = {}
+    errors: list[str] = []
+    with click.progressbar(
+        lines,
+        label=f"Reading {source}",
+        file=sys.stderr,
+        hidden=len(lines) < PROGRESS_THRESHOLD,
+    ) as bar:
+        for number, raw in enumerate(bar, start=1):
+            text, _, note = raw.partition("#")
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                entry = parse_entry(text)
+            except InvalidEntry as exc:
+                errors.append(f"{source}:{number}: {text[:80]!r}: {exc.reason}")
+                continue
+            entries[entry] = ListEntry(name, entry, _one_line(note) or default_comment)
+    return list(entries.values()), errors
+
+
+@lists_group.command("import")
+@click.argument("list_name", metavar="permitted|forbidden", type=LIST_NAME)
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--comment", default="", help="Note for entries whose line has none.")
+@pass_cli
+def import_(cli_ctx: CliContext, list_name: str, file: str, comment: str) -> None:
+    """Import a file of entries, one per line (all or none).
+
+    Lines hold addr, addr:mask, CIDR, IPv6 prefix, mailbox or domain. Blank lines are skipped; text after '#' is a comment (kept as the entry's note).
+    One bad line and nothing is imported.
+    """
+    name = ListName(list_name)
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        click.echo(f"error: cannot read {file}: {exc}", err=True)
+        raise SystemExit(EXIT_USAGE) from None
+    rows, errors = _parse_lines(text.splitlines(), name, _one_line(comment), file)
+    if errors:
+        for error in errors[:MAX_REPORTED_ERRORS]:
+            click.echo(f"error: {error}", err=True)
+        if len(errors) > MAX_REPORTED_ERRORS:
+            click.echo(f"error: ... and {len(errors) - MAX_REPORTED_ERRORS} more", err=True)
+        click.echo(f"{len(errors)} bad line(s): nothing imported", err=True)
+        raise SystemExit(EXIT_USAGE)
+    added = with_store(cli_ctx, lambda store: store.add_list_entries(rows))
+    click.echo(f"{name.value}: {len(rows)} entries read, {added} new")
+
+
+@lists_group.command("export")
+@click.argument("list_name", metavar="permitted|forbidden", type=LIST_NAME)
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True), default="-")
+@pass_cli
+def export(cli_ctx: CliContext, list_name: str, file: str) -> None:
+    """Write a list in the import format (to FILE, or standard output)."""
+    name = ListName(list_name)
+    rows = with_store(cli_ctx, lambda store: store.list_entries(name))
+    lines = [f"# postwarden {name.value} list: {len(rows)} entries"]
+    lines += [f"{r.entry}  # {r.comment}" if r.comment else r.entry for r in rows]
+    text = "\n".join(lines) + "\n"
+    if file == "-":
+        click.echo(text, nl=False)
+        return
+    try:
+        Path(file).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        click.echo(f"error: cannot write {file}: {exc}", err=True)
+        raise SystemExit(EXIT_FAILURE) from None
+    click.echo(f"{name.value}: {len(rows)} entries written to {file}", err=True)
+
+
+COMMANDS: list[click.Command] = [lists_group]

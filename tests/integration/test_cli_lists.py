@@ -1,0 +1,228 @@
+"""`postwarden lists` and `postwarden greylist` against a real SQLite store in a temp dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from cli.main import cli
+
+# The sample import file of the seed (003): addresses, addr:mask groups, IPv6 prefixes.
+SEED_IMPORT = """\
+192.168.1.1
+192.168.2.0:255.255.255.0
+192.168.3.1:255.255.255.128
+192.168.4.100
+192.168.5.32:255.255.255.192
+2001:db8:10ff::ae:44f2
+2001:db8::/32
+"""
+
+
+class Postwarden:
+    """Runs `postwarden --config <tmp config> ...` in-process."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.config = tmp_path / "postwarden.toml"
+        self.config.write_text(
+            f'[store]\nurl = "sqlite://{tmp_path}/state.db"\n\n[greylisting]\ndelay = 300\n',
+            encoding="utf-8",
+        )
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, stdin: str | None = None) -> Result:
+        return self.runner.invoke(cli, ["--config", str(self.config), *args], input=stdin)
+
+    def entries(self, list_name: str) -> list[dict[str, str]]:
+        result = self("lists", "show", list_name, "--json")
+        assert result.exit_code == 0, result.output
+        rows: list[dict[str, str]] = json.loads(result.stdout)
+        return rows
+
+
+@pytest.fixture
+def postwarden(tmp_path: Path) -> Postwarden:
+    return Postwarden(tmp_path)
+
+
+def test_add_show_remove(postwarden: Postwarden) -> None:
+    added = postwarden(
+        "lists", "add", "permitted", "10.128.0.3", "192.168.130.3", "Example.com",
+        "--comment", "seed sample",
+    )  # fmt: skip
+    assert added.exit_code == 0, added.output
+    assert "3 added" in added.stdout
+    assert (
+        postwarden("lists", "add", "forbidden", "192.168.130.3", "J.Smith@Test.com").exit_code == 0
+    )
+    assert postwarden.entries("permitted") == [
+        {"list": "permitted", "entry": "10.128.0.3", "comment": "seed sample"},
+        {"list": "permitted", "entry": "192.168.130.3", "comment": "seed sample"},
+        {"list": "permitted", "entry": "example.com", "comment": "seed sample"},
+    ]
+    both = json.loads(postwarden("lists", "show", "--json").stdout)
+    assert {(row["list"], row["entry"]) for row in both} >= {
+        ("forbidden", "j.smith@test.com"),
+        ("forbidden", "192.168.130.3"),
+    }
+    table = postwarden("lists", "show")
+    assert table.exit_code == 0
+    assert "j.smith@test.com" in table.stdout and "seed sample" in table.stdout
+    # Any spelling removes the canonical entry.
+    removed = postwarden("lists", "remove", "forbidden", "J.SMITH@test.com")
+    assert removed.exit_code == 0, removed.output
+    assert [row["entry"] for row in postwarden.entries("forbidden")] == ["192.168.130.3"]
+
+
+def test_wildcards_and_masks_are_stored_canonically(postwarden: Postwarden) -> None:
+    result = postwarden("lists", "add", "forbidden", "192.168.1.*", "10.0.0.0:255.0.0.0")
+    assert result.exit_code == 0, result.output
+    assert [row["entry"] for row in postwarden.entries("forbidden")] == [
+        "10.0.0.0/8",
+        "192.168.1.0/24",
+    ]
+    assert postwarden("lists", "remove", "forbidden", "192.168.1.0/24").exit_code == 0
+
+
+def test_re_adding_reports_already_present(postwarden: Postwarden) -> None:
+    assert postwarden("lists", "add", "permitted", "example.com").exit_code == 0
+    again = postwarden("lists", "add", "permitted", "EXAMPLE.com")
+    assert again.exit_code == 0
+    assert "0 added, 1 already present" in again.stdout
+
+
+def test_invalid_entry_exits_2_and_adds_nothing(postwarden: Postwarden) -> None:
+    result = postwarden("lists", "add", "forbidden", "192.0.2.1", "192.168.*.5")
+    assert result.exit_code == 2
+    assert "trailing octets" in result.stderr
+    assert postwarden.entries("forbidden") == []
+
+
+def test_unknown_list_name_is_a_usage_error(postwarden: Postwarden) -> None:
+    assert postwarden("lists", "add", "allowed", "192.0.2.1").exit_code == 2
+
+
+def test_removing_an_absent_entry_exits_1(postwarden: Postwarden) -> None:
+    assert postwarden("lists", "add", "permitted", "192.0.2.1").exit_code == 0
+    result = postwarden("lists", "remove", "permitted", "192.0.2.1", "192.0.2.2")
+    assert result.exit_code == 1
+    assert "1 removed" in result.stdout
+    assert "not in the list" in result.stderr
+    assert postwarden.entries("permitted") == []
+
+
+def test_import_the_seed_format(postwarden: Postwarden, tmp_path: Path) -> None:
+    source = tmp_path / "ips.txt"
+    source.write_text("# exported by IMSS\n\n" + SEED_IMPORT + "mx.example.com  # partner\n")
+    result = postwarden("lists", "import", "permitted", str(source), "--comment", "imss")
+    assert result.exit_code == 0, result.output
+    rows = {row["entry"]: row["comment"] for row in postwarden.entries("permitted")}
+    assert rows == {
+        "192.168.1.1": "imss",
+        "192.168.2.0/24": "imss",
+        "192.168.3.0/25": "imss",
+        "192.168.4.100": "imss",
+        "192.168.5.0/26": "imss",
+        "2001:db8:10ff::ae:44f2": "imss",
+        "2001:db8::/32": "imss",
+        "mx.example.com": "partner",
+    }
+
+
+def test_malformed_file_names_each_bad_line_and_imports_nothing(
+    postwarden: Postwarden, tmp_path: Path
+) -> None:
+    source = tmp_path / "bad.txt"
+    source.write_text("192.0.2.1\n\n192.168.2.0:255.0.255.0\nexample.com\n10.1.*.3\n")
+    result = postwarden("lists", "import", "forbidden", str(source))
+    assert result.exit_code == 2
+    assert f"{source}:3:" in result.stderr and "not contiguous" in result.stderr
+    assert f"{source}:5:" in result.stderr and "trailing octets" in result.stderr
+    assert "nothing imported" in result.stderr
+    assert postwarden.entries("forbidden") == []
+
+
+def test_import_of_a_missing_file_exits_2(postwarden: Postwarden, tmp_path: Path) -> None:
+    result = postwarden("lists", "import", "forbidden", str(tmp_path / "none.txt"))
+    assert result.exit_code == 2
+    assert "cannot read" in result.stderr
+
+
+def test_import_100k_lines_then_export_round_trips(postwarden: Postwarden, tmp_path: Path) -> None:
+    source = tmp_path / "big.txt"
+    lines = [f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(100_000)]
+    source.write_text("\n".join(lines) + "\n")
+    result = postwarden("lists", "import", "forbidden", str(source))
+    assert result.exit_code == 0, result.output
+    assert "100000 entries read, 100000 new" in result.stdout
+    exported = tmp_path / "out.txt"
+    assert postwarden("lists", "export", "forbidden", str(exported)).exit_code == 0
+    body = [line for line in exported.read_text().splitlines() if not line.startswith("#")]
+    assert sorted(body) == sorted(lines)
+
+
+def test_export_import_round_trip_keeps_entries_and_comments(
+    postwarden: Postwarden, tmp_path: Path
+) -> None:
+    assert postwarden("lists", "add", "permitted", "192.168.1.*", "--comment", "lan").exit_code == 0
+    assert postwarden("lists", "add", "permitted", ".example.com", "j@test.com").exit_code == 0
+    exported = postwarden("lists", "export", "permitted")
+    assert exported.exit_code == 0
+    assert "192.168.1.0/24  # lan" in exported.stdout
+    before = postwarden.entries("permitted")
+    assert postwarden("lists", "remove", "permitted", "192.168.1.*", ".example.com",
+                      "j@test.com").exit_code == 0  # fmt: skip
+    assert postwarden.entries("permitted") == []
+    back = postwarden("lists", "import", "permitted", "-", stdin=exported.stdout)
+    assert back.exit_code == 0, back.output
+    assert postwarden.entries("permitted") == before
+
+
+def test_greylist_pass_show_and_purge(postwarden: Postwarden) -> None:
+    marked = postwarden("greylist", "pass", "192.0.2.7", "Bounce-1234@Lists.Example", "bob@x.org")
+    assert marked.exit_code == 0, marked.output
+    assert "192.0.2.0/24 bounce-#@lists.example bob@x.org" in marked.stdout
+    shown = json.loads(postwarden("greylist", "show", "--json").stdout)
+    [triplet] = shown["triplets"]
+    assert triplet["key"] == "192.0.2.0/24 bounce-#@lists.example bob@x.org"
+    assert triplet["passes"] == 1
+    assert "passed 1x" in postwarden("greylist", "show").stdout
+    assert postwarden("greylist", "purge", "--expired").exit_code == 0
+    assert len(json.loads(postwarden("greylist", "show", "--json").stdout)["triplets"]) == 1
+    purged = postwarden("greylist", "purge", "--all")
+    assert purged.exit_code == 0
+    assert "1 triplets deleted" in purged.stdout
+    assert json.loads(postwarden("greylist", "show", "--json").stdout)["triplets"] == []
+
+
+def test_greylist_pass_refuses_a_bad_address(postwarden: Postwarden) -> None:
+    result = postwarden("greylist", "pass", "not-an-ip", "a@b.org", "c@d.org")
+    assert result.exit_code == 2
+    assert "not an IP address" in result.stderr
+
+
+def test_an_unusable_store_exits_1_with_the_reason(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = tmp_path / "postwarden.toml"
+    config.write_text(f'[store]\nurl = "sqlite://{blocker}/state.db"\n', encoding="utf-8")
+    result = CliRunner().invoke(cli, ["--config", str(config), "lists", "show"])
+    assert result.exit_code == 1
+    assert "error:" in result.stderr and str(blocker) in result.stderr
+
+
+def test_a_malformed_store_url_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "postwarden.toml"
+    config.write_text('[store]\nurl = "sqlite://relative.db"\n', encoding="utf-8")
+    result = CliRunner().invoke(cli, ["--config", str(config), "lists", "show"])
+    assert result.exit_code == 2
+    assert "absolute" in result.stderr
+
+
+def test_greylist_purge_takes_one_mode(postwarden: Postwarden) -> None:
+    result = postwarden("greylist", "purge", "--all", "--expired")
+    assert result.exit_code == 2
+    assert "not both" in result.stderr
