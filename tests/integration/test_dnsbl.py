@@ -190,3 +190,11 @@ async def test_zone_the_server_refuses_is_an_error_not_a_listing(dns_server: Dns
     assert result.score == 2  # ZONE1's weight only
     assert result.listed == ((DNSBL_ZONE, "127.0.0.2"),)
     assert result.errors == ("not-served.example: NoNameservers",)
+
+
+async def test_unparsable_client_address_is_not_looked_up(dns_server: DnsServer) -> None:
+    checker, _ = _checker(dns_server, ZONE1)
+    result = await checker.check("unknown")
+    assert result.score == 0
+    assert checker.queries == 0
+    assert result.errors == ("not an IP address: 'unknown'",)
