@@ -166,7 +166,8 @@ def _parse_lines(
 def import_(cli_ctx: CliContext, list_name: str, file: str, comment: str) -> None:
     """Import a file of entries, one per line (all or none).
 
-    Lines hold addr, addr:mask, CIDR, IPv6 prefix, mailbox or domain. Blank lines are skipped; text after '#' is a comment (kept as the entry's note).
+    Lines hold addr, addr:mask, CIDR, IPv6 prefix, mailbox or domain. Blank lines are
+    skipped; text after '#' is a comment, kept as the entry's note. FILE may be - (stdin).
     One bad line and nothing is imported.
     """
     name = ListName(list_name)
