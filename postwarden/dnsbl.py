@@ -42,7 +42,7 @@ REFUSED_NETWORK = ipaddress.IPv4Network("127.255.255.0/24")
 CACHE_SIZE = 100_000  # (zone, client) answers kept
 MAX_CACHE_TTL = 3600.0  # a zone's long TTL must not keep a delisted client blocked for days
 NEGATIVE_TTL_DEFAULT = 60.0  # NXDOMAIN without a usable SOA
-TIMEOUT_LOG_INTERVAL = 60.0  # at most one "timed out" line per zone per interval
+LOG_INTERVAL = 60.0  # at most one "timed out" / "error" line per zone per interval
 
 Clock = Callable[[], float]
 
@@ -230,7 +230,7 @@ class DnsblChecker:
         self._cache = _Cache(clock, cache_size)
         self._zones = tuple(dict.fromkeys(z.zone.lower().rstrip(".") for z in cfg.zones))
         self._refusal_logged: set[str] = set()
-        self._timeout_logged: dict[str, float] = {}
+        self._last_logged: dict[tuple[str, str], float] = {}
         # Counters for metrics and tests: DNS queries sent, and answers served from cache.
         self.queries = 0
         self.cache_hits = 0
@@ -314,11 +314,9 @@ class DnsblChecker:
         return codes
 
     def _log(self, ip: str, result: DnsblResult) -> None:
-        now = self._clock()
+        # A dead or misbehaving zone would otherwise log on every request.
         for zone in result.timed_out:
-            last = self._timeout_logged.get(zone)
-            if last is None or now - last >= TIMEOUT_LOG_INTERVAL:
-                self._timeout_logged[zone] = now
+            if self._may_log(zone, "timeout"):
                 log.warning(
                     "dnsbl: %s did not answer within %.1fs for client %s: counted as not listed",
                     zone,
@@ -335,5 +333,13 @@ class DnsblChecker:
                         " resolver); these answers are never counted",
                         problem,
                     )
-            else:
-                log.info("dnsbl: client %s: %s (counted as not listed)", ip, problem)
+            elif self._may_log(zone, "error"):
+                log.warning("dnsbl: client %s: %s (counted as not listed)", ip, problem)
+
+    def _may_log(self, zone: str, kind: str) -> bool:
+        now = self._clock()
+        last = self._last_logged.get((zone, kind))
+        if last is not None and now - last < LOG_INTERVAL:
+            return False
+        self._last_logged[(zone, kind)] = now
+        return True

@@ -83,3 +83,25 @@ def test_blackhole_nameserver_never_answers(dns_server: DnsServer) -> None:
     while dns_server.blackhole_queries == before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert dns_server.blackhole_queries > before
+
+
+def test_mail_domain_records_for_dns_checks(dns_server: DnsServer) -> None:
+    # What `postwarden check dns` and the DKIM tests publish: A, MX, SPF, DMARC and PTR.
+    dns_server.set_zone(
+        "runtime-mail.test",
+        [
+            "@ A 192.0.2.25",
+            "@ MX 10 mail.runtime-mail.test.",
+            "mail A 192.0.2.25",
+            '@ TXT "v=spf1 mx -all"',
+            '_dmarc TXT "v=DMARC1; p=reject"',
+        ],
+    )
+    dns_server.set_zone("2.0.192.in-addr.arpa", ["25 PTR mail.runtime-mail.test."])
+    resolver = dns_server.resolver()
+    mx = resolver.resolve("runtime-mail.test.", "MX")
+    assert [str(r.exchange) for r in mx] == ["mail.runtime-mail.test."]
+    ptr = resolver.resolve_address("192.0.2.25")
+    assert [str(r.target) for r in ptr] == ["mail.runtime-mail.test."]
+    dmarc = resolver.resolve("_dmarc.runtime-mail.test.", "TXT")
+    assert [b"".join(r.strings) for r in dmarc] == [b"v=DMARC1; p=reject"]
