@@ -1,15 +1,339 @@
-"""Mail-system settings rendered into Postfix and Dovecot (domains, ports, TLS, relays, …)."""
+"""Mail-system settings rendered into Postfix and Dovecot (domains, ports, TLS, relays, …).
+
+This is the `[mail]` table and its sub-tables (`[mail.tls]`, `[[mail.relays]]`,
+`[mail.connection_control]`). Everything here is a product setting a user chooses; where
+files live on disk (config dirs, sockets, queue) belongs to the render layout instead.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    field_validator,
+    model_validator,
+)
+
+from postwarden.config.types import IPNetwork, parse_network
+
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+_MAILBOX_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
 
 
-class MailConfig(BaseModel):
-    """Domains and identity of the gateway. (Extended by the appliance work.)"""
+class _Table(BaseModel):
+    """Frozen, and unknown keys are errors (a typo names the key)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    hostname: str = "localhost"
-    main_domain: str = "localhost"
-    additional_domains: list[str] = []
+
+def check_domain(value: str) -> str:
+    """A lower-cased DNS domain name, or ValueError saying what is allowed."""
+    text = value.strip().rstrip(".").lower()
+    if not _DOMAIN_RE.match(text):
+        raise ValueError(f"{value!r} is not a domain name (letters, digits, '-' and dots)")
+    return text
+
+
+def _check_mailbox(value: str) -> str:
+    if not _MAILBOX_RE.match(value):
+        raise ValueError(f"{value!r} is not a mail address (user@domain)")
+    return value
+
+
+Domain = Annotated[str, PlainValidator(lambda v: check_domain(_text(v)))]
+Mailbox = Annotated[str, PlainValidator(lambda v: _check_mailbox(_text(v)))]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+@dataclass(frozen=True)
+class RelayDomain:
+    """`domain|ip` or `domain|host` (optionally `:port`): mail for `domain` goes to that server."""
+
+    domain: str
+    host: str
+    port: int = 25
+
+    @property
+    def nexthop(self) -> str:
+        """Postfix's next-hop form: brackets turn off the MX lookup, as the user named a server."""
+        host = f"ipv6:{self.host}" if ":" in self.host else self.host
+        return f"[{host}]:{self.port}"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        suffix = "" if self.port == 25 else f":{self.port}"
+        return f"{self.domain}|{host}{suffix}"
+
+
+def parse_relay_domain(value: object) -> RelayDomain:
+    """Parse the seed's `domain.name|192.168.1.1` / `domain.name|relay.domain` (spaces allowed)."""
+    if isinstance(value, RelayDomain):
+        return value
+    text = _text(value)
+    domain, sep, target = (part.strip() for part in text.partition("|"))
+    if not sep or not domain or not target:
+        raise ValueError("must look like 'example.com|192.168.1.1' or 'example.com|mx.lan'")
+    port = 25
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?", target)
+    if m:  # [IPv6] or [IPv4] with optional port
+        host, port_text = m.group(1), m.group(2)
+    elif target.count(":") == 1:
+        host, port_text = target.split(":")
+    else:
+        host, port_text = target, None
+    if port_text is not None:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"{text!r}: port must be 1..65535")
+        port = int(port_text)
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        host = check_domain(host)
+    return RelayDomain(check_domain(domain), host, port)
+
+
+RelayDomainEntry = Annotated[
+    RelayDomain, PlainValidator(parse_relay_domain), PlainSerializer(str, return_type=str)
+]
+
+
+def parse_client_pattern(value: object) -> IPNetwork:
+    """A connection-control entry: IP, CIDR, `addr:mask`, IPv6 prefix or `192.168.1.*`."""
+    text = _text(value).strip()
+    if "*" in text:
+        parts = text.split(".")
+        # Wildcards stand for whole trailing octets only ("10.1.*" or "10.1.*.*").
+        fixed = [p for p in parts if p != "*"]
+        if len(parts) > 4 or any(p == "*" for p in parts[: len(fixed)]) or "*" in "".join(fixed):
+            raise ValueError(f"{text!r}: '*' may only replace whole trailing IPv4 octets")
+        octets = [*fixed, *["0"] * (4 - len(fixed))]
+        return parse_network(f"{'.'.join(octets)}/{8 * len(fixed)}")
+    return parse_network(text)
+
+
+ClientPattern = Annotated[
+    IPNetwork, PlainValidator(parse_client_pattern), PlainSerializer(str, return_type=str)
+]
+
+
+class TlsConfig(_Table):
+    """Certificates for inbound TLS (SMTP, IMAP, POP3) and the CA used to verify peers."""
+
+    # PEM certificate chain and private key; unset means the self-signed pair generated at
+    # install (for mail.hostname) is used.
+    cert: Path | None = None
+    key: Path | None = None
+    # CA bundle for verifying outbound TLS peers (relays); unset means the system store.
+    ca: Path | None = None
+    # Outbound TLS to ordinary destinations (not configured relays): "may" = opportunistic.
+    outbound_level: Literal["none", "may", "encrypt"] = "may"
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls.cert and tls.key must be given together (or neither)")
+        return self
+
+    @property
+    def self_signed(self) -> bool:
+        return self.cert is None
+
+
+class RelayServer(_Table):
+    """An outbound SMTP server that our outgoing mail is handed to (the provider's smarthost)."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
+    # smtp: plain SMTP (optionally STARTTLS); smtps: TLS from the first byte (port 465 style).
+    protocol: Literal["smtp", "smtps"] = "smtp"
+    host: str
+    port: Port | None = None
+    username: str | None = None
+    # File holding the password (one line); read at render time, never logged.
+    password_file: Path | None = None
+    starttls: Literal["disabled", "enabled", "required"] = "enabled"
+    # Connect and per-command timeout, seconds.
+    timeout: Annotated[int, Field(ge=1, le=3600)] = 30
+    # Mail from these sender domains goes through this server; empty: every other sender.
+    sender_domains: list[Domain] = Field(default_factory=list)
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value.strip("[]")))
+        except ValueError:
+            return check_domain(value)
+
+    @model_validator(mode="after")
+    def _credentials_together(self) -> RelayServer:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError(
+                f"relay {self.name!r}: username and password_file must be given together"
+            )
+        if self.protocol == "smtps" and self.starttls != "enabled":
+            raise ValueError(
+                f"relay {self.name!r}: starttls does not apply to protocol = 'smtps' "
+                "(TLS is always on); leave it unset"
+            )
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port if self.port is not None else (465 if self.protocol == "smtps" else 25)
+
+    @property
+    def nexthop(self) -> str:
+        host = f"ipv6:{self.host}" if ":" in self.host else self.host
+        return f"[{host}]:{self.effective_port}"
+
+    @property
+    def tls_level(self) -> str:
+        """Postfix smtp_tls_security_level for this relay."""
+        if self.protocol == "smtps":
+            return "encrypt"
+        return {"disabled": "none", "enabled": "may", "required": "encrypt"}[self.starttls]
+
+
+class ConnectionControl(_Table):
+    """Which clients may connect at all (checked by Postfix before anything else)."""
+
+    # accept-all-except: the listed clients are refused; deny-all-except: only they may connect
+    # (trusted networks always may).
+    mode: Literal["accept-all-except", "deny-all-except"] = "accept-all-except"
+    addresses: list[ClientPattern] = Field(default_factory=list)
+
+
+class MailConfig(_Table):
+    """Domains, identity, listeners, limits, TLS, relays and copies of the gateway."""
+
+    # The server's name: MX target, TLS certificate name, and (by default) the HELO name.
+    hostname: Domain = "localhost"
+    # Name used in HELO/EHLO towards other servers; defaults to hostname.
+    helo_name: Domain | None = None
+    # Mailboxes live in these domains (delivered to Dovecot over LMTP).
+    main_domain: Domain = "localhost"
+    additional_domains: list[Domain] = Field(default_factory=list)
+    # Mail for these domains is forwarded to an inside server: "domain|ip" or "domain|host".
+    relay_domains: list[RelayDomainEntry] = Field(default_factory=list)
+
+    # "loopback": only 127.0.0.1 (and ::1); "all": every interface.
+    listen: Literal["loopback", "all"] = "all"
+    ipv6: bool = True
+
+    smtp_port: Port = 25
+    # Submission with STARTTLS enforced (587) and implicit TLS (465); SASL required on both.
+    submission: bool = True
+    submission_port: Port = 587
+    smtps: bool = True
+    smtps_port: Port = 465
+    imap: bool = True
+    imap_port: Port = 143
+    imaps: bool = True
+    imaps_port: Port = 993
+    pop3: bool = False
+    pop3_port: Port = 110
+    pop3s: bool = False
+    pop3s_port: Port = 995
+
+    # Concurrent SMTP connections from one client (0: unlimited) and the server in total.
+    max_connections_per_client: Annotated[int, Field(ge=0)] = 50
+    max_connections: Annotated[int, Field(ge=1, le=10000)] = 100
+    # An SMTP client that says nothing for this long is disconnected (seconds).
+    idle_timeout: Annotated[int, Field(ge=10, le=3600)] = 300
+    # Largest message accepted, in bytes (advertised in EHLO SIZE and enforced).
+    message_size_limit: Annotated[int, Field(ge=1024)] = 25 * 1024 * 1024
+    # Mailbox quota in megabytes; 0 = unlimited.
+    mailbox_quota_mb: Annotated[int, Field(ge=0)] = 0
+    # Messages in Trash are deleted after this many days; 0 = kept forever.
+    trash_retention_days: Annotated[int, Field(ge=0, le=3650)] = 30
+
+    # SMTP AUTH through Dovecot; with tls_only_auth no password crosses an unencrypted link.
+    sasl: bool = True
+    tls_only_auth: bool = True
+    # Require STARTTLS before login on IMAP 143 / POP3 110.
+    imap_pop3_require_tls: bool = True
+
+    tls: TlsConfig = TlsConfig()
+    relays: list[RelayServer] = Field(default_factory=list)
+
+    # A copy of all incoming (to our domains) / outgoing (from our domains) mail goes here.
+    copy_incoming_to: Mailbox | None = None
+    copy_outgoing_to: Mailbox | None = None
+
+    connection_control: ConnectionControl = ConnectionControl()
+
+    @property
+    def local_domains(self) -> list[str]:
+        return [self.main_domain, *[d for d in self.additional_domains if d != self.main_domain]]
+
+    @property
+    def helo(self) -> str:
+        return self.helo_name or self.hostname
+
+    @property
+    def default_relay(self) -> RelayServer | None:
+        return next((r for r in self.relays if not r.sender_domains), None)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MailConfig:
+        local = set(self.local_domains)
+        for entry in self.relay_domains:
+            if entry.domain in local:
+                raise ValueError(
+                    f"relay_domains: {entry.domain!r} is also a local mailbox domain; "
+                    "a domain is either stored here or relayed inside, not both"
+                )
+        seen_relay: set[str] = set()
+        seen_sender: dict[str, str] = {}
+        defaults = [r.name for r in self.relays if not r.sender_domains]
+        for relay in self.relays:
+            if relay.name in seen_relay:
+                raise ValueError(f"relays: name {relay.name!r} is used twice")
+            seen_relay.add(relay.name)
+            for domain in relay.sender_domains:
+                if domain in seen_sender:
+                    raise ValueError(
+                        f"relays: sender domain {domain!r} is in both "
+                        f"{seen_sender[domain]!r} and {relay.name!r}"
+                    )
+                seen_sender[domain] = relay.name
+        if len(defaults) > 1:
+            raise ValueError(
+                f"relays: only one relay may omit sender_domains (the default); got {defaults}"
+            )
+        ports = {
+            "smtp_port": self.smtp_port,
+            **({"submission_port": self.submission_port} if self.submission else {}),
+            **({"smtps_port": self.smtps_port} if self.smtps else {}),
+            **({"imap_port": self.imap_port} if self.imap else {}),
+            **({"imaps_port": self.imaps_port} if self.imaps else {}),
+            **({"pop3_port": self.pop3_port} if self.pop3 else {}),
+            **({"pop3s_port": self.pop3s_port} if self.pop3s else {}),
+        }
+        by_port: dict[int, str] = {}
+        for key, port in ports.items():
+            if port in by_port:
+                raise ValueError(f"{key} = {port} is already used by {by_port[port]}")
+            by_port[port] = key
+        if (self.submission or self.smtps) and not self.sasl:
+            raise ValueError(
+                "submission/smtps need sasl = true (clients log in there); "
+                "set submission = false and smtps = false for a relay-only gateway"
+            )
+        return self

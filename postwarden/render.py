@@ -1,0 +1,392 @@
+"""Postfix and Dovecot configuration rendered from the one config.
+
+The templates in `postfix-config/` and `dovecot-config/` are data; this module only computes
+the values that fill them. Product settings come from `Config`; where things live on disk
+(config dirs, queue, sockets, chroot, test port overrides) comes from a `Layout`, so the
+appliance and the private test instance render from the same templates.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from postwarden.config.mail import MailConfig, RelayServer
+from postwarden.config.model import Config
+from postwarden.config.types import ListenAddress
+
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+POSTFIX_TEMPLATES = _PROJECT_ROOT / "postfix-config"
+DOVECOT_TEMPLATES = _PROJECT_ROOT / "dovecot-config"
+
+# Files holding secrets (relay passwords): written 0600, never printed.
+SECRET_FILES = frozenset({"postfix/relay_passwords"})
+
+
+class RenderError(Exception):
+    """The config cannot be rendered (e.g. a relay's password file is unreadable)."""
+
+
+class _Template(string.Template):
+    # Postfix uses $name and Dovecot %x, so our placeholders are @{name}.
+    delimiter = "@"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Filesystem and instance facts that are not product settings."""
+
+    postfix_dir: Path
+    dovecot_dir: Path
+    queue_directory: Path
+    data_directory: Path
+    mail_root: Path
+    users_file: Path
+    dovecot_base_dir: Path
+    # Unix sockets as Dovecot creates them (absolute paths).
+    lmtp_socket: Path
+    auth_socket: Path
+    # Self-signed pair used when [mail.tls] names no certificate.
+    self_signed_cert: Path
+    self_signed_key: Path
+    chroot: bool = True
+    mail_user: str = "vmail"
+    mail_group: str = "vmail"
+    postfix_user: str = "postfix"
+    postfix_group: str = "postfix"
+    # Override the policyd/milterd sockets (default: the first listen address in the config;
+    # "" leaves the check out, for test instances running without that daemon).
+    policyd_socket: str | None = None
+    milterd_socket: str | None = None
+    # Test-only facts.
+    inet_interfaces: str | None = None
+    dovecot_listen: str | None = None
+    ports: Mapping[str, int] = field(default_factory=dict)
+    xclient_hosts: tuple[str, ...] = ()
+    maillog_file: Path | None = None
+    dovecot_log_file: Path | None = None
+    instance_name: str = "dovecot"
+    # A Postfix lookup table of forwarding aliases (e.g. a socketmap served by postwarden).
+    virtual_alias_maps: str = ""
+
+    @classmethod
+    def debian(cls) -> Layout:
+        """Debian 12's Postfix and Dovecot, as the appliance installs them."""
+        queue = Path("/var/spool/postfix")
+        return cls(
+            postfix_dir=Path("/etc/postfix"),
+            dovecot_dir=Path("/etc/dovecot"),
+            queue_directory=queue,
+            data_directory=Path("/var/lib/postfix"),
+            mail_root=Path("/var/mail/vhosts"),
+            users_file=Path("/etc/postwarden/users"),
+            dovecot_base_dir=Path("/run/dovecot"),
+            lmtp_socket=queue / "private" / "dovecot-lmtp",
+            auth_socket=queue / "private" / "auth",
+            self_signed_cert=Path("/etc/postwarden/tls/self-signed.crt"),
+            self_signed_key=Path("/etc/postwarden/tls/self-signed.key"),
+        )
+
+    def port(self, cfg: MailConfig, key: str) -> int:
+        """A listener port: the test override when there is one, else the setting."""
+        value = self.ports.get(key)
+        return value if value is not None else int(getattr(cfg, key))
+
+    def postfix_path(self, path: Path) -> str:
+        """How a chrooted Postfix daemon names a path inside its queue directory."""
+        if self.chroot and path.is_relative_to(self.queue_directory):
+            return str(path.relative_to(self.queue_directory))
+        return str(path)
+
+    def postfix_socket(self, address: str | ListenAddress) -> str:
+        """A daemon address in Postfix's `unix:path` / `inet:host:port` form."""
+        text = str(address)
+        if text.startswith("unix:"):
+            return "unix:" + self.postfix_path(Path(text[len("unix:") :]))
+        return text
+
+
+def _template(directory: Path, name: str) -> _Template:
+    return _Template((directory / name).read_text(encoding="utf-8"))
+
+
+def _table(entries: list[tuple[str, str]]) -> str:
+    return "".join(f"{key} {value}\n" for key, value in entries)
+
+
+def _read_password(relay: RelayServer) -> str:
+    assert relay.password_file is not None
+    try:
+        lines = relay.password_file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise RenderError(
+            f"relay {relay.name!r}: cannot read password_file {str(relay.password_file)!r}: "
+            f"{exc.strerror}"
+        ) from None
+    if not lines or not lines[0]:
+        raise RenderError(f"relay {relay.name!r}: password_file {relay.password_file} is empty")
+    if any(c.isspace() for c in lines[0]):
+        raise RenderError(f"relay {relay.name!r}: the password may not contain whitespace")
+    return lines[0]
+
+
+def _relay_service(relay: RelayServer, chroot: str, ca: Path | None) -> str:
+    opts = [
+        f"syslog_name=postfix/relay-{relay.name}",
+        f"smtp_tls_security_level={relay.tls_level}",
+        f"smtp_tls_wrappermode={'yes' if relay.protocol == 'smtps' else 'no'}",
+        f"smtp_connect_timeout={relay.timeout}s",
+        f"smtp_helo_timeout={relay.timeout}s",
+        f"smtp_mail_timeout={relay.timeout}s",
+        f"smtp_rcpt_timeout={relay.timeout}s",
+        f"smtp_starttls_timeout={relay.timeout}s",
+    ]
+    if relay.username is not None:
+        opts += [
+            "smtp_sasl_auth_enable=yes",
+            "smtp_sasl_password_maps=texthash:$config_directory/relay_passwords",
+            "smtp_sasl_security_options=noanonymous",
+            "smtp_sasl_tls_security_options=noanonymous",
+        ]
+    if ca is not None:
+        opts.append(f"smtp_tls_CAfile={ca}")
+    lines = [f"relay_{relay.name} unix  -       -       {chroot}       -       -       smtp"]
+    lines += [f"  -o {opt}" for opt in opts]
+    return "\n".join(lines)
+
+
+def _smtp_services(cfg: MailConfig, layout: Layout, chroot: str) -> str:
+    def service(port: int, name: str, opts: list[str]) -> str:
+        head = f"{port:<9} inet  n       -       {chroot}       -       -       smtpd"
+        return "\n".join([head, f"  -o syslog_name=postfix/{name}", *(f"  -o {o}" for o in opts)])
+
+    # Ports 587/465 are for our own users: log in first, then anything may be sent.
+    submit = [
+        "smtpd_sasl_auth_enable=yes",
+        "smtpd_tls_auth_only=yes",
+        "smtpd_client_restrictions=permit_sasl_authenticated,reject",
+        "smtpd_relay_restrictions=permit_sasl_authenticated,reject",
+        "smtpd_recipient_restrictions=permit_sasl_authenticated,reject",
+        "milter_macro_daemon_name=ORIGINATING",
+    ]
+    out = [service(layout.port(cfg, "smtp_port"), "smtpd", [])]
+    if cfg.submission:
+        out.append(
+            service(
+                layout.port(cfg, "submission_port"),
+                "submission",
+                ["smtpd_tls_security_level=encrypt", *submit],
+            )
+        )
+    if cfg.smtps:
+        out.append(
+            service(
+                layout.port(cfg, "smtps_port"),
+                "smtps",
+                ["smtpd_tls_wrappermode=yes", "smtpd_tls_security_level=encrypt", *submit],
+            )
+        )
+    return "\n".join(out)
+
+
+def _client_access(cfg: MailConfig) -> str:
+    control = cfg.connection_control
+    action = (
+        "REJECT 5.7.1 Connection refused by policy"
+        if (control.mode == "accept-all-except")
+        else "OK"
+    )
+    return "".join(f"{net} {action}\n" for net in control.addresses)
+
+
+def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
+    """main.cf, master.cf and the lookup tables they name, keyed by file name."""
+    mail = cfg.mail
+    # Maps are named through $config_directory so `postfix -c STAGING check` reads the staged ones.
+    conf = "$config_directory"
+    chroot = "y" if layout.chroot else "n"
+    files: dict[str, str] = {}
+
+    # Relay domains ("domain|host"): accepted from anyone, forwarded to the named server.
+    files["transport"] = _table([(d.domain, f"relay:{d.nexthop}") for d in mail.relay_domains])
+
+    outbound: list[str] = []
+    sender_relays: list[tuple[str, str]] = []
+    passwords: list[tuple[str, str]] = []
+    for relay in mail.relays:
+        target = f"relay_{relay.name}:{relay.nexthop}"
+        sender_relays += [(f"@{domain}", target) for domain in relay.sender_domains]
+        if relay.username is not None:
+            passwords.append((relay.nexthop, f"{relay.username}:{_read_password(relay)}"))
+    default = mail.default_relay
+    if default is not None:
+        outbound.append(f"default_transport = relay_{default.name}:{default.nexthop}")
+    if sender_relays:
+        outbound.append(f"sender_dependent_default_transport_maps = texthash:{conf}/sender_relays")
+    files["sender_relays"] = _table(sender_relays)
+    files["relay_passwords"] = _table(passwords)
+
+    local = mail.local_domains
+    files["recipient_bcc"] = _table(
+        [(f"@{d}", mail.copy_incoming_to) for d in local] if mail.copy_incoming_to else []
+    )
+    files["sender_bcc"] = _table(
+        [(f"@{d}", mail.copy_outgoing_to) for d in local] if mail.copy_outgoing_to else []
+    )
+    files["client_access"] = _client_access(mail)
+
+    if mail.connection_control.mode == "deny-all-except":
+        client_restrictions = f"permit_mynetworks, check_client_access cidr:{conf}/client_access, "
+        client_restrictions += "reject"
+    else:
+        client_restrictions = f"check_client_access cidr:{conf}/client_access"
+
+    instance: list[str] = []
+    if layout.maillog_file is not None:
+        instance += [
+            f"maillog_file = {layout.maillog_file}",
+            f"maillog_file_prefixes = {layout.maillog_file.parent}",
+        ]
+    cert = mail.tls.cert or layout.self_signed_cert
+    key = mail.tls.key or layout.self_signed_key
+    policyd = layout.policyd_socket
+    if policyd is None:
+        policyd = layout.postfix_socket(cfg.policyd.listen[0])
+    milterd = layout.milterd_socket
+    if milterd is None:
+        milterd = layout.postfix_socket(cfg.milterd.listen[0])
+    # An empty policyd socket (test instances without policyd) leaves the policy check out.
+    policy_check = (
+        f",\n    check_policy_service {{ {policyd}, timeout=10s, default_action=DUNNO }}"
+        if policyd
+        else ""
+    )
+
+    values = {
+        "queue_directory": str(layout.queue_directory),
+        "data_directory": str(layout.data_directory),
+        "instance_settings": "\n".join(instance),
+        "hostname": mail.hostname,
+        "main_domain": mail.main_domain,
+        "helo_name": mail.helo,
+        "inet_interfaces": layout.inet_interfaces
+        or ("loopback-only" if mail.listen == "loopback" else "all"),
+        "inet_protocols": "all" if mail.ipv6 else "ipv4",
+        "max_connections_per_client": str(mail.max_connections_per_client),
+        "max_connections": str(mail.max_connections),
+        "idle_timeout": str(mail.idle_timeout),
+        "message_size_limit": str(mail.message_size_limit),
+        "mynetworks": " ".join(
+            f"[{n.network_address}]/{n.prefixlen}" if n.version == 6 else str(n)
+            for n in cfg.network.trusted
+        ),
+        "virtual_mailbox_domains": " ".join(local),
+        "lmtp_socket": layout.postfix_path(layout.lmtp_socket),
+        "virtual_alias_maps": layout.virtual_alias_maps,
+        "relay_domains": " ".join(d.domain for d in mail.relay_domains),
+        "transport_maps": f"texthash:{conf}/transport",
+        "outbound_relay": "\n".join(outbound),
+        "recipient_bcc_maps": f"texthash:{conf}/recipient_bcc",
+        "sender_bcc_maps": f"texthash:{conf}/sender_bcc",
+        "client_restrictions": client_restrictions,
+        "policy_check": policy_check,
+        "xclient_hosts": " ".join(layout.xclient_hosts),
+        "sasl": "yes" if mail.sasl else "no",
+        "auth_socket": layout.postfix_path(layout.auth_socket),
+        "tls_only_auth": "yes" if mail.tls_only_auth else "no",
+        "milterd_socket": milterd,
+        "tls_cert": str(cert),
+        "tls_key": str(key),
+        "outbound_tls_level": mail.tls.outbound_level,
+        "tls_ca": f"smtp_tls_CAfile = {mail.tls.ca}" if mail.tls.ca else "",
+    }
+    files["main.cf"] = _template(POSTFIX_TEMPLATES, "main.cf.tmpl").substitute(values)
+    files["master.cf"] = _template(POSTFIX_TEMPLATES, "master.cf.tmpl").substitute(
+        {
+            "chroot": chroot,
+            "smtp_services": _smtp_services(mail, layout, chroot),
+            "relay_services": "\n".join(
+                _relay_service(r, chroot, mail.tls.ca) for r in mail.relays
+            ),
+        }
+    )
+    return files
+
+
+def render_dovecot(cfg: Config, layout: Layout) -> dict[str, str]:
+    """dovecot.conf, keyed by file name."""
+    mail = cfg.mail
+    protocols = ["lmtp"]
+    if mail.imap or mail.imaps:
+        protocols.insert(0, "imap")
+    if mail.pop3 or mail.pop3s:
+        protocols.insert(-1, "pop3")
+
+    def port(enabled: bool, key: str) -> str:
+        # Port 0 keeps the listener block but opens nothing.
+        return str(layout.port(mail, key)) if enabled else "0"
+
+    if layout.dovecot_listen is not None:
+        listen = layout.dovecot_listen
+    elif mail.listen == "loopback":
+        listen = "127.0.0.1, ::1" if mail.ipv6 else "127.0.0.1"
+    else:
+        listen = "*, ::" if mail.ipv6 else "*"
+    log = []
+    if layout.dovecot_log_file is not None:
+        log.append(f"log_path = {layout.dovecot_log_file}")
+    values = {
+        "base_dir": str(layout.dovecot_base_dir),
+        "instance_name": layout.instance_name,
+        "protocols": " ".join(protocols),
+        "listen": listen,
+        "log_settings": "\n".join(log),
+        "ssl": "required" if mail.imap_pop3_require_tls else "yes",
+        "tls_cert": str(mail.tls.cert or layout.self_signed_cert),
+        "tls_key": str(mail.tls.key or layout.self_signed_key),
+        "disable_plaintext_auth": "yes" if mail.imap_pop3_require_tls else "no",
+        "mail_user": layout.mail_user,
+        "mail_group": layout.mail_group,
+        "mail_root": str(layout.mail_root),
+        "trash_autoexpunge": (
+            f"    autoexpunge = {mail.trash_retention_days}d" if mail.trash_retention_days else ""
+        ),
+        "users_file": str(layout.users_file),
+        "quota_rule": (
+            f"  quota_rule = *:storage={mail.mailbox_quota_mb}M" if mail.mailbox_quota_mb else ""
+        ),
+        "postmaster": f"postmaster@{mail.main_domain}",
+        "imap_port": port(mail.imap, "imap_port"),
+        "imaps_port": port(mail.imaps, "imaps_port"),
+        "pop3_port": port(mail.pop3, "pop3_port"),
+        "pop3s_port": port(mail.pop3s, "pop3s_port"),
+        "lmtp_socket": str(layout.lmtp_socket),
+        "auth_socket": str(layout.auth_socket),
+        "postfix_user": layout.postfix_user,
+        "postfix_group": layout.postfix_group,
+    }
+    text = _template(DOVECOT_TEMPLATES, "dovecot.conf.tmpl").substitute(values)
+    return {"dovecot.conf": text}
+
+
+def render_all(cfg: Config, layout: Layout) -> dict[str, str]:
+    """Every rendered file keyed `postfix/<name>` or `dovecot/<name>`."""
+    out = {f"postfix/{k}": v for k, v in render_postfix(cfg, layout).items()}
+    out.update({f"dovecot/{k}": v for k, v in render_dovecot(cfg, layout).items()})
+    return out
+
+
+def write_rendered(files: Mapping[str, str], root: Path) -> list[Path]:
+    """Write `render_all` output under root (root/postfix/…, root/dovecot/…); secrets 0600."""
+    written = []
+    for name, text in sorted(files.items()):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = 0o600 if name in SECRET_FILES else 0o644
+        path.touch(mode=mode, exist_ok=True)
+        path.chmod(mode)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
