@@ -21,6 +21,9 @@ from postwarden.verdict import Rule, Verdict, defer, dunno, prepend
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 HEADER_AGENT = "postwarden"
+# How stale an auto-whitelisted network's last_seen may get before a pass rewrites it;
+# tiny next to the expiry (days), so the record never lapses while the network is active.
+NETWORK_TOUCH_INTERVAL = 300.0
 
 
 class InvalidClientAddress(ValueError):
@@ -175,10 +178,11 @@ def decide(
         return GreylistDecision(dunno(Rule.GREYLIST_EXEMPT))
     known = network if network is not None and now - network.last_seen <= cfg.expiry else None
     if known is not None and 0 < cfg.auto_whitelist_after <= known.passes:
-        return GreylistDecision(
-            dunno(Rule.GREYLIST_KNOWN),
-            network_record=ClientNetworkRecord(known.passes, now),
-        )
+        # Refresh last_seen (and so the record's TTL) now and then, not on every message:
+        # a busy whitelisted network would otherwise cost a store write per request.
+        fresh = now - known.last_seen < NETWORK_TOUCH_INTERVAL
+        touched = None if fresh else ClientNetworkRecord(known.passes, now)
+        return GreylistDecision(dunno(Rule.GREYLIST_KNOWN), network_record=touched)
     deferred = defer(Rule.GREYLIST_DEFER, cfg.defer_text)
     if (
         triplet is None

@@ -8,6 +8,7 @@ import pytest
 
 from postwarden.config.model import GreylistingConfig
 from postwarden.greylist import (
+    NETWORK_TOUCH_INTERVAL,
     GreylistDecision,
     InvalidClientAddress,
     LargeSendersError,
@@ -130,7 +131,12 @@ def test_client_network_is_auto_whitelisted_after_n_passes() -> None:
     decision = decide(None, network, T0 + 500, cfg, exempt=False)
     assert decision.verdict.rule is Rule.GREYLIST_KNOWN
     assert decision.triplet_record is None
-    assert decision.network_record == ClientNetworkRecord(2, T0 + 500)  # touched
+    assert decision.network_record is None  # last_seen is recent: no write needed
+    # Later on, a pass refreshes last_seen so the whitelisting does not expire while in use.
+    later = T0 + 400 + NETWORK_TOUCH_INTERVAL
+    touched = decide(None, network, later, cfg, exempt=False)
+    assert touched.verdict.rule is Rule.GREYLIST_KNOWN
+    assert touched.network_record == ClientNetworkRecord(2, later)
 
 
 def test_auto_whitelist_off_and_stale_network_records() -> None:
