@@ -95,6 +95,17 @@ class RequestDecoder:
         pos = 0
         end = len(buffer)
         while pos < end:
+            if not self._request_bytes:
+                # Fast path: a whole, well-formed request at the start of the buffer (what
+                # Postfix sends in one write) is decoded in one go; anything unusual falls
+                # through to the line-by-line path, which names the problem.
+                stop = buffer.find(b"\n\n", pos)
+                if stop >= 0:
+                    request = self._whole_request(bytes(buffer[pos:stop]))
+                    if request is not None:
+                        results.append(request)
+                        pos = stop + 2
+                        continue
             nl = buffer.find(b"\n", pos)
             if nl < 0:
                 if end - pos > MAX_LINE_LENGTH:
@@ -120,6 +131,27 @@ class RequestDecoder:
             pos = nl + 1
         del buffer[:pos]
         return results
+
+    @staticmethod
+    def _whole_request(block: bytes) -> PolicyRequest | None:
+        """A complete request block (without its empty line), or None to decode slowly."""
+        if (
+            len(block) >= MAX_REQUEST_BYTES
+            or b"\r" in block
+            or b"\x00" in block
+            or not block.startswith(b"request=smtpd_access_policy\n")
+        ):
+            return None
+        lines = block.decode("utf-8", "replace").split("\n")
+        if len(lines) > MAX_ATTRIBUTES or max(map(len, lines)) > MAX_LINE_LENGTH // 4:
+            return None  # possibly over a byte limit: let the exact path decide
+        try:
+            attrs = dict(line.split("=", 1) for line in lines)
+        except ValueError:  # a line without "=": the slow path reports it
+            return None
+        if "" in attrs or attrs.get("request") != EXPECTED_REQUEST:
+            return None
+        return PolicyRequest(attrs)
 
     def _line(self, raw: bytes) -> None:
         if self._bad is not None:

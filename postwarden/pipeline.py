@@ -24,15 +24,15 @@ traceback only for unexpected exceptions.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
 
 import dns.exception
 
-from postwarden import engine, greylist
+from postwarden import dnsbl, engine, greylist, spf_check
 from postwarden.config.model import Config
 from postwarden.lists_sync import LiveLists
 from postwarden.request import PolicyRequest
@@ -48,21 +48,8 @@ _NOT_APPLICABLE = dunno(Rule.NOT_APPLICABLE)
 _TRUSTED = dunno(Rule.TRUSTED)
 
 
-class LargeSenders(Protocol):
-    def matches(self, client_name: str, client_ip: str) -> bool: ...
-
-
-class DnsblCheck(Protocol):
-    """What the pipeline needs of `postwarden.dnsbl.DnsblChecker` plus its `verdict_for`."""
-
-    async def check(self, ip: str) -> object: ...
-
-
-class SpfCheck(Protocol):
-    async def check(self, ip: str, sender: str, helo: str) -> object: ...
-
-
-VerdictFor = Callable[[object], Verdict | None]
+DnsblVerdict = Callable[[dnsbl.DnsblResult], Verdict | None]
+SpfVerdict = Callable[[spf_check.SpfResult], Verdict | None]
 
 
 class FailureLog:
@@ -99,39 +86,43 @@ class Pipeline:
         cfg: Config,
         store: Store,
         lists: LiveLists,
-        dnsbl: DnsblCheck | None = None,
-        spf: SpfCheck | None = None,
-        large_senders: LargeSenders | None = None,
+        dnsbl_checker: dnsbl.DnsblChecker | None = None,
+        spf_checker: spf_check.SpfChecker | None = None,
+        large_senders: greylist.LargeSenders | None = None,
         clock: Callable[[], float] = time.time,
         *,
-        dnsbl_verdict: VerdictFor | None = None,
-        spf_verdict: VerdictFor | None = None,
+        dnsbl_verdict: DnsblVerdict | None = None,
+        spf_verdict: SpfVerdict | None = None,
     ) -> None:
         self.store = store
         self.lists = lists
         self.clock = clock
         self.failures = FailureLog()
         self._sent_headers: OrderedDict[str, set[str]] = OrderedDict()
-        self.configure(cfg, dnsbl, spf, large_senders, dnsbl_verdict, spf_verdict)
+        self.configure(cfg, dnsbl_checker, spf_checker, large_senders, dnsbl_verdict, spf_verdict)
         # Called with the kind of each failure (metrics hook; set by the server).
         self.on_failure: Callable[[str], None] = lambda kind: None
 
     def configure(
         self,
         cfg: Config,
-        dnsbl: DnsblCheck | None,
-        spf: SpfCheck | None,
-        large_senders: LargeSenders | None,
-        dnsbl_verdict: VerdictFor | None = None,
-        spf_verdict: VerdictFor | None = None,
+        dnsbl_checker: dnsbl.DnsblChecker | None,
+        spf_checker: spf_check.SpfChecker | None,
+        large_senders: greylist.LargeSenders | None,
+        dnsbl_verdict: DnsblVerdict | None = None,
+        spf_verdict: SpfVerdict | None = None,
     ) -> None:
         """Swap in a (reloaded) config and the checkers built from it."""
         self.cfg = cfg
-        self.dnsbl = dnsbl if cfg.dnsbl.enabled else None
-        self.spf = spf if cfg.spf.enabled else None
+        self.dnsbl = dnsbl_checker if cfg.dnsbl.enabled else None
+        self.spf = spf_checker if cfg.spf.enabled else None
         self.large_senders = large_senders
-        self._dnsbl_verdict = dnsbl_verdict or _default_dnsbl_verdict(cfg)
-        self._spf_verdict = spf_verdict or _default_spf_verdict(cfg)
+        self._dnsbl_verdict: DnsblVerdict = dnsbl_verdict or functools.partial(
+            dnsbl.verdict_for, cfg=cfg.dnsbl
+        )
+        self._spf_verdict: SpfVerdict = spf_verdict or functools.partial(
+            spf_check.verdict_for, cfg=cfg.spf
+        )
         self.default = Verdict(Action(cfg.policyd.default_action), Rule.DEFAULT)
         self._timeout = cfg.policyd.request_timeout
         self._trusted = tuple(cfg.network.trusted)
@@ -232,21 +223,3 @@ class Pipeline:
                 sent.add(name)
                 return Verdict(Action.PREPEND, rule, text=header.text)
         return dunno(rule)
-
-
-def _default_dnsbl_verdict(cfg: Config) -> VerdictFor:
-    def verdict_for(result: object) -> Verdict | None:
-        from postwarden import dnsbl
-
-        return dnsbl.verdict_for(result, cfg.dnsbl)  # type: ignore[arg-type]
-
-    return verdict_for
-
-
-def _default_spf_verdict(cfg: Config) -> VerdictFor:
-    def verdict_for(result: object) -> Verdict | None:
-        from postwarden import spf_check
-
-        return spf_check.verdict_for(result, cfg.spf)  # type: ignore[arg-type]
-
-    return verdict_for

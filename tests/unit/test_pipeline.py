@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 
 from postwarden.config import Config
+from postwarden.dnsbl import DnsblResult
 from postwarden.lists import CompiledLists, parse_entry
 from postwarden.lists_sync import LiveLists, keep_lists_fresh
 from postwarden.pipeline import Pipeline
 from postwarden.request import PolicyRequest
+from postwarden.spf_check import SpfResult
 from postwarden.store.base import (
     ClientNetworkRecord,
     ListChange,
@@ -426,3 +428,36 @@ async def test_lists_unreachable_at_start_are_loaded_on_first_refresh() -> None:
     live = LiveLists()  # as the server does when the store was down at start
     assert await live.refresh(store)
     assert live.current.forbidden.contains_ip(CLIENT)
+
+
+# --- the real DNSBL/SPF verdict functions, wired by default ------------------------------
+
+
+async def test_default_wiring_uses_dnsbl_and_spf_verdict_functions() -> None:
+    cfg = make_config(**ALL_ON)
+    calls: list[str] = []
+    dnsbl_fake = FakeChecker("dnsbl", calls)
+    spf_fake = FakeChecker("spf", calls)
+    pipeline = Pipeline(
+        cfg,
+        FakeStore(),
+        LiveLists(CompiledLists.from_entries(()), 0),
+        dnsbl_fake,
+        spf_fake,
+        None,
+        Clock(),
+    )
+    dnsbl_fake.answer = DnsblResult(score=1, listed=(("dnsbl.test", "127.0.0.2"),))
+    listed = await pipeline.evaluate(rcpt())
+    assert listed.action is Action.REJECT and listed.rule is Rule.DNSBL
+    assert "dnsbl.test" in listed.text
+
+    dnsbl_fake.answer = DnsblResult()
+    spf_fake.answer = SpfResult("fail", "not permitted", "Received-SPF: fail x")
+    failed = await pipeline.evaluate(rcpt())
+    assert failed.action is Action.REJECT and failed.rule is Rule.SPF_FAIL
+
+    spf_fake.answer = SpfResult("pass", "ok", SPF_HEADER)
+    passed = await pipeline.evaluate(rcpt(recipient="new@example.com"))
+    # SPF passed, greylisting deferred the new triplet: the deferral wins over the header.
+    assert passed.action is Action.DEFER_IF_PERMIT
