@@ -1,0 +1,138 @@
+"""policyd behind a real Postfix: what a remote client sees at RCPT time, and what reaches Dovecot.
+
+A private Postfix (smtpd_recipient_restrictions ending in check_policy_service) and Dovecot
+run on loopback; the test poses as remote clients with XCLIENT. Lists are edited with the
+`postwarden lists` CLI against the daemon's store while everything runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.mail_system import MailSystem, MailSystemFactory, SmtpResult
+from tests.fixtures.policyd_daemon import POSTWARDEN, PolicydHandle, start_policyd
+
+pytestmark = pytest.mark.e2e
+
+USER, PASSWORD = "alice@example.test", "alice-secret"
+GREYLIST_DELAY = 2.0
+
+
+@dataclass
+class Gateway:
+    mail: MailSystem
+    policyd: PolicydHandle
+
+    def lists(self, *args: str) -> None:
+        """Run `postwarden lists ...` against the daemon's store, as an operator would."""
+        done = subprocess.run(
+            [POSTWARDEN, "--config", str(self.policyd.config_path), "lists", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+
+    def send_until(
+        self, predicate: Any, *args: Any, timeout: float = 5.0, **kwargs: Any
+    ) -> SmtpResult:
+        """Resend until the outcome satisfies predicate (list changes land within ~1 s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.mail.smtp_send(*args, **kwargs)
+            if predicate(result) or time.monotonic() > deadline:
+                return result
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def gateway(mail_system_factory: MailSystemFactory) -> Iterator[Gateway]:
+    # Our own world-traversable directory: Postfix's smtpd runs as `postfix` and must reach
+    # the policyd socket (pytest's own temp root is private to root).
+    directory = Path(tempfile.mkdtemp(prefix="pw-policyd-"))
+    directory.chmod(0o755)
+    policyd = start_policyd(
+        directory,
+        {
+            "policyd": {"socket_mode": "0660", "socket_group": "postfix"},
+            "greylisting": {"enabled": True, "delay": GREYLIST_DELAY, "auto_whitelist_after": 0},
+        },
+        tcp=False,
+    )
+    try:
+        assert policyd.socket_path is not None
+        mail = mail_system_factory(policyd_socket=str(policyd.socket_path))
+        yield Gateway(mail, policyd)
+    finally:
+        policyd.stop()
+        subprocess.run(["rm", "-rf", str(directory)], check=False)
+
+
+def test_forbidden_client_ip_is_refused_at_rcpt(gateway: Gateway) -> None:
+    gateway.lists("add", "forbidden", "198.51.100.7")
+    result = gateway.send_until(
+        lambda r: r.stage == "rcpt" and r.code >= 500,
+        "someone@sender.test",
+        USER,
+        client_ip="198.51.100.7",
+    )
+    assert result.stage == "rcpt", (result, gateway.mail.postfix_log)
+    assert 500 <= result.code < 600, result
+    # A client not on the list is still only greylisted, not refused.
+    other = gateway.mail.smtp_send("someone@sender.test", USER, client_ip="198.51.100.8")
+    assert other.stage == "rcpt" and 400 <= other.code < 500, other
+
+
+def test_neutral_sender_is_deferred_then_delivered_with_x_greylist(gateway: Gateway) -> None:
+    args = ("news@neutral.test", USER)
+    first = gateway.mail.smtp_send(*args, client_ip="192.0.2.25", subject="greylisted")
+    assert first.stage == "rcpt" and 400 <= first.code < 500, first
+    started = time.monotonic()
+
+    result = first
+    deadline = started + GREYLIST_DELAY + 10
+    while not result.accepted and time.monotonic() < deadline:
+        time.sleep(0.5)
+        result = gateway.mail.smtp_send(*args, client_ip="192.0.2.25", subject="greylisted")
+    assert result.accepted, (result, gateway.policyd.logs())
+    # Not let through before the delay had passed.
+    assert time.monotonic() - started >= GREYLIST_DELAY - 0.5
+
+    (message,) = gateway.mail.wait_for_delivery(USER, PASSWORD)
+    assert message["Subject"] == "greylisted"
+    assert "X-Greylist" in message, message.as_string()
+    assert "delayed" in str(message["X-Greylist"])
+
+
+def test_permitted_sender_is_accepted_at_once(gateway: Gateway) -> None:
+    gateway.lists("add", "permitted", "boss@partner.test")
+    result = gateway.send_until(
+        lambda r: r.accepted, "boss@partner.test", USER, client_ip="192.0.2.77", subject="hi"
+    )
+    assert result.accepted, (result, gateway.policyd.logs())
+    (message,) = gateway.mail.wait_for_delivery(USER, PASSWORD)
+    assert message["Subject"] == "hi"
+    assert "X-Greylist" not in message
+
+
+def test_permitted_sender_cannot_relay_to_a_foreign_domain(gateway: Gateway) -> None:
+    gateway.lists("add", "permitted", "boss@partner.test")
+    gateway.lists("add", "permitted", "192.0.2.77")
+    # Once the lists are live the same sender reaches our own domain at once ...
+    ok = gateway.send_until(lambda r: r.accepted, "boss@partner.test", USER, client_ip="192.0.2.77")
+    assert ok.accepted, ok
+    # ... but relaying elsewhere is refused by Postfix before policyd is asked.
+    result = gateway.mail.smtp_send(
+        "boss@partner.test", "victim@elsewhere.test", client_ip="192.0.2.77"
+    )
+    assert result.stage == "rcpt" and result.code == 554, result
+    assert "Relay access denied" in result.text
