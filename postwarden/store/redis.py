@@ -5,6 +5,8 @@ Keys (prefix `pw:`):
   `pw:{lists}:seq`: the newest change seq; `pw:{lists}:log`: a stream whose entry
   ids are `<seq>-0`, trimmed to the newest `change_log_limit` changes. The `{lists}`
   hash tag keeps them in one Cluster slot, so one Lua script changes them atomically.
+  A batch is uploaded to a private `pw:{lists}:staging:<random>` list first (JSON
+  chunks, with a TTL), then merged by one script: a failure half-way leaves nothing.
 - `pw:aliases`: hash address -> JSON list of targets.
 - `pw:gl:{<client network>}:t:<triplet>` and `pw:gl:{<client network>}:n`: greylist
   hashes with a TTL. The network is the hash tag, so a triplet and its network share a
@@ -46,6 +48,8 @@ _LIST_NAMES = frozenset(name.value for name in ListName)
 _UPLOAD_CHUNK = 10_000  # entries per RPUSH / per removal script
 _STAGING_TTL = 3600  # an upload that died half-way cleans itself up
 _SCAN_BATCH = 1000
+_LOG_PAGE = 10_000
+BULK_TIMEOUT = 120.0  # seconds a list-changing script may keep Redis busy (1M entries: ~5 s)
 
 # The newest seq: the counter, or the log's last id if the counter was lost, so XADD
 # never meets an id lower than the last (a Lua error half-way would leave half a batch).
@@ -61,31 +65,53 @@ local function current_seq(seq_key, log_key)
 end
 """
 
-# KEYS: permitted, forbidden, seq, log, staging   ARGV: change_log_limit
+# KEYS: permitted, forbidden, seq, log, staging   ARGV: change_log_limit, batch size
+# A batch larger than the change log would write log entries only to trim them: the
+# first pass counts the candidates, so only the newest `limit` changes are logged, and
+# everything older (now behind a gap) is trimmed with MINID. Readers then reload.
 _MERGE_STAGED = (
     _CURRENT_SEQ
     + """
+local limit = tonumber(ARGV[1])
+local chunks = redis.call('LLEN', KEYS[5])
+local function key_of(name)
+  if name == 'permitted' then return KEYS[1] end
+  return KEYS[2]
+end
+local candidates = 0
+local chunks_to_count = chunks
+if tonumber(ARGV[2]) <= limit then chunks_to_count = 0 end
+for c = 0, chunks_to_count - 1 do
+  local chunk = cjson.decode(redis.call('LINDEX', KEYS[5], c))
+  for j = 1, #chunk, 3 do
+    if redis.call('HEXISTS', key_of(chunk[j]), chunk[j + 1]) == 0 then
+      candidates = candidates + 1
+    end
+  end
+end
+local unlogged = math.max(0, candidates - limit)
 local seq = current_seq(KEYS[3], KEYS[4])
 local added = 0
-local total = redis.call('LLEN', KEYS[5])
-local step = 3000
-for start = 0, total - 1, step do
-  local chunk = redis.call('LRANGE', KEYS[5], start, start + step - 1)
+for c = 0, chunks - 1 do
+  local chunk = cjson.decode(redis.call('LINDEX', KEYS[5], c))
   for j = 1, #chunk, 3 do
     local name, entry, comment = chunk[j], chunk[j + 1], chunk[j + 2]
-    local key = KEYS[2]
-    if name == 'permitted' then key = KEYS[1] end
-    if redis.call('HSET', key, entry, comment) == 1 then
+    if redis.call('HSET', key_of(name), entry, comment) == 1 then
       seq = seq + 1
       added = added + 1
-      redis.call('XADD', KEYS[4], string.format('%d-0', seq),
-                 'op', 'add', 'list', name, 'entry', entry, 'comment', comment)
+      if added > unlogged then
+        redis.call('XADD', KEYS[4], string.format('%d-0', seq),
+                   'op', 'add', 'list', name, 'entry', entry, 'comment', comment)
+      end
     end
   end
 end
 if added > 0 then
   redis.call('SET', KEYS[3], string.format('%d', seq))
-  redis.call('XTRIM', KEYS[4], 'MAXLEN', ARGV[1])
+  if unlogged > 0 then
+    redis.call('XTRIM', KEYS[4], 'MINID', string.format('%d-0', seq - added + unlogged + 1))
+  end
+  redis.call('XTRIM', KEYS[4], 'MAXLEN', limit)
 end
 redis.call('DEL', KEYS[5])
 return added
@@ -116,18 +142,15 @@ return removed
 """
 )
 
-# KEYS: seq, log   ARGV: since   -> {newest, oldest (0 = empty log), entries}
-_CHANGES_SINCE = (
+# KEYS: seq, log   -> {newest, oldest logged seq (0 = empty log)}
+_LOG_BOUNDS = (
     _CURRENT_SEQ
     + """
 local newest = current_seq(KEYS[1], KEYS[2])
-local since = tonumber(ARGV[1])
-if since >= newest then return {newest, 0, {}} end
 local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 local oldest = 0
 if first[1] then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
-if oldest == 0 or oldest > since + 1 then return {newest, oldest, {}} end
-return {newest, oldest, redis.call('XRANGE', KEYS[2], string.format('%d-1', since), '+')}
+return {newest, oldest}
 """
 )
 
@@ -185,8 +208,12 @@ class RedisStore(Store):
         change_log_limit: int = DEFAULT_CHANGE_LOG_LIMIT,
         prefix: str = PREFIX,
         on_close: Sequence[Callable[[], Awaitable[None]]] = (),
+        bulk_client: RedisClient | None = None,
     ) -> None:
-        """Wrap a client made with decode_responses=True (see open_redis_store)."""
+        """Wrap clients made with decode_responses=True (see open_redis_store).
+
+        `bulk_client` (same server, longer timeout) runs the list-changing scripts.
+        """
         if change_log_limit < 1:
             raise ValueError("change_log_limit must be at least 1")
         self._client = client
@@ -204,9 +231,13 @@ class RedisStore(Store):
         self._staging_prefix = lists + "staging:"
         self._aliases_key = prefix + "aliases"
         self._greylist_prefix = prefix + "gl:{"
-        self._merge = client.register_script(_MERGE_STAGED)
-        self._remove = client.register_script(_REMOVE)
-        self._changes_since = client.register_script(_CHANGES_SINCE)
+        # Merging a million entries keeps Redis busy for seconds: longer than the
+        # per-request timeout, hence a second client (connecting only when used).
+        bulk = client if bulk_client is None else bulk_client
+        self._bulk_client = bulk_client
+        self._merge = bulk.register_script(_MERGE_STAGED)
+        self._remove = bulk.register_script(_REMOVE)
+        self._log_bounds = client.register_script(_LOG_BOUNDS)
         self._lookup = client.register_script(_GREYLIST_LOOKUP)
         self._update = client.register_script(_GREYLIST_UPDATE)
 
@@ -229,13 +260,16 @@ class RedisStore(Store):
                 if not uploaded:
                     return 0
                 keys = [*self._list_keys.values(), self._seq_key, self._log_key, staging]
-                return int(await self._merge(keys=keys, args=[self._change_log_limit]))
+                args = [self._change_log_limit, uploaded]
+                return int(await self._merge(keys=keys, args=args))
             except Exception:
                 await self._discard(staging)
                 raise
 
     async def _upload(self, staging: str, chunk: list[str], *, first: bool) -> int:
-        await _awaited(self._client.rpush(staging, *chunk))
+        # One JSON string per chunk (decoded by the script's cjson): packing a million
+        # separate arguments costs redis-py far more than json.dumps does.
+        await _awaited(self._client.rpush(staging, json.dumps(chunk)))
         if first:
             await _awaited(self._client.expire(staging, _STAGING_TTL))
         return len(chunk) // 3
@@ -282,19 +316,31 @@ class RedisStore(Store):
 
     async def list_changes_since(self, seq: int) -> tuple[int, list[ListChange]] | None:
         with self._errors:
-            newest, oldest, rows = await self._changes_since(
-                keys=[self._seq_key, self._log_key], args=[seq]
-            )
-        newest, oldest = int(newest), int(oldest)
-        if seq == newest:
-            return newest, []
-        if seq > newest or oldest == 0 or oldest > seq + 1:
-            return None
-        changes = []
-        for entry_id, fields in rows:
-            values = dict(zip(fields[::2], fields[1::2], strict=True))
-            entry = ListEntry(ListName(values["list"]), values["entry"], values["comment"])
-            changes.append(ListChange(int(entry_id.split("-", 1)[0]), _op(values["op"]), entry))
+            newest, oldest = await self._log_bounds(keys=[self._seq_key, self._log_key])
+            newest, oldest = int(newest), int(oldest)
+            if seq == newest:
+                return newest, []
+            if seq > newest or oldest == 0 or oldest > seq + 1:
+                return None
+            # Pages, so no single reply is large enough to hit the timeout. A writer
+            # may trim the log meanwhile: a page that does not start where the last
+            # ended means changes were lost, and the caller reloads.
+            changes: list[ListChange] = []
+            while seq < newest:
+                page = await _awaited(
+                    self._client.xrange(
+                        self._log_key, f"{seq + 1}-0", f"{newest}-0", count=_LOG_PAGE
+                    )
+                )
+                if not page:
+                    return None
+                for entry_id, values in page:
+                    change_seq = int(entry_id.split("-", 1)[0])
+                    if change_seq != seq + 1:
+                        return None
+                    entry = ListEntry(ListName(values["list"]), values["entry"], values["comment"])
+                    changes.append(ListChange(change_seq, _op(values["op"]), entry))
+                    seq = change_seq
         return newest, changes
 
     async def lists_version(self) -> int:
@@ -454,6 +500,8 @@ class RedisStore(Store):
     async def close(self) -> None:
         with self._errors:
             await self._client.aclose()
+            if self._bulk_client is not None:
+                await self._bulk_client.aclose()
             for close in self._on_close:
                 await close()
 
@@ -521,21 +569,33 @@ def open_redis_store(
     parts = urlsplit(url)
     scheme = parts.scheme
     description = f"{scheme}://{_hosts(parts.netloc)}{parts.path}"
-    common: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "decode_responses": True,
-        # One retry on a broken connection (a restarted server, a stale pooled socket);
-        # none on a timeout, which would double the time the caller waits.
-        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-    }
+    bulk_timeout = max(timeout, BULK_TIMEOUT)
+
+    def options(read_timeout: float) -> dict[str, Any]:
+        return {
+            "socket_timeout": read_timeout,
+            "socket_connect_timeout": timeout,
+            "decode_responses": True,
+            # One retry on a broken connection (a restarted server, a stale pooled
+            # socket); none on a timeout, which would double the caller's wait.
+            "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        }
+
     if scheme in ("redis", "rediss"):
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ValueError(
+                f"store url {_redacted(url)!r}: the path must be a database number,"
+                f" as in {scheme}://HOST:PORT/0"
+            )
         try:
             parts.port  # noqa: B018 -- urlsplit checks the port only when asked
-            client = redis.asyncio.Redis.from_url(url, **common)
+            client = redis.asyncio.Redis.from_url(url, **options(timeout))
+            bulk = redis.asyncio.Redis.from_url(url, **options(bulk_timeout))
         except ValueError as exc:
             raise ValueError(f"store url {_redacted(url)!r}: {exc}") from exc
-        return RedisStore(client, description=description, change_log_limit=change_log_limit)
+        return RedisStore(
+            client, description=description, change_log_limit=change_log_limit, bulk_client=bulk
+        )
     username, password = _credentials(parts.netloc)
     if scheme == "redis+sentinel":
         segments = [s for s in parts.path.split("/") if s]
@@ -548,12 +608,19 @@ def open_redis_store(
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
             _host_ports(_hosts(parts.netloc), url),
             sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
-            **common,
         )
-        client = sentinel.master_for(master, db=db, username=username, password=password)
-        closers = [s.aclose for s in sentinel.sentinels]
+        client, bulk = (
+            sentinel.master_for(
+                master, db=db, username=username, password=password, **options(read_timeout)
+            )
+            for read_timeout in (timeout, bulk_timeout)
+        )
         return RedisStore(
-            client, description=description, change_log_limit=change_log_limit, on_close=closers
+            client,
+            description=description,
+            change_log_limit=change_log_limit,
+            bulk_client=bulk,
+            on_close=[s.aclose for s in sentinel.sentinels],
         )
     if scheme == "redis+cluster":
         if parts.path not in ("", "/"):
@@ -561,9 +628,22 @@ def open_redis_store(
                 f"store url {_redacted(url)!r}: a cluster has no database number;"
                 " expected redis+cluster://HOST:PORT[,HOST:PORT]"
             )
-        nodes = [ClusterNode(h, p) for h, p in _host_ports(_hosts(parts.netloc), url)]
-        cluster = RedisCluster(startup_nodes=nodes, username=username, password=password, **common)
-        return RedisStore(cluster, description=description, change_log_limit=change_log_limit)
+        nodes = _host_ports(_hosts(parts.netloc), url)
+        cluster, bulk_cluster = (
+            RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+                username=username,
+                password=password,
+                **options(read_timeout),
+            )
+            for read_timeout in (timeout, bulk_timeout)
+        )
+        return RedisStore(
+            cluster,
+            description=description,
+            change_log_limit=change_log_limit,
+            bulk_client=bulk_cluster,
+        )
     raise ValueError(f"store url {_redacted(url)!r}: not a redis URL")
 
 

@@ -141,8 +141,9 @@ async def test_add_returns_new_count_and_lists_sort_by_list_then_entry(store: St
         ListEntry(P, "10.0.0.1"),
         ListEntry(P, "example.com", "partner"),
     ]
-    assert await store.list_entries(P) == entries(P, "10.0.0.1") + [
-        ListEntry(P, "example.com", "partner")
+    assert await store.list_entries(P) == [
+        ListEntry(P, "10.0.0.1"),
+        ListEntry(P, "example.com", "partner"),
     ]
     assert await store.list_entries(F) == [
         ListEntry(F, ".spam.test", "whole domain"),
@@ -227,6 +228,23 @@ async def test_changes_since_is_none_once_the_log_no_longer_reaches_back(
     assert len(await store.list_entries()) == 5
 
 
+async def test_batch_larger_than_the_change_log_keeps_only_its_newest_changes(
+    backend: Backend,
+) -> None:
+    store = backend.open(change_log_limit=3)
+    await store.add_list_entries(entries(P, "old1.test", "old2.test"))
+    assert await store.add_list_entries(entries(F, *(f"n{i}.test" for i in range(5)))) == 5
+    assert await store.lists_version() == 7
+    result = await store.list_changes_since(4)
+    assert result == (
+        7,
+        [ListChange(seq, "add", ListEntry(F, f"n{seq - 3}.test")) for seq in (5, 6, 7)],
+    )
+    # Readers from before the batch missed changes that are no longer logged.
+    for stale in (0, 2, 3):
+        assert await store.list_changes_since(stale) is None
+
+
 async def test_add_is_all_or_nothing_when_the_batch_fails_midway(store: Store) -> None:
     await store.add_list_entries(entries(F, "kept.test"))
     # Large enough that the Redis store has already uploaded chunks when it fails.
@@ -240,7 +258,8 @@ async def test_add_is_all_or_nothing_when_the_batch_fails_midway(store: Store) -
 
 
 async def test_unknown_list_name_midway_rejects_the_whole_batch(store: Store) -> None:
-    batch = entries(P, "a.test", "b.test") + [ListEntry("allowed", "c.test")]  # type: ignore[arg-type]
+    bogus = ListEntry("allowed", "c.test")  # type: ignore[arg-type]
+    batch = [*entries(P, "a.test", "b.test"), bogus, *entries(P, "d.test")]
     with pytest.raises(ValueError, match="unknown list 'allowed'"):
         await store.add_list_entries(batch)
     assert await store.list_entries() == []
