@@ -15,6 +15,7 @@ import pytest
 
 from postwarden.store import open_store
 from postwarden.store.base import ListEntry, ListName
+from tests.fixtures.dns_server import DNSBL_ZONE, SPF_ZONE, DnsServer
 from tests.fixtures.policyd_daemon import (
     POSTWARDEN,
     PolicydHandle,
@@ -387,3 +388,71 @@ def test_stale_socket_file_is_replaced(tmp_path_factory: pytest.TempPathFactory)
         assert oct(stale.stat().st_mode & 0o777) == "0o660"
     finally:
         assert handle.stop() == 0
+
+
+async def test_dnsbl_listing_and_spf_results_come_from_real_dns(
+    policyd_daemon: StartPolicyd, dns_server: DnsServer
+) -> None:
+    daemon = policyd_daemon(
+        {
+            "dns": {"nameservers": [dns_server.nameserver], "timeout": 2.0},
+            "dnsbl": {"enabled": True, "zones": [{"zone": DNSBL_ZONE}]},
+            "spf": {"enabled": True, "fail_action": "reject"},
+            "greylisting": {"enabled": False},
+        }
+    )
+    listed = await ask_once(daemon, request(client_address="192.0.2.1"))
+    assert listed.startswith(b"action=554 5.7.1 ") and DNSBL_ZONE.encode() in listed
+    passed = await ask_once(
+        daemon, request(client_address="192.0.2.10", sender=f"a@pass.{SPF_ZONE}")
+    )
+    assert passed.startswith(b"action=PREPEND Received-SPF: pass ")
+    failed = await ask_once(
+        daemon, request(client_address="192.0.2.99", sender=f"a@pass.{SPF_ZONE}")
+    )
+    assert failed.startswith(b"action=550 5.7.23 ")
+
+
+async def test_unreachable_store_answers_the_default_and_logs_once(
+    policyd_daemon: StartPolicyd,
+) -> None:
+    dead = free_tcp_port()  # nothing listens there
+    daemon = policyd_daemon({"store": {"url": f"redis://127.0.0.1:{dead}/0", "timeout": 0.3}})
+    for i in range(5):
+        assert await ask_once(daemon, request(recipient=f"d{i}@example.com")) == DUNNO
+    logs = daemon.wait_for_log("rule=default")
+    assert logs.count("store failure, answering the default action") == 1
+    assert logs.count("rule=default") == 5
+    assert "Traceback" not in logs
+
+
+async def test_list_added_with_the_cli_is_enforced_without_restart(
+    policyd_daemon: StartPolicyd,
+) -> None:
+    daemon = policyd_daemon()
+    sender = request(sender="spammer@bad.example")
+    assert await ask_once(daemon, sender) == DEFER
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [
+            POSTWARDEN,
+            "--config",
+            str(daemon.config_path),
+            "lists",
+            "add",
+            "forbidden",
+            "bad.example",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    reply = b""
+    for _ in range(40):  # bounded: 40 x 50 ms
+        reply = await ask_once(daemon, sender)
+        if reply != DEFER:
+            break
+        await asyncio.sleep(0.05)
+    assert reply.startswith(b"action=554 5.7.1 ") and b"bad.example" in reply
