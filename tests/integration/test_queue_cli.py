@@ -1,0 +1,111 @@
+"""`postwarden queue` against a private Postfix whose outbound relay is unreachable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.fixtures.mail_system import MailSystem, MailSystemFactory, free_port
+
+DEFER_TIMEOUT = 20.0
+
+
+def postwarden(system: MailSystem, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["postwarden", *args, "--postfix-config", str(system.layout.postfix_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def listed(system: MailSystem) -> list[dict[str, Any]]:
+    done = postwarden(system, "queue", "list", "--json")
+    assert done.returncode == 0, done.stderr
+    result: list[dict[str, Any]] = json.loads(done.stdout)
+    return result
+
+
+def wait_deferred(system: MailSystem, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + DEFER_TIMEOUT
+    while time.monotonic() < deadline:
+        messages = [m for m in listed(system) if m["queue_name"] == "deferred"]
+        if len(messages) >= count and all(
+            r["delay_reason"] for m in messages for r in m["recipients"]
+        ):
+            return messages
+        time.sleep(0.2)
+    raise AssertionError(f"no {count} deferred messages: {system.queue()}\n{system.logs()}")
+
+
+def start_with_dead_relay(factory: MailSystemFactory) -> MailSystem:
+    # Nothing listens on this port: every outgoing message is deferred with "Connection refused".
+    dead = free_port()
+    return factory(
+        {
+            "mail": {
+                "relays": [
+                    {"name": "dead", "host": "127.0.0.1", "port": dead, "starttls": "disabled"}
+                ]
+            }
+        }
+    )
+
+
+def test_deferred_message_listed_with_reason_resent_and_deleted(
+    mail_system_factory: MailSystemFactory, tmp_path: Path
+) -> None:
+    system = start_with_dead_relay(mail_system_factory)
+    assert system.smtp_send("alice@example.test", "someone@outside.test").accepted
+    (message,) = wait_deferred(system, 1)
+    (tmp_path / "capture.json").write_text(json.dumps(message))
+    queue_id = message["queue_id"]
+    assert message["sender"] == "alice@example.test"
+    assert message["recipients"][0]["address"] == "someone@outside.test"
+    assert "Connection refused" in message["recipients"][0]["delay_reason"]
+
+    text = postwarden(system, "queue", "list")
+    assert text.returncode == 0
+    assert queue_id in text.stdout
+    assert "Connection refused" in text.stdout
+
+    resent = postwarden(system, "queue", "resend", queue_id)
+    assert resent.returncode == 0, resent.stderr
+    # Still undeliverable: it comes back to the deferred queue with the reason.
+    (again,) = wait_deferred(system, 1)
+    assert again["queue_id"] == queue_id
+
+    deleted = postwarden(system, "queue", "delete", queue_id)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "deleted 1 message" in deleted.stdout
+    assert listed(system) == []
+    missing = postwarden(system, "queue", "delete", queue_id)
+    assert missing.returncode == 1
+    assert "no message" in missing.stderr
+
+
+def test_delete_all_and_flush(mail_system_factory: MailSystemFactory) -> None:
+    system = start_with_dead_relay(mail_system_factory)
+    for n in range(2):
+        assert system.smtp_send("alice@example.test", f"user{n}@outside.test").accepted
+    wait_deferred(system, 2)
+    assert postwarden(system, "queue", "flush").returncode == 0
+    assert postwarden(system, "queue", "resend", "--all").returncode == 0
+    deleted = postwarden(system, "queue", "delete", "--all")
+    assert deleted.returncode == 0, deleted.stderr
+    assert "deleted 2 messages" in deleted.stdout
+    assert listed(system) == []
+    assert "queue is empty" in postwarden(system, "queue", "list").stdout
+
+
+def test_bad_queue_id_and_missing_choice_are_usage_errors(
+    mail_system_factory: MailSystemFactory,
+) -> None:
+    system = start_with_dead_relay(mail_system_factory)
+    assert postwarden(system, "queue", "delete", "-x").returncode == 2
+    assert postwarden(system, "queue", "delete", "ALL").returncode == 2
+    assert postwarden(system, "queue", "resend").returncode == 2
