@@ -67,6 +67,9 @@ class PolicydConfig(Section):
     request_timeout: Annotated[float, Field(gt=0)] = 10.0
     # Prometheus metrics on a loopback HTTP port, e.g. "127.0.0.1:9641"; off when unset.
     metrics_listen: str | None = None
+    # Forwarding aliases served to Postfix as a socketmap (virtual_alias_maps =
+    # socketmap:<this>:aliases), so alias edits apply without a reload; unset: not served.
+    aliases_listen: Listen | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("metrics_listen")
