@@ -29,7 +29,7 @@ MAX_ADDRESS = 254
 
 _LOCAL_RE = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})+$|^localhost$")
+_DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
 AliasKind = Literal["alias", "group", "copy", "external"]
 

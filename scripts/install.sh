@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# Turn a fresh Debian 12 host into the running postwarden gateway:
+#   Debian's Postfix + Dovecot (imapd, pop3d, lmtpd), postwarden in a venv at /opt/postwarden,
+#   the service user `postwarden`, /etc/postwarden/postwarden.toml (written once, never
+#   overwritten), the SQLite store in /var/lib/postwarden, a self-signed TLS pair and a DKIM
+#   key when none exist, the Postfix/Dovecot config rendered and applied, and the services
+#   running: systemd units when systemd is PID 1, else Debian's init scripts and
+#   start-stop-daemon (CI machines, containers). Run as root from a checkout:
+#       sudo scripts/install.sh
+# Idempotent: a second run changes nothing and says so.
+# Environment: POSTWARDEN_HOSTNAME, POSTWARDEN_DOMAIN (first install only; default from
+# `hostname -f`), POSTWARDEN_SKIP_DEPS=1 (packages already installed).
+set -euo pipefail
+
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+PREFIX=/opt/postwarden
+VENV=$PREFIX/venv
+APP=$PREFIX/src
+ETC=/etc/postwarden
+CONFIG=$ETC/postwarden.toml
+STATE=/var/lib/postwarden
+SOCKETS=/var/spool/postfix/postwarden   # inside Postfix's chroot: smtpd/cleanup reach them
+RUN=/run/postwarden
+LOGS=/var/log/postwarden
+USER_NAME=postwarden
+BIN=$VENV/bin/postwarden
+DAEMONS=(policyd milterd)
+
+changes=0
+say() { printf 'install: %s\n' "$*"; }
+changed() { changes=$((changes + 1)); say "$*"; }
+die() { printf 'install: ERROR: %s\n' "$*" >&2; exit 1; }
+pw() { "$BIN" --config "$CONFIG" "$@"; }
+
+[[ $EUID -eq 0 ]] || die "run as root (it installs packages, users and services)"
+[[ -r /etc/debian_version ]] || die "this installs on Debian 12 (no /etc/debian_version)"
+
+# --- 1. Debian packages -------------------------------------------------------------------
+if [[ ${POSTWARDEN_SKIP_DEPS:-0} != 1 ]]; then
+    deps_out=$(bash "$SRC/scripts/install-deps.sh")
+    printf '%s\n' "$deps_out"
+    if grep -q "installing" <<<"$deps_out"; then changes=$((changes + 1)); fi
+fi
+
+# --- 2. users and directories ----------------------------------------------------------
+if ! getent passwd "$USER_NAME" >/dev/null; then
+    adduser --system --group --home "$STATE" --no-create-home --shell /usr/sbin/nologin \
+        --quiet "$USER_NAME"
+    changed "created service user $USER_NAME"
+fi
+# Membership of group postfix lets the daemons hand their sockets to Postfix (mode 0660).
+if ! id -nG "$USER_NAME" | tr ' ' '\n' | grep -qx postfix; then
+    adduser --quiet "$USER_NAME" postfix
+    changed "added $USER_NAME to group postfix"
+fi
+# Dovecot stores every mailbox as this one unprivileged user.
+if ! getent passwd vmail >/dev/null; then
+    adduser --system --group --home /var/mail/vhosts --no-create-home --shell /usr/sbin/nologin \
+        --quiet vmail
+    changed "created mail storage user vmail"
+fi
+
+ensure_dir() { # path owner group mode
+    local path=$1 owner=$2 group=$3 mode=$4
+    if [[ ! -d $path ]]; then
+        install -d -o "$owner" -g "$group" -m "$mode" "$path"
+        changed "created $path"
+    elif [[ $(stat -c '%U:%G %a' "$path") != "$owner:$group ${mode#0}" ]]; then
+        chown "$owner:$group" "$path"
+        chmod "$mode" "$path"
+        changed "fixed owner/mode of $path"
+    fi
+}
+ensure_dir "$ETC" root "$USER_NAME" 0750
+ensure_dir "$ETC/dkim" "$USER_NAME" "$USER_NAME" 0700
+ensure_dir "$ETC/tls" root root 0755
+ensure_dir "$STATE" "$USER_NAME" "$USER_NAME" 0750
+ensure_dir "$SOCKETS" "$USER_NAME" postfix 0750
+ensure_dir "$LOGS" "$USER_NAME" adm 0750
+ensure_dir /var/mail/vhosts vmail vmail 0770
+
+# --- 3. postwarden in its own venv -------------------------------------------------------
+# The installed copy lives in $APP (templates included), independent of this checkout.
+APP_PATHS=()
+for p in pyproject.toml README.md postwarden policyd milterd cli postfix-config dovecot-config; do
+    [[ -e $SRC/$p ]] && APP_PATHS+=("$p")
+done
+source_hash() {
+    (cd "$SRC" && find "${APP_PATHS[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' \
+        -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | cut -d' ' -f1
+}
+want=$(source_hash)
+have=$(cat "$PREFIX/.source-sha256" 2>/dev/null || true)
+code_changed=0
+if [[ $want != "$have" || ! -x $BIN ]]; then
+    install -d -m 0755 "$PREFIX"
+    rm -rf "$APP.new"
+    install -d -m 0755 "$APP.new"
+    (cd "$SRC" && cp -a --parents "${APP_PATHS[@]}" "$APP.new"/)
+    # pyproject.toml names README.md as the long description; the build needs the file.
+    [[ -e $APP.new/README.md ]] || echo "postwarden" >"$APP.new/README.md"
+    find "$APP.new" -name __pycache__ -prune -exec rm -rf {} +
+    rm -rf "$APP" && mv "$APP.new" "$APP"
+    [[ -x $VENV/bin/python ]] || python3 -m venv "$VENV"
+    # Editable from $APP so the Postfix/Dovecot templates next to the code are found.
+    # pip's build chatter goes to a log, shown only when the install fails.
+    if ! { "$VENV/bin/pip" install --quiet --upgrade pip \
+        && "$VENV/bin/pip" install --quiet -e "$APP"; } >"$PREFIX/pip.log" 2>&1; then
+        cat "$PREFIX/pip.log" >&2
+        die "pip install of postwarden failed (log: $PREFIX/pip.log)"
+    fi
+    echo "$want" >"$PREFIX/.source-sha256"
+    code_changed=1
+    changed "installed postwarden $("$BIN" --version | awk '{print $NF}') into $VENV"
+fi
+if [[ $(readlink /usr/local/bin/postwarden 2>/dev/null) != "$BIN" ]]; then
+    ln -sfn "$BIN" /usr/local/bin/postwarden
+    changed "linked /usr/local/bin/postwarden"
+fi
+
+# --- 4. the config (written once) -----------------------------------------------------------
+if [[ ! -e $CONFIG ]]; then
+    host=${POSTWARDEN_HOSTNAME:-$(hostname -f 2>/dev/null || hostname)}
+    [[ $host == *.* ]] || host="$host.localdomain"
+    domain=${POSTWARDEN_DOMAIN:-${host#*.}}
+    sed -e "s/@HOSTNAME@/$host/g" -e "s/@DOMAIN@/$domain/g" \
+        "$SRC/scripts/postwarden.toml.example" >"$CONFIG.new"
+    chown root:"$USER_NAME" "$CONFIG.new"
+    chmod 0640 "$CONFIG.new"
+    mv "$CONFIG.new" "$CONFIG"
+    changed "wrote $CONFIG (hostname $host, main domain $domain)"
+fi
+pw config check >/dev/null || die "$CONFIG is not valid (see above); fix it and run again"
+hostname_cfg=$(python3 -c 'import sys,tomllib; print(tomllib.load(open(sys.argv[1],"rb")).get("mail",{}).get("hostname","localhost"))' "$CONFIG")
+
+# Dovecot's passwd-file of mailbox users: `user@domain:{SCHEME}hash::::::` per line.
+if [[ ! -e $ETC/users ]]; then
+    install -m 0640 -o root -g dovecot /dev/null "$ETC/users"
+    changed "created the (empty) mailbox user file $ETC/users"
+fi
+
+# --- 5. TLS pair and DKIM key (only when missing) ------------------------------------------
+if [[ ! -s $ETC/tls/self-signed.crt || ! -s $ETC/tls/self-signed.key ]]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=$hostname_cfg" \
+        -addext "subjectAltName=DNS:$hostname_cfg" \
+        -keyout "$ETC/tls/self-signed.key" -out "$ETC/tls/self-signed.crt" 2>/dev/null
+    chmod 0600 "$ETC/tls/self-signed.key"
+    chmod 0644 "$ETC/tls/self-signed.crt"
+    changed "generated a self-signed certificate for $hostname_cfg"
+fi
+
+missing_keys=$(python3 - "$CONFIG" <<'EOF'
+import os, sys, tomllib
+cfg = tomllib.load(open(sys.argv[1], "rb"))
+for k in cfg.get("dkim", {}).get("keys", []):
+    if not os.path.exists(k["key"]):
+        print(k["domain"], k["selector"], k.get("algorithm", "rsa-sha256"), k["key"])
+EOF
+)
+while read -r domain selector algorithm keyfile; do
+    [[ -n $domain ]] || continue
+    pw dkim keygen "$domain" --selector "$selector" --algorithm "$algorithm" --out "$keyfile" \
+        >/dev/null
+    chown "$USER_NAME:$USER_NAME" "$keyfile"
+    chmod 0600 "$keyfile"
+    changed "generated DKIM key $keyfile ($domain, selector $selector)"
+done <<<"$missing_keys"
+
+# --- 6. Postfix and Dovecot configuration ----------------------------------------------------
+# `config apply` writes only what differs, checks (postfix check, doveconf -n) and reloads.
+apply_out=$(pw config apply 2>&1) || { printf '%s\n' "$apply_out" >&2; die "config apply failed"; }
+if grep -qiE "unchanged|nothing to (do|change)|no change" <<<"$apply_out"; then
+    say "Postfix/Dovecot configuration unchanged"
+else
+    printf '%s\n' "$apply_out"
+    changes=$((changes + 1))
+fi
+
+# --- 7. services ------------------------------------------------------------------------------
+if [[ -d /run/systemd/system ]]; then
+    say "service path: systemd (systemd is PID 1)"
+    units_changed=0
+    for d in "${DAEMONS[@]}"; do
+        unit=postwarden-$d.service
+        if ! cmp -s "$SRC/scripts/systemd/$unit" "/etc/systemd/system/$unit"; then
+            install -m 0644 "$SRC/scripts/systemd/$unit" "/etc/systemd/system/$unit"
+            units_changed=1
+            changed "installed /etc/systemd/system/$unit"
+        fi
+    done
+    ((units_changed)) && systemctl daemon-reload
+    for unit in postwarden-policyd postwarden-milterd dovecot postfix; do
+        if ! systemctl is-enabled --quiet "$unit"; then
+            systemctl enable --quiet "$unit"
+            changed "enabled $unit"
+        fi
+        if ! systemctl is-active --quiet "$unit"; then
+            systemctl start "$unit"
+            changed "started $unit"
+        elif ((code_changed || units_changed)) && [[ $unit == postwarden-* ]]; then
+            systemctl restart "$unit"
+            changed "restarted $unit (new code or unit)"
+        fi
+    done
+else
+    say "service path: no systemd (PID 1 is $(ps -o comm= -p 1)); Debian init scripts + start-stop-daemon"
+    ensure_dir "$RUN" root root 0755
+    for d in "${DAEMONS[@]}"; do
+        pidfile=$RUN/$d.pid
+        if start-stop-daemon --status --pidfile "$pidfile"; then
+            ((code_changed)) || continue
+            start-stop-daemon --stop --pidfile "$pidfile" --remove-pidfile --retry TERM/15/KILL/5
+            say "stopped $d (new code)"
+        fi
+        start-stop-daemon --start --background --make-pidfile --pidfile "$pidfile" \
+            --chuid "$USER_NAME:$USER_NAME" --umask 0007 --output "$LOGS/$d.log" \
+            --startas "$BIN" -- --config "$CONFIG" "$d"
+        changed "started $d as $USER_NAME (pid $(cat "$pidfile"), log $LOGS/$d.log)"
+    done
+    # The daemons' sockets must be there before Postfix hands them mail.
+    for _ in $(seq 1 100); do
+        [[ -S $SOCKETS/policyd.sock && -S $SOCKETS/milterd.sock ]] && break
+        sleep 0.1
+    done
+    for d in "${DAEMONS[@]}"; do
+        start-stop-daemon --status --pidfile "$RUN/$d.pid" \
+            || die "$d exited at start; see $LOGS/$d.log: $(tail -n 5 "$LOGS/$d.log")"
+    done
+    if ! /etc/init.d/dovecot status >/dev/null 2>&1; then
+        service dovecot start >/dev/null
+        changed "started dovecot (init script)"
+    fi
+    if ! /etc/init.d/postfix status >/dev/null 2>&1; then
+        /etc/init.d/postfix start >/dev/null
+        changed "started postfix (init script)"
+    fi
+fi
+
+if ((changes == 0)); then
+    say "nothing changed: postwarden is already installed and running"
+else
+    say "done: $changes change(s); the gateway is running (config: $CONFIG)"
+fi
