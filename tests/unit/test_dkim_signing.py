@@ -1,0 +1,210 @@
+"""DKIM signing: byte-identical to dkimpy, verifiable, From oversigned, no l=, domain choice."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+from unittest import mock
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from postwarden.dkim_keys import Algorithm, PrivateKey, SigningKey, generate_key, key_pem
+from postwarden.dkim_signing import (
+    SigningError,
+    from_domain,
+    keys_for_domain,
+    parse_message,
+    sign,
+    sign_headers_for,
+)
+from postwarden.dkim_verify import DnsFunc, KeyNotFoundError, results_header, verify_message
+
+NOW = 1_760_000_000
+
+MESSAGES = {
+    "plain": (
+        b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: hello\r\n"
+        b"Date: Tue, 01 Jan 2030 00:00:00 +0000\r\nMessage-ID: <1@example.com>\r\n\r\nHi Bob.\r\n"
+    ),
+    "folded-and-spaced": (
+        b"Received: from x by y; Tue, 01 Jan 2030 00:00:00 +0000\r\n"
+        b'From:   "Alice A."   <alice@example.com>\r\n'
+        b"To: bob@example.net,\r\n\tcarol@example.org\r\n"
+        b"Cc: dave@example.net\r\n"
+        b"Subject: a   very    long subject line that goes on and on and on and on and on\r\n"
+        b"  and continues here\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+        b"Line with trailing spaces   \r\n\ttabbed   line\r\n\r\n\r\n\r\n"
+    ),
+    "list-and-8bit": (
+        b"From: list@example.com\r\nTo: members@example.com\r\n"
+        b"Subject: =?utf-8?q?caf=C3=A9?=\r\nX-Eight: caf\xc3\xa9 \xff\r\n"
+        b"List-Id: <list.example.com>\r\nList-Unsubscribe: <mailto:u@example.com>\r\n"
+        b"Reply-To: list@example.com\r\nIn-Reply-To: <0@example.com>\r\n"
+        b"References: <0@example.com>\r\n\r\n" + b"body line\r\n" * 800
+    ),
+    "empty-body": b"From: a@example.com\r\nSubject: nothing\r\n\r\n",
+    "lf-only": b"From: a@example.com\nTo: b@example.net\nSubject: unix\n\nline one\nline two\n",
+}
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    key = generate_key("rsa-sha256")
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return key
+
+
+@pytest.fixture(scope="module")
+def ed_key() -> ed25519.Ed25519PrivateKey:
+    key = generate_key("ed25519-sha256")
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    return key
+
+
+def _signing_key(key: PrivateKey, selector: str = "s1", domain: str = "example.com") -> SigningKey:
+    algorithm: Algorithm = "rsa-sha256" if isinstance(key, rsa.RSAPrivateKey) else "ed25519-sha256"
+    return SigningKey(domain, selector, algorithm, Path("/unused"), key)
+
+
+def _dkimpy_private(key: PrivateKey) -> bytes:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key_pem(key)
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    return base64.b64encode(raw)  # dkimpy's Ed25519 key format
+
+
+def _dnsfunc(*keys: SigningKey) -> DnsFunc:
+    zone = {f"{k.record_name}.".encode(): k.txt_record().encode() for k in keys}
+
+    def lookup(name: bytes, timeout: float = 5.0) -> bytes:
+        if name not in zone:
+            raise KeyNotFoundError(name.decode())
+        return zone[name]
+
+    return lookup
+
+
+@pytest.mark.parametrize("name", sorted(MESSAGES))
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_signature_is_byte_identical_to_dkimpys(
+    name: str, algorithm: str, rsa_key: rsa.RSAPrivateKey, ed_key: ed25519.Ed25519PrivateKey
+) -> None:
+    key = rsa_key if algorithm == "rsa" else ed_key
+    signing_key = _signing_key(key)
+    message = MESSAGES[name]
+    headers, body = parse_message(message)
+    ours = sign(headers, body, [signing_key], timestamp=NOW)[0].field
+    with mock.patch("time.time", return_value=float(NOW)):
+        theirs = dkim.DKIM(message).sign(
+            b"s1",
+            b"example.com",
+            _dkimpy_private(key),
+            signature_algorithm=signing_key.algorithm.encode(),
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=list(sign_headers_for(headers)),
+        )
+    assert ours == theirs
+
+
+def test_default_header_list_matches_dkimpys_recommendation_plus_list_headers() -> None:
+    headers, _ = parse_message(MESSAGES["list-and-8bit"])
+    with mock.patch("time.time", return_value=float(NOW)):
+        checker = dkim.DKIM(MESSAGES["list-and-8bit"])
+        recommended = [h.lower() for h in checker.default_sign_headers()]
+    assert list(sign_headers_for(headers)) == recommended  # dkimpy's choice, From oversigned
+    plain, _ = parse_message(MESSAGES["folded-and-spaced"])
+    assert b"received" not in sign_headers_for(plain)
+    assert sign_headers_for(plain).count(b"from") == 2
+
+
+def test_rsa_signing_is_done_by_openssl_not_pure_python(rsa_key: rsa.RSAPrivateKey) -> None:
+    headers, body = parse_message(MESSAGES["plain"])
+    signing_key = _signing_key(rsa_key)
+    rounds = 10
+    start = time.perf_counter()
+    for _ in range(rounds):
+        sign(headers, body, [signing_key])
+    ours = time.perf_counter() - start
+    pem = key_pem(rsa_key)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        dkim.DKIM(MESSAGES["plain"]).sign(b"s1", b"example.com", pem)
+    theirs = time.perf_counter() - start
+    assert ours * 3 < theirs, (ours, theirs)
+
+
+def test_dual_signature_verifies_and_has_no_length_tag(
+    rsa_key: rsa.RSAPrivateKey, ed_key: ed25519.Ed25519PrivateKey
+) -> None:
+    keys = [_signing_key(rsa_key, "r1"), _signing_key(ed_key, "e1")]
+    message = MESSAGES["folded-and-spaced"]
+    headers, body = parse_message(message)
+    signatures = sign(headers, body, keys)
+    assert [s.algorithm for s in signatures] == ["rsa-sha256", "ed25519-sha256"]
+    for signature in signatures:
+        tags = dkim.util.parse_tag_value(signature.value.strip())
+        assert b"l" not in tags
+        assert tags[b"c"] == b"relaxed/relaxed"
+        signed_names = b"".join(tags[b"h"].split()).split(b":")
+        assert signed_names.count(b"from") == 2
+    signed = b"".join(s.field for s in signatures) + message
+    results = verify_message(signed, _dnsfunc(*keys))
+    assert [(r.result, r.selector) for r in results] == [("pass", "r1"), ("pass", "e1")]
+    assert results_header("mx.test", results).startswith("mx.test; dkim=pass header.d=example.com")
+
+
+def test_oversigned_from_blocks_an_added_from(rsa_key: rsa.RSAPrivateKey) -> None:
+    key = _signing_key(rsa_key)
+    message = MESSAGES["plain"]
+    headers, body = parse_message(message)
+    signature = sign(headers, body, [key])[0].field
+    assert verify_message(signature + message, _dnsfunc(key))[0].result == "pass"
+    forged = signature + b"From: mallory@evil.test\r\n" + message
+    assert verify_message(forged, _dnsfunc(key))[0].result == "fail"
+    tampered = signature + message.replace(b"Hi Bob.", b"Hi Bob!")
+    failed = verify_message(tampered, _dnsfunc(key))[0]
+    assert (failed.result, failed.reason) == ("fail", "body hash mismatch")
+
+
+def test_a_message_without_from_is_not_signed(rsa_key: rsa.RSAPrivateKey) -> None:
+    headers, body = parse_message(b"To: b@example.net\r\nSubject: x\r\n\r\nbody\r\n")
+    with pytest.raises(SigningError, match="no From"):
+        sign(headers, body, [_signing_key(rsa_key)])
+
+
+@pytest.mark.parametrize(
+    ("from_value", "expected"),
+    [
+        (b" Alice <alice@Example.COM>\r\n", "example.com"),
+        (b" bob@mail.example.com\r\n", "mail.example.com"),
+        (b' "Last, First" <x@example.org.>\r\n', "example.org"),
+        (b" a@example.com, b@example.net\r\n", None),  # two authors: no single domain
+        (b" undisclosed\r\n", None),
+    ],
+)
+def test_from_domain(from_value: bytes, expected: str | None) -> None:
+    assert from_domain([[b"From", from_value]]) == expected
+
+
+def test_from_domain_needs_exactly_one_from() -> None:
+    assert from_domain([[b"From", b" a@example.com\r\n"], [b"From", b" b@example.com\r\n"]]) is None
+    assert from_domain([[b"To", b" a@example.com\r\n"]]) is None
+
+
+def test_signing_domain_choice(rsa_key: rsa.RSAPrivateKey) -> None:
+    key = _signing_key(rsa_key)
+    keys = {"example.com": [key]}
+    assert keys_for_domain("example.com", keys, subdomains=False) == ("example.com", [key])
+    assert keys_for_domain("mail.example.com", keys, subdomains=False) is None
+    assert keys_for_domain("mail.example.com", keys, subdomains=True) == ("example.com", [key])
+    assert keys_for_domain("a.b.example.com", keys, subdomains=True) == ("example.com", [key])
+    assert keys_for_domain("example.net", keys, subdomains=True) is None
+    assert keys_for_domain("com", keys, subdomains=True) is None
