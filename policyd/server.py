@@ -32,6 +32,7 @@ from pathlib import Path
 
 from policyd.metrics import Metrics, NullMetrics
 from policyd.protocol import ProtocolViolation, RequestDecoder, encode_verdict, sanitise
+from policyd.socketmap import socketmap_handler
 from postwarden.config import Config, ConfigError, load_config
 from postwarden.config.types import ListenAddress
 from postwarden.dns_resolver import make_resolver
@@ -76,6 +77,8 @@ class Listener:
 
     address: ListenAddress
     sock: socket.socket
+    # "policy" (check_policy_service) or "socketmap" (forwarding aliases, see socketmap.py).
+    role: str = "policy"
 
 
 def _log_level(name: str) -> int:
@@ -147,13 +150,16 @@ def bind_listeners(cfg: Config) -> list[Listener]:
     mode = int(cfg.policyd.socket_mode, 8)
     listeners: list[Listener] = []
     try:
-        for address in cfg.policyd.listen:
+        wanted = [(address, "policy") for address in cfg.policyd.listen]
+        if cfg.policyd.aliases_listen is not None:
+            wanted.append((cfg.policyd.aliases_listen, "socketmap"))
+        for address, role in wanted:
             if address.kind == "unix":
                 sock = _unix_socket(address, mode, cfg.policyd.socket_group)
             else:
                 sock = _inet_socket(address)
             sock.setblocking(False)
-            listeners.append(Listener(address, sock))
+            listeners.append(Listener(address, sock, role))
     except StartupError:
         close_listeners(listeners)
         raise
@@ -253,22 +259,22 @@ class PolicyServer:
         )
         self._stopped = asyncio.Event()
         self._apply_log_level(self.cfg)
+        aliases = socketmap_handler(self.store)
         for listener in self.listeners:
+            handler = self._serve_connection if listener.role == "policy" else aliases
             if listener.address.kind == "unix":
                 server = await asyncio.start_unix_server(
-                    self._serve_connection, sock=listener.sock, limit=READ_SIZE
+                    handler, sock=listener.sock, limit=READ_SIZE
                 )
             else:
-                server = await asyncio.start_server(
-                    self._serve_connection, sock=listener.sock, limit=READ_SIZE
-                )
+                server = await asyncio.start_server(handler, sock=listener.sock, limit=READ_SIZE)
             self._servers.append(server)
         # Everything built so far (config, lists, checkers) lives as long as the process:
         # moving it out of the collector's generations keeps GC pauses, and so p99, short.
         gc.freeze()
         log.info(
             "policyd: listening on %s (store %s)",
-            ", ".join(str(li.address) for li in self.listeners),
+            ", ".join(f"{li.address} ({li.role})" for li in self.listeners),
             _store_kind(self.cfg.store.url),
         )
 
@@ -328,7 +334,15 @@ class PolicyServer:
             log.exception("policyd: reload failed unexpectedly, keeping the running config")
             return
         old = self.cfg
-        for key in ("listen", "workers", "metrics_listen", "socket_mode", "socket_group"):
+        restart_keys = (
+            "listen",
+            "aliases_listen",
+            "workers",
+            "metrics_listen",
+            "socket_mode",
+            "socket_group",
+        )
+        for key in restart_keys:
             if getattr(old.policyd, key) != getattr(new.policyd, key):
                 log.warning("policyd: reload: policyd.%s changes need a restart", key)
         if old.store != new.store:

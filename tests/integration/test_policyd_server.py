@@ -456,3 +456,26 @@ async def test_list_added_with_the_cli_is_enforced_without_restart(
             break
         await asyncio.sleep(0.05)
     assert reply.startswith(b"action=554 5.7.1 ") and b"bad.example" in reply
+
+
+def _netstring(text: str) -> bytes:
+    data = text.encode()
+    return b"%d:%s," % (len(data), data)
+
+
+async def test_aliases_socketmap_is_served_beside_the_policy_socket(
+    policyd_daemon: StartPolicyd, tmp_path: Path
+) -> None:
+    daemon = policyd_daemon({"policyd": {"aliases_listen": f"unix:{tmp_path / 'aliases.sock'}"}})
+    store = open_store(daemon.store_url)
+    try:
+        await store.set_alias("info@example.com", ["a@example.org", "b@example.org"])
+    finally:
+        await store.close()
+    reader, writer = await asyncio.open_unix_connection(str(tmp_path / "aliases.sock"))
+    writer.write(_netstring("aliases info@example.com") + _netstring("aliases nobody@example.com"))
+    expected = _netstring("OK a@example.org,b@example.org") + _netstring("NOTFOUND ")
+    replies = await asyncio.wait_for(reader.readexactly(len(expected)), ANSWER_TIMEOUT)
+    writer.close()
+    assert replies == expected
+    assert await ask_once(daemon, request()) == DEFER  # the policy socket is unaffected
