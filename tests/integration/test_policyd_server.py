@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import sqlite3
@@ -479,3 +480,49 @@ async def test_aliases_socketmap_is_served_beside_the_policy_socket(
     writer.close()
     assert replies == expected
     assert await ask_once(daemon, request()) == DEFER  # the policy socket is unaffected
+
+
+async def test_connections_over_max_connections_are_refused_and_logged(
+    policyd_daemon: StartPolicyd,
+) -> None:
+    daemon = policyd_daemon({"policyd": {"max_connections": 2}})
+    held = [await open_client(daemon) for _ in range(2)]
+    for reader, writer in held:
+        assert await ask(reader, writer, request()) == DEFER
+    reader, writer = await open_client(daemon)
+    assert await closed_by_server(reader)
+    writer.close()
+    assert "max_connections=2 reached" in daemon.wait_for_log("max_connections=2")
+    held[0][1].close()
+    await asyncio.sleep(0.2)
+    assert await ask_once(daemon, request()) == DEFER  # a slot is free again
+    held[1][1].close()
+
+
+async def test_supervisor_restarts_a_dead_worker_and_forwards_sighup(
+    policyd_daemon: StartPolicyd,
+) -> None:
+    daemon = policyd_daemon({"policyd": {"workers": 2}})
+    logs = daemon.wait_for_log("supervisor running 2 workers")
+    workers = re.findall(r"postwarden\.policyd\[(\d+)\]: policyd: listening on", logs)
+    assert len(workers) == 2
+    os.kill(int(workers[0]), signal.SIGKILL)
+    daemon.wait_for_log("restarting it")
+    deadline = time.monotonic() + 10
+    while len(re.findall(r"policyd: listening on", daemon.logs())) < 3:
+        assert time.monotonic() < deadline, daemon.logs()
+        await asyncio.sleep(0.05)
+    replies = await asyncio.gather(
+        *(ask_once(daemon, request(recipient=f"k{n}@x.org")) for n in range(20))
+    )
+    assert set(replies) == {DEFER}
+
+    daemon.rewrite_config({"greylisting": {"enabled": False}})
+    daemon.send_signal(signal.SIGHUP)
+    while daemon.logs().count("config reloaded") < 2:
+        assert time.monotonic() < deadline + 5, daemon.logs()
+        await asyncio.sleep(0.05)
+    replies = await asyncio.gather(
+        *(ask_once(daemon, request(recipient=f"h{n}@x.org")) for n in range(20))
+    )
+    assert set(replies) == {DUNNO}
