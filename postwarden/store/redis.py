@@ -296,13 +296,12 @@ class RedisStore(Store):
         with self._errors:
             for name in names:
                 # HSCAN, not HGETALL: a million-entry list must not stall Redis for others.
+                # HSCAN may return a field twice (during a rehash): the dict dedupes.
+                found = {
+                    entry: comment async for entry, comment in self._hscan(self._list_keys[name])
+                }
                 list_enum = ListName(name)
-                entries = [
-                    ListEntry(list_enum, entry, comment)
-                    async for entry, comment in self._hscan(self._list_keys[name])
-                ]
-                entries.sort(key=lambda e: e.entry)
-                result += entries
+                result += [ListEntry(list_enum, entry, found[entry]) for entry in sorted(found)]
         return result
 
     async def _hscan(self, key: str) -> AsyncIterator[tuple[str, str]]:

@@ -147,6 +147,7 @@ class SqliteStore(Store):
         self._change_log_limit = change_log_limit
         self._clock = clock
         self._connection: sqlite3.Connection | None = None
+        self._inherited: list[sqlite3.Connection | None] = []
         self._pid = os.getpid()
         self._errors = _Errors(self)
         self._closed = False
@@ -212,6 +213,9 @@ class SqliteStore(Store):
         if conn is None or self._pid != os.getpid():
             if self._closed:
                 raise StoreError(f"sqlite store {self.path}: closed")
+            # The parent's connection is kept, untouched: even closing it in the child
+            # could disturb the parent's locks (SQLite: never use a connection across fork).
+            self._inherited.append(conn)
             self._pid = os.getpid()
             conn = self._connection = self._connect()
         return conn

@@ -7,6 +7,8 @@ redis-server the fixture starts (its TTLs are real, so the one expiry test sleep
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -564,3 +566,72 @@ def test_sqlite_uses_wal_journal(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         conn.close()
+
+
+def _sqlite_worker(path: str, role: str, index: int) -> None:
+    """A separate process on the same file: a policyd worker or the CLI importing."""
+
+    async def work() -> None:
+        store = SqliteStore(path, timeout=2.0)
+        try:
+            if role == "greylist":
+                for i in range(300):
+                    network = f"10.{index}.{i % 256}.0/24"
+                    triplet = f"{network}|s{i}@x.test|r@y.test"
+                    record, _ = await store.greylist_lookup(triplet, network)
+                    assert record is None
+                    await store.greylist_update(
+                        triplet, TripletRecord(T0, T0 + i, 0), network, None, ttl=3600
+                    )
+            else:
+                for batch in range(4):
+                    names = (f"{index}-{batch}-{i}.test" for i in range(5000))
+                    assert await store.add_list_entries(entries(F, *names)) == 5000
+        finally:
+            await store.close()
+
+    asyncio.run(work())
+
+
+def test_sqlite_processes_share_one_file_while_writing_at_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared" / "state.db")
+    # spawn: each worker opens the (possibly not yet created) file itself, as
+    # policyd workers and the CLI do; creating the schema must not race.
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_sqlite_worker, args=(path, role, index))
+        for index, role in enumerate(["greylist", "greylist", "import"])
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+
+    async def check() -> None:
+        store = SqliteStore(path)
+        try:
+            assert len(await store.greylist_triplets(limit=10_000)) == 600
+            assert len(await store.list_entries(F)) == 20_000
+            assert await store.lists_version() == 20_000
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_sqlite_store_opened_before_fork_works_in_the_child(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    asyncio.run(store.add_list_entries(entries(P, "parent.test")))
+    pid = os.fork()
+    if pid == 0:  # the child: a policyd worker forked after the store was opened
+        code = 1
+        try:
+            asyncio.run(store.add_list_entries(entries(P, "child.test")))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert asyncio.run(store.list_entries()) == entries(P, "child.test", "parent.test")
+    asyncio.run(store.close())
