@@ -336,7 +336,8 @@ def check_dns(cli_ctx: CliContext, domain: str, ip: str | None, as_json: bool) -
 
     Exit 0 when every check passes, 1 otherwise.
     """
-    from postwarden.dns_report import DnsReportError, build_report, gather_facts
+    from postwarden.dns_facts import gather_facts
+    from postwarden.dns_report import DnsReportError, build_report
 
     cfg = cli_ctx.config()
     try:
@@ -344,7 +345,7 @@ def check_dns(cli_ctx: CliContext, domain: str, ip: str | None, as_json: bool) -
     except DnsReportError as exc:
         _fail(f"check dns: {exc}", EXIT_USAGE)
         return
-    report = build_report(cfg, facts)
+    report = build_report(facts)
     if as_json:
         _print_json(report.as_json())
     else:
