@@ -68,11 +68,15 @@ def gateway(mail_system_factory: MailSystemFactory) -> Iterator[Gateway]:
         },
         tcp=False,
     )
+    mail: MailSystem | None = None
     try:
         assert policyd.socket_path is not None
         mail = mail_system_factory(policyd_socket=str(policyd.socket_path))
         yield Gateway(mail, policyd)
     finally:
+        # Postfix first: its smtpd holds keep-alive connections that policyd would drain.
+        if mail is not None:
+            mail.stop()
         policyd.stop()
         subprocess.run(["rm", "-rf", str(directory)], check=False)
 
