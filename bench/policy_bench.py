@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import multiprocessing
 import multiprocessing.connection
@@ -237,7 +238,7 @@ async def _generate(
     clients = []
     for requests in per_connection:
         _, client = await loop.create_connection(
-            lambda r=requests: PolicyClient(r, latencies, actions), "127.0.0.1", port
+            functools.partial(PolicyClient, requests, latencies, actions), "127.0.0.1", port
         )
         clients.append(client)
     # Every generator process starts at the same wall-clock instant.
@@ -275,7 +276,7 @@ def _generator_main(
 ) -> None:
     try:
         result = asyncio.run(_generate(port, per_connection, start_at, duration))
-    except Exception as exc:  # reported by the parent as a failed cell
+    except Exception as exc:  # noqa: BLE001  # any failure is reported by the parent
         result = {"fatal": f"{type(exc).__name__}: {exc}"}
     pipe.send(result)
     pipe.close()
@@ -291,6 +292,7 @@ class CellResult:
     generator_cpu: float  # seconds, all generator processes
     generators: int
     server_cpu: float  # seconds, all server processes
+    other_cpu: float  # seconds used by everything else on the machine during the cell
     actions: Counter[str]
     errors: list[str]
 
@@ -330,6 +332,7 @@ def run_cell(
         children.append((proc, parent_end))
     time.sleep(max(0.0, start_at - time.time()))
     server_cpu0 = process_tree_cpu(server_pids)
+    busy0 = machine_busy_cpu()
     results = []
     for proc, pipe in children:
         if pipe.poll(duration + 60):
@@ -340,6 +343,7 @@ def run_cell(
         if proc.is_alive():
             proc.kill()
     server_cpu = process_tree_cpu(server_pids) - server_cpu0
+    busy = machine_busy_cpu() - busy0
     fatal = [r["fatal"] for r in results if "fatal" in r]
     if fatal:
         raise RuntimeError("; ".join(fatal))
@@ -356,6 +360,7 @@ def run_cell(
         generator_cpu=sum(r["cpu"] for r in results),
         generators=generators,
         server_cpu=server_cpu,
+        other_cpu=max(0.0, busy - server_cpu - sum(r["cpu"] for r in results)),
         actions=actions,
         errors=[e for r in results for e in r["errors"]],
     )
@@ -368,6 +373,13 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def machine_busy_cpu() -> float:
+    """CPU seconds all cores spent busy so far (from /proc/stat; idle and iowait excluded)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 def process_tree_cpu(roots: Sequence[int]) -> float:
@@ -582,6 +594,7 @@ def measure(
             f"  {label:<28} conns {connections:>3}: {cell.rate:8.0f} req/s  "
             f"p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
             f"server CPU {1e6 * cell.server_cpu / max(cell.requests, 1):6.0f} us/req  "
+            f"other {cell.other_cpu / cell.elapsed:4.2f} cores  "
             f"[{describe_actions(cell.actions)}]"
             + (f" ERRORS {cell.errors[:3]}" if cell.errors else ""),
             flush=True,
@@ -623,12 +636,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     baseline: dict[tuple[str, int], float] = {}
     with tempfile.TemporaryDirectory(prefix="policy-bench-") as tmp:
         root = Path(tmp)
-        os.chmod(root, 0o755)  # postgrey drops to its own user and must reach its dbdir
+        os.chmod(root, 0o755)  # noqa: S103  # postgrey drops to its own user and must reach its dbdir
 
         def workdir(name: str) -> Path:
             path = root / name
             path.mkdir()
-            os.chmod(path, 0o755)
+            os.chmod(path, 0o755)  # noqa: S103
             return path
 
         def pg_row(scenario: str) -> Any:
@@ -770,25 +783,27 @@ Scenarios: `new` = greylisting on (delay 300 s), every triplet new (store miss +
 auto-whitelisted after 5 passes); `lists` = greylisting off, 1,000,000 permitted/forbidden
 entries, 3 of 4 requests hit one. Ratio: to postgrey at the same connection count (`new`
 for the Redis and lists rows). Server CPU: all server processes, per request. Generator
-CPU: load-generator processes, as a share of one core over the cell.
+CPU: load-generator processes, as a share of one core over the cell. Other CPU: cores
+busy with unrelated processes during the cell (a shared machine shows here).
 """
 
 
 def render_table(rows: Sequence[Row], baseline: dict[tuple[str, int], float]) -> str:
     lines = [
         "| scenario | server | store | workers | conns | requests | req/s | p50 ms | p99 ms "
-        "| ratio to postgrey | server CPU µs/req | generator CPU | replies |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| ratio to postgrey | server CPU µs/req | generator CPU | other CPU | replies |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in rows:
         c = row.cell
         base = row.baseline
-        ratio = f"{c.rate / base:.2f}×" if base else "n/a"
+        ratio = f"{c.rate / base:.2f}x" if base else "n/a"
         lines.append(
             f"| {row.scenario} | {row.server} | {row.store} | {row.workers} | {c.connections} "
             f"| {c.requests} | {c.rate:.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {ratio} "
             f"| {1e6 * c.server_cpu / max(c.requests, 1):.0f} "
             f"| {100 * c.generator_cpu / c.elapsed:.0f}% of a core ({c.generators} proc) "
+            f"| {c.other_cpu / c.elapsed:.2f} cores "
             f"| {describe_actions(c.actions)} |"
         )
     return "\n".join(lines) + "\n"
@@ -815,17 +830,20 @@ def machine_header(args: argparse.Namespace) -> str:
         pw = importlib.metadata.version("postwarden")
     except importlib.metadata.PackageNotFoundError:
         pw = "?"
+    workers = ", ".join(f"{w} (one per core)" if w == 0 else str(w) for w in args.workers)
     return "\n".join(
         [
             "# Policy server benchmark",
             "",
             f"- machine: nproc {os.cpu_count()}, {cpu}, Linux {platform.release()}",
             f"- versions: postwarden {pw}, Python {platform.python_version()}, "
-            f"SQLite {sqlite3.sqlite_version}, postgrey {postgrey_version()} (Perl), Redis {redis_v}",
+            f"SQLite {sqlite3.sqlite_version}, postgrey {postgrey_version()} (Perl), "
+            f"Redis {redis_v}",
             f"- per cell: at most {args.requests} requests or {args.duration:.0f} s; "
             f"connections {', '.join(map(str, args.connections))} (keep-alive, back to back); "
-            f"policyd workers: {', '.join(str(w) + (' (one per core)' if w == 0 else '') for w in args.workers)}",
-            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            f"policyd workers: {workers}",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+            f"load average at start {os.getloadavg()[0]:.2f}",
         ]
     )
 
