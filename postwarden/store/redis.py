@@ -193,7 +193,9 @@ class _Errors:
         tb: TracebackType | None,
     ) -> None:
         if isinstance(exc, RedisError | RedisClusterException | OSError):
-            detail = str(exc) or type(exc).__name__
+            # redis-py appends the whole client repr to some messages (Sentinel's "No
+            # master found ... : <redis.asyncio.client.Redis(...)>"): keep the log line short.
+            detail = (str(exc) or type(exc).__name__).split(" : <", 1)[0][:300]
             raise StoreError(f"redis store {self._what}: {detail}") from exc
 
 
@@ -606,7 +608,13 @@ def open_redis_store(
         db = int(segments[1]) if len(segments) == 2 else 0
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
             _host_ports(_hosts(parts.netloc), url),
-            sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+            # No retries with backoff when asking Sentinels (redis-py's default waits
+            # seconds): an unreachable store must fail within the timeout.
+            sentinel_kwargs={
+                "socket_timeout": timeout,
+                "socket_connect_timeout": timeout,
+                "retry": Retry(NoBackoff(), 0),
+            },
         )
         client, bulk = (
             sentinel.master_for(

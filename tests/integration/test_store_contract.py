@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -452,8 +453,17 @@ async def test_two_stores_on_one_backend_see_each_others_changes(backend: Backen
 
 
 # --- failures ---------------------------------------------------------------------------
-async def test_redis_unreachable_raises_store_error_quickly() -> None:
-    store = open_store(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+@pytest.mark.parametrize(
+    "url_template",
+    [
+        "redis://127.0.0.1:{port}/0",
+        "rediss://127.0.0.1:{port}/0",
+        "redis+sentinel://127.0.0.1:{port}/mymaster/0",
+        "redis+cluster://127.0.0.1:{port}",
+    ],
+)
+async def test_redis_unreachable_raises_store_error_quickly(url_template: str) -> None:
+    store = open_store(url_template.format(port=free_port()), timeout=0.5)
     calls: list[Callable[[], Awaitable[Any]]] = [
         store.lists_version,
         lambda: store.greylist_lookup(TRIPLET, NETWORK),
@@ -466,11 +476,27 @@ async def test_redis_unreachable_raises_store_error_quickly() -> None:
     try:
         for call in calls:
             started = time.monotonic()
-            with pytest.raises(StoreError, match="redis store"):
+            with pytest.raises(StoreError, match="redis store") as caught:
                 await call()
             assert time.monotonic() - started < 2
+            assert len(str(caught.value)) < 400
     finally:
         await store.close()
+
+
+async def test_redis_that_never_answers_raises_store_error_after_the_timeout() -> None:
+    # A listener that accepts and then says nothing: a hung server or a black hole.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        store = open_store(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", timeout=0.3)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=r"[Tt]imeout"):
+                await store.greylist_lookup(TRIPLET, NETWORK)
+            assert 0.25 < time.monotonic() - started < 1.5
+        finally:
+            await store.close()
 
 
 async def test_redis_server_going_away_raises_store_error(
