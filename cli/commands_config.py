@@ -1,7 +1,193 @@
-"""`postwarden` subcommands: config (placeholder until implemented)."""
+"""`postwarden config check|render|apply`: the one config turned into Postfix and Dovecot files."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
 import click
 
-COMMANDS: list[click.Command] = []
+from cli.context import EXIT_FAILURE, EXIT_USAGE, CliContext, pass_cli
+from postwarden.config import Config
+from postwarden.config.loading import config_path
+from postwarden.render import SECRET_FILES, Layout, RenderError, render_all, write_rendered
+
+CHECK_TIMEOUT = 60  # seconds for `postfix check` / `doveconf -n`
+
+
+class ApplyError(Exception):
+    """A rendered file was refused by Postfix or Dovecot, or a tool could not run."""
+
+
+@click.group("config")
+def config_group() -> None:
+    """Check the config file, and render or apply it to Postfix and Dovecot."""
+
+
+def _render(cli_ctx: CliContext, layout: Layout) -> tuple[Config, dict[str, str]]:
+    cfg = cli_ctx.config()  # exits 2 with file, key and reason when the file is bad
+    try:
+        return cfg, render_all(cfg, layout)
+    except RenderError as exc:
+        click.echo(f"{config_path(cli_ctx.config_file)}: {exc}", err=True)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+@config_group.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_cli
+def check(cli_ctx: CliContext, as_json: bool) -> None:
+    """Validate the config file (and everything it names); exit 2 saying why if it is bad."""
+    _render(cli_ctx, Layout.debian())
+    path = str(config_path(cli_ctx.config_file))
+    if as_json:
+        click.echo(json.dumps({"ok": True, "config": path}))
+    else:
+        click.echo(f"OK: {path}")
+
+
+@config_group.command("render")
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write postfix/ and dovecot/ into.",
+)
+@click.option("--json", "as_json", is_flag=True, help="List the written files as JSON.")
+@pass_cli
+def render(cli_ctx: CliContext, target: Path, as_json: bool) -> None:
+    """Write the Postfix and Dovecot files for this config into DIR (nothing is applied)."""
+    _, files = _render(cli_ctx, Layout.debian())
+    written = write_rendered(files, target)
+    if as_json:
+        click.echo(json.dumps([str(p) for p in written]))
+    else:
+        for path in written:
+            click.echo(str(path))
+
+
+def _run_check(argv: list[str]) -> None:
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, check=False, timeout=CHECK_TIMEOUT
+        )
+    except FileNotFoundError:
+        raise ApplyError(f"{argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise ApplyError(f"{' '.join(argv)} did not finish in {CHECK_TIMEOUT}s") from None
+    # `postfix check` exits 0 but prints warnings; treat "fatal"/"error" text as refusal too.
+    output = (done.stdout + done.stderr).strip()
+    if done.returncode != 0 or "fatal:" in output or "Fatal:" in output:
+        raise ApplyError(f"{' '.join(argv)} refused the new configuration:\n{output}")
+
+
+def check_rendered(staging: Path) -> None:
+    """Run Postfix's and Dovecot's own checks against files staged under `staging`."""
+    _run_check(["postfix", "-c", str(staging / "postfix"), "check"])
+    _run_check(["doveconf", "-n", "-c", str(staging / "dovecot" / "dovecot.conf")])
+
+
+def install_rendered(files: dict[str, str], staging: Path, layout: Layout) -> list[Path]:
+    """Move staged files over the live ones, each by an atomic rename within its directory."""
+    dirs = {"postfix": layout.postfix_dir, "dovecot": layout.dovecot_dir}
+    installed = []
+    for name in sorted(files):
+        kind, _, base = name.partition("/")
+        live = dirs[kind] / base
+        live.parent.mkdir(parents=True, exist_ok=True)
+        tmp = live.with_name(f".{base}.postwarden-new")
+        shutil.copyfile(staging / name, tmp)
+        os.chmod(tmp, 0o600 if name in SECRET_FILES else 0o644)
+        os.replace(tmp, live)
+        installed.append(live)
+    return installed
+
+
+def _tool(argv: list[str]) -> tuple[int, str]:
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, check=False, timeout=CHECK_TIMEOUT
+        )
+    except FileNotFoundError:
+        return 127, f"{argv[0]} is not installed"
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+def reload_postfix(layout: Layout) -> str:
+    pf = ["postfix", "-c", str(layout.postfix_dir)]
+    if _tool([*pf, "status"])[0] != 0:
+        return "postfix: not running, the new configuration is used at its next start"
+    code, out = _tool([*pf, "reload"])
+    if code != 0:
+        raise ApplyError(f"postfix reload failed: {out}")
+    return "postfix: reloaded"
+
+
+def reload_dovecot(layout: Layout) -> str:
+    code, out = _tool(["doveadm", "-c", str(layout.dovecot_dir / "dovecot.conf"), "reload"])
+    if code != 0 and "not running" in out:
+        return "dovecot: not running, the new configuration is used at its next start"
+    if code != 0:
+        raise ApplyError(f"dovecot reload failed: {out}")
+    return "dovecot: reloaded"
+
+
+@config_group.command("apply")
+@click.option(
+    "--postfix-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Postfix config directory (default /etc/postfix).",
+)
+@click.option(
+    "--dovecot-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Dovecot config directory (default /etc/dovecot).",
+)
+@click.option("--no-reload", is_flag=True, help="Write and check only; do not reload.")
+@pass_cli
+def apply(
+    cli_ctx: CliContext, postfix_dir: Path | None, dovecot_dir: Path | None, no_reload: bool
+) -> None:
+    """Render, check with `postfix check` and `doveconf -n`, install, reload.
+
+    The new files are checked in a staging directory first: if either check fails nothing
+    live is touched and the reason is printed (exit 1).
+    """
+    layout = Layout.debian()
+    layout = dataclasses.replace(
+        layout,
+        postfix_dir=postfix_dir or layout.postfix_dir,
+        dovecot_dir=dovecot_dir or layout.dovecot_dir,
+    )
+    _, files = _render(cli_ctx, layout)
+    with tempfile.TemporaryDirectory(prefix="postwarden-apply-") as tmp:
+        staging = Path(tmp)
+        # postfix check runs helpers that drop privileges and must read the staged files.
+        os.chmod(staging, 0o755)  # noqa: S103
+        write_rendered(files, staging)
+        try:
+            check_rendered(staging)
+        except ApplyError as exc:
+            click.echo(f"not applied: {exc}", err=True)
+            raise SystemExit(EXIT_FAILURE) from None
+        for path in install_rendered(files, staging, layout):
+            click.echo(f"wrote {path}")
+    if no_reload:
+        return
+    try:
+        click.echo(reload_postfix(layout))
+        click.echo(reload_dovecot(layout))
+    except ApplyError as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(EXIT_FAILURE) from None
+
+
+COMMANDS: list[click.Command] = [config_group]

@@ -1,0 +1,412 @@
+"""Each [mail] setting appears in the rendered Postfix/Dovecot files as the line enforcing it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postwarden.config.loading import ConfigError, parse_config
+from postwarden.config.model import Config
+from postwarden.render import Layout, RenderError, render_all
+
+
+def cfg(**mail: Any) -> Config:
+    return parse_config(
+        {"mail": {"hostname": "mx.example.com", "main_domain": "example.com", **mail}}
+    )
+
+
+def files(config: Config | None = None, layout: Layout | None = None) -> dict[str, str]:
+    return render_all(config or cfg(), layout or Layout.debian())
+
+
+def main_cf(config: Config | None = None, layout: Layout | None = None) -> dict[str, str]:
+    """main.cf as {parameter: value}, continuation lines joined."""
+    params: dict[str, str] = {}
+    key = ""
+    for line in files(config, layout)["postfix/main.cf"].splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        if line[0].isspace():
+            params[key] += " " + line.strip()
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip()
+        params[key] = value.strip()
+    return params
+
+
+def master_cf(config: Config | None = None, layout: Layout | None = None) -> str:
+    return files(config, layout)["postfix/master.cf"]
+
+
+def dovecot(config: Config | None = None, layout: Layout | None = None) -> str:
+    return files(config, layout)["dovecot/dovecot.conf"]
+
+
+def test_empty_config_renders() -> None:
+    out = render_all(Config(), Layout.debian())
+    assert set(out) >= {"postfix/main.cf", "postfix/master.cf", "dovecot/dovecot.conf"}
+    assert "@{" not in "".join(out.values())
+
+
+def test_policyd_comes_after_anti_relay() -> None:
+    value = main_cf()["smtpd_recipient_restrictions"]
+    parts = [p.strip() for p in value.split(",", 3)]
+    assert parts[:3] == [
+        "permit_mynetworks",
+        "permit_sasl_authenticated",
+        "reject_unauth_destination",
+    ]
+    assert parts[3].startswith("check_policy_service { unix:")
+    assert "timeout=10s" in parts[3] and "default_action=DUNNO" in parts[3]
+
+
+def test_policyd_and_milterd_sockets_inside_the_chroot_are_relative() -> None:
+    config = parse_config(
+        {
+            "policyd": {"listen": ["unix:/var/spool/postfix/postwarden/policyd.sock"]},
+            "milterd": {"listen": ["inet:127.0.0.1:8891"]},
+        }
+    )
+    params = main_cf(config)
+    assert (
+        "check_policy_service { unix:postwarden/policyd.sock,"
+        in (params["smtpd_recipient_restrictions"])
+    )
+    assert params["smtpd_milters"] == "inet:127.0.0.1:8891"
+    assert params["non_smtpd_milters"] == "inet:127.0.0.1:8891"
+    assert params["milter_default_action"] == "tempfail"
+    assert params["milter_protocol"] == "6"
+
+
+def test_xclient_only_in_test_layouts() -> None:
+    assert main_cf()["smtpd_authorized_xclient_hosts"] == ""
+    from dataclasses import replace
+
+    layout = replace(Layout.debian(), xclient_hosts=("127.0.0.0/8",))
+    assert main_cf(layout=layout)["smtpd_authorized_xclient_hosts"] == "127.0.0.0/8"
+
+
+def test_identity_and_helo() -> None:
+    params = main_cf(cfg(helo_name="out.example.com"))
+    assert params["myhostname"] == "mx.example.com"
+    assert params["mydomain"] == "example.com"
+    assert params["smtp_helo_name"] == "out.example.com"
+    assert main_cf()["smtp_helo_name"] == "mx.example.com"
+
+
+def test_local_domains_go_to_dovecot_over_lmtp() -> None:
+    params = main_cf(cfg(additional_domains=["example.org", "Example.NET."]))
+    assert params["virtual_mailbox_domains"] == "example.com example.org example.net"
+    assert params["virtual_transport"] == "lmtp:unix:private/dovecot-lmtp"
+    assert params["mydestination"] == ""
+    conf = dovecot()
+    assert "unix_listener /var/spool/postfix/private/dovecot-lmtp {" in conf
+
+
+def test_relay_domains_by_ip_and_host() -> None:
+    out = files(
+        cfg(relay_domains=["inside.example.com|10.20.30.40", "lan.example.com | mx.lan:2525"])
+    )
+    assert "relay_domains = inside.example.com lan.example.com" in out["postfix/main.cf"]
+    assert out["postfix/transport"] == (
+        "inside.example.com relay:[10.20.30.40]:25\nlan.example.com relay:[mx.lan]:2525\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ("example.com", "must look like"),
+        ("example.com|", "must look like"),
+        ("bad domain|10.0.0.1", "not a domain name"),
+        ("inside.example.com|10.0.0.1:99999", "port must be"),
+    ],
+)
+def test_bad_relay_domain_is_refused_with_the_reason(entry: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        cfg(relay_domains=[entry])
+
+
+def test_relay_domain_may_not_also_be_local() -> None:
+    with pytest.raises(ConfigError, match="either stored here or relayed"):
+        cfg(relay_domains=["example.com|10.0.0.1"])
+
+
+def test_listen_interfaces_and_ipv6() -> None:
+    assert main_cf(cfg(listen="loopback"))["inet_interfaces"] == "loopback-only"
+    assert main_cf(cfg(listen="all"))["inet_interfaces"] == "all"
+    assert main_cf(cfg(ipv6=False))["inet_protocols"] == "ipv4"
+    assert main_cf(cfg(ipv6=True))["inet_protocols"] == "all"
+    assert re.search(r"^listen = 127\.0\.0\.1$", dovecot(cfg(listen="loopback", ipv6=False)), re.M)
+    assert re.search(r"^listen = \*, ::$", dovecot(cfg(listen="all", ipv6=True)), re.M)
+
+
+def test_smtp_ports_submission_enforces_starttls_and_smtps_is_wrapper_mode() -> None:
+    text = master_cf(cfg(smtp_port=2525, submission_port=1587, smtps_port=1465))
+    blocks = {b.split()[0]: b for b in re.split(r"\n(?=\S)", text) if b.strip()}
+    assert blocks["2525"].split()[1:3] == ["inet", "n"]
+    assert "smtpd_tls_security_level=encrypt" in blocks["1587"]
+    assert "smtpd_tls_wrappermode" not in blocks["1587"]
+    assert "smtpd_tls_wrappermode=yes" in blocks["1465"]
+    for name in ("1587", "1465"):
+        assert "smtpd_recipient_restrictions=permit_sasl_authenticated,reject" in blocks[name]
+    assert "postlog   unix-dgram" in text
+
+
+def test_disabled_submission_ports_are_not_listened_on() -> None:
+    text = master_cf(cfg(submission=False, smtps=False))
+    assert not re.search(r"^(587|465)\s", text, re.M)
+
+
+def test_duplicate_ports_are_refused() -> None:
+    with pytest.raises(ConfigError, match="already used"):
+        cfg(submission_port=25)
+
+
+def test_imap_pop3_ports_on_and_off() -> None:
+    conf = dovecot(cfg(imap_port=1143, imaps=False, pop3=True, pop3_port=1110))
+    assert re.search(r"inet_listener imap \{\s*port = 1143", conf)
+    assert re.search(r"inet_listener imaps \{\s*port = 0", conf)
+    assert re.search(r"inet_listener pop3 \{\s*port = 1110", conf)
+    assert re.search(r"inet_listener pop3s \{\s*port = 0", conf)
+    assert "protocols = imap pop3 lmtp" in conf
+    no_pop = dovecot(cfg(pop3=False, pop3s=False))
+    assert "protocols = imap lmtp" in no_pop
+
+
+def test_connection_limits_and_idle_timeout() -> None:
+    params = main_cf(cfg(max_connections=40, max_connections_per_client=5, idle_timeout=90))
+    assert params["default_process_limit"] == "40"
+    assert params["smtpd_client_connection_count_limit"] == "5"
+    assert params["smtpd_timeout"] == "90s"
+
+
+def test_message_size_limit() -> None:
+    assert main_cf(cfg(message_size_limit=10_485_760))["message_size_limit"] == "10485760"
+    with pytest.raises(ConfigError, match="message_size_limit"):
+        cfg(message_size_limit=10)
+
+
+def test_mailbox_quota_and_trash_retention() -> None:
+    conf = dovecot(cfg(mailbox_quota_mb=512, trash_retention_days=14))
+    assert "quota_rule = *:storage=512M" in conf
+    assert "quota = count:User quota" in conf
+    assert re.search(r"mailbox Trash \{[^}]*autoexpunge = 14d", conf)
+    unlimited = dovecot(cfg(mailbox_quota_mb=0, trash_retention_days=0))
+    assert "quota_rule" not in unlimited
+    assert "autoexpunge" not in unlimited
+
+
+def test_sasl_and_tls_only_auth() -> None:
+    params = main_cf(cfg(sasl=True, tls_only_auth=True))
+    assert params["smtpd_sasl_auth_enable"] == "yes"
+    assert params["smtpd_sasl_type"] == "dovecot"
+    assert params["smtpd_sasl_path"] == "private/auth"
+    assert params["smtpd_tls_auth_only"] == "yes"
+    off = main_cf(cfg(sasl=False, submission=False, smtps=False, tls_only_auth=False))
+    assert off["smtpd_sasl_auth_enable"] == "no"
+    assert off["smtpd_tls_auth_only"] == "no"
+    assert "unix_listener /var/spool/postfix/private/auth {" in dovecot()
+
+
+def test_submission_needs_sasl() -> None:
+    with pytest.raises(ConfigError, match="need sasl"):
+        cfg(sasl=False)
+
+
+def test_imap_pop3_require_tls() -> None:
+    assert re.search(r"^ssl = required$", dovecot(cfg(imap_pop3_require_tls=True)), re.M)
+    assert re.search(r"^disable_plaintext_auth = yes$", dovecot(), re.M)
+    assert re.search(r"^ssl = yes$", dovecot(cfg(imap_pop3_require_tls=False)), re.M)
+
+
+def test_tls_given_certificate_or_self_signed() -> None:
+    given = cfg(tls={"cert": "/etc/ssl/mx.pem", "key": "/etc/ssl/mx.key", "ca": "/etc/ssl/ca.pem"})
+    params = main_cf(given)
+    assert params["smtpd_tls_cert_file"] == "/etc/ssl/mx.pem"
+    assert params["smtpd_tls_key_file"] == "/etc/ssl/mx.key"
+    assert params["smtp_tls_CAfile"] == "/etc/ssl/ca.pem"
+    assert "ssl_cert = </etc/ssl/mx.pem" in dovecot(given)
+    layout = Layout.debian()
+    assert main_cf()["smtpd_tls_cert_file"] == str(layout.self_signed_cert)
+    assert f"ssl_key = <{layout.self_signed_key}" in dovecot()
+    with pytest.raises(ConfigError, match="together"):
+        cfg(tls={"cert": "/etc/ssl/mx.pem"})
+
+
+def _relays(tmp_path: Path) -> Config:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    return cfg(
+        relays=[
+            {
+                "name": "isp",
+                "host": "smtp.isp.example",
+                "port": 587,
+                "username": "me",
+                "password_file": str(secret),
+                "starttls": "required",
+                "timeout": 20,
+            },
+            {
+                "name": "secure",
+                "protocol": "smtps",
+                "host": "192.0.2.10",
+                "sender_domains": ["sales.example.com", "example.org"],
+            },
+            {
+                "name": "plain",
+                "host": "relay.lan",
+                "starttls": "disabled",
+                "sender_domains": ["x.test"],
+            },
+        ]
+    )
+
+
+def test_outbound_relays_by_sender_domain(tmp_path: Path) -> None:
+    out = files(_relays(tmp_path))
+    main = out["postfix/main.cf"]
+    assert "default_transport = relay_isp:[smtp.isp.example]:587" in main
+    assert (
+        "sender_dependent_default_transport_maps = texthash:$config_directory/sender_relays" in main
+    )
+    assert out["postfix/sender_relays"] == (
+        "@sales.example.com relay_secure:[192.0.2.10]:465\n"
+        "@example.org relay_secure:[192.0.2.10]:465\n"
+        "@x.test relay_plain:[relay.lan]:25\n"
+    )
+    assert out["postfix/relay_passwords"] == "[smtp.isp.example]:587 me:s3cret\n"
+    master = out["postfix/master.cf"]
+    blocks = {b.split()[0]: b for b in re.split(r"\n(?=\S)", master) if b.strip()}
+    isp, secure, plain = blocks["relay_isp"], blocks["relay_secure"], blocks["relay_plain"]
+    assert "smtp_tls_security_level=encrypt" in isp and "smtp_tls_wrappermode=no" in isp
+    assert "smtp_sasl_auth_enable=yes" in isp and "smtp_connect_timeout=20s" in isp
+    assert "smtp_tls_wrappermode=yes" in secure and "smtp_tls_security_level=encrypt" in secure
+    assert "smtp_sasl_auth_enable" not in secure
+    assert "smtp_tls_security_level=none" in plain
+
+
+def test_relay_password_never_in_main_or_master(tmp_path: Path) -> None:
+    out = files(_relays(tmp_path))
+    assert "s3cret" not in out["postfix/main.cf"] + out["postfix/master.cf"]
+
+
+def test_unreadable_relay_password_is_a_render_error(tmp_path: Path) -> None:
+    config = cfg(
+        relays=[
+            {
+                "name": "isp",
+                "host": "h.example",
+                "username": "u",
+                "password_file": str(tmp_path / "none"),
+            }
+        ]
+    )
+    with pytest.raises(RenderError, match="cannot read password_file"):
+        files(config)
+
+
+@pytest.mark.parametrize(
+    ("relays", "why"),
+    [
+        (
+            [{"name": "a", "host": "h.example"}, {"name": "b", "host": "i.example"}],
+            "only one relay",
+        ),
+        (
+            [
+                {"name": "a", "host": "h.example"},
+                {"name": "a", "host": "h.example", "sender_domains": ["x.test"]},
+            ],
+            "used twice",
+        ),
+        ([{"name": "a", "host": "h.example", "username": "u"}], "together"),
+        (
+            [{"name": "a", "host": "h.example", "protocol": "smtps", "starttls": "required"}],
+            "does not apply",
+        ),
+        ([{"name": "a", "host": "h.example", "protocol": "smtp-ssl"}], "protocol"),
+    ],
+)
+def test_bad_relays_are_refused_with_the_reason(relays: list[dict[str, Any]], why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        cfg(relays=relays)
+
+
+def test_copies_of_incoming_and_outgoing_mail() -> None:
+    out = files(
+        cfg(
+            additional_domains=["example.org"],
+            copy_incoming_to="archive-in@example.com",
+            copy_outgoing_to="archive-out@example.com",
+        )
+    )
+    assert out["postfix/recipient_bcc"] == (
+        "@example.com archive-in@example.com\n@example.org archive-in@example.com\n"
+    )
+    assert out["postfix/sender_bcc"] == (
+        "@example.com archive-out@example.com\n@example.org archive-out@example.com\n"
+    )
+    params = main_cf()
+    assert params["recipient_bcc_maps"] == "texthash:$config_directory/recipient_bcc"
+    assert params["sender_bcc_maps"] == "texthash:$config_directory/sender_bcc"
+    with pytest.raises(ConfigError, match="not a mail address"):
+        cfg(copy_incoming_to="archive")
+
+
+def test_connection_control_accept_all_except() -> None:
+    out = files(
+        cfg(
+            connection_control={
+                "mode": "accept-all-except",
+                "addresses": ["192.0.2.7", "198.51.100.0:255.255.255.0", "10.1.*", "2001:db8::/32"],
+            }
+        )
+    )
+    assert out["postfix/client_access"].splitlines() == [
+        f"{net} REJECT 5.7.1 Connection refused by policy"
+        for net in ("192.0.2.7/32", "198.51.100.0/24", "10.1.0.0/16", "2001:db8::/32")
+    ]
+    assert "smtpd_client_restrictions = check_client_access cidr:" in out["postfix/main.cf"]
+
+
+def test_connection_control_deny_all_except() -> None:
+    config = cfg(connection_control={"mode": "deny-all-except", "addresses": ["192.168.1.*"]})
+    assert files(config)["postfix/client_access"] == "192.168.1.0/24 OK\n"
+    assert main_cf(config)["smtpd_client_restrictions"] == (
+        "permit_mynetworks, check_client_access cidr:$config_directory/client_access, reject"
+    )
+
+
+@pytest.mark.parametrize("entry", ["192.*.1.1", "1*.2.3.4", "not-an-ip", "300.1.1.1"])
+def test_bad_connection_control_entries_are_refused(entry: str) -> None:
+    with pytest.raises(ConfigError, match=r"connection_control\.addresses"):
+        cfg(connection_control={"addresses": [entry]})
+
+
+def test_trusted_networks_become_mynetworks() -> None:
+    config = parse_config({"network": {"trusted": ["127.0.0.0/8", "::1/128", "192.168.0.0/16"]}})
+    assert main_cf(config)["mynetworks"] == "127.0.0.0/8 [::1]/128 192.168.0.0/16"
+
+
+def test_smtputf8_and_delivery_defaults() -> None:
+    params = main_cf()
+    assert params["smtputf8_enable"] == "yes"
+    assert params["mailbox_transport"] == "lmtp:unix:private/dovecot-lmtp"
+
+
+def test_test_layout_has_no_chroot_and_absolute_sockets(tmp_path: Path) -> None:
+    from tests.fixtures.mail_system import make_test_config, private_layout
+
+    layout = private_layout(tmp_path, {"smtp_port": 10025}, policyd="unix:/p.sock", milterd="")
+    params = main_cf(make_test_config(), layout)
+    assert params["virtual_transport"] == f"lmtp:unix:{tmp_path}/sockets/lmtp"
+    assert params["smtpd_milters"] == ""
+    assert params["maillog_file"] == f"{tmp_path}/log/postfix.log"
+    assert re.search(r"^10025\s+inet\s+n\s+-\s+n\s", master_cf(make_test_config(), layout), re.M)
