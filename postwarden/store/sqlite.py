@@ -1,13 +1,18 @@
-"""SQLite store: the single-host default, one file shared by every postwarden process.
+"""SQLite store: the single-host default, shared by every postwarden process on the host.
 
 The sqlite3 calls run directly inside the async methods, on purpose: a lookup takes a
 few microseconds, far less than handing it to a thread would cost, and the daemon does
 one per request. WAL mode lets readers proceed while one process writes; writers wait at
 most `busy_timeout` and then fail with StoreError (the caller answers its default).
+
+Two files: the URL's file holds the lists and aliases, `<name>.greylist<.ext>` next to
+it the greylist state. SQLite locks whole files, so a million-entry import (seconds in
+one transaction) never makes the daemon's per-request greylist writes wait.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -34,7 +39,7 @@ _LIST_NAMES = frozenset(name.value for name in ListName)
 # Every change to list_entries is logged by a trigger, so no code path (or a future
 # one) can change a list without the daemons hearing of it. An upsert that only
 # updates the comment fires no INSERT trigger: re-adding an entry is not a change.
-_SCHEMA = """
+_LISTS_SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
 CREATE TABLE list_entries (
     list TEXT NOT NULL,
@@ -58,6 +63,9 @@ CREATE TRIGGER list_entry_removed AFTER DELETE ON list_entries BEGIN
     VALUES ('remove', OLD.list, OLD.entry, OLD.comment);
 END;
 CREATE TABLE aliases (address TEXT PRIMARY KEY, targets TEXT NOT NULL) WITHOUT ROWID;
+"""
+_GREYLIST_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
 CREATE TABLE greylist_triplets (
     triplet TEXT PRIMARY KEY,
     first_seen REAL NOT NULL,
@@ -117,19 +125,16 @@ class _Errors:
     ) -> None:
         if exc is None:
             return
-        conn = self._store._connection
-        if conn is not None:
-            try:
-                if conn.in_transaction:
+        for conn in (self._store._lists_db, self._store._greylist_db):
+            if conn is not None and conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):  # the first error is the one to report
                     conn.rollback()
-            except sqlite3.Error:
-                pass  # the original error is the one worth reporting
         if isinstance(exc, sqlite3.Error):
             raise StoreError(f"sqlite store {self._store.path}: {exc}") from exc
 
 
 class SqliteStore(Store):
-    """The Store contract on one SQLite file (WAL), one connection per process."""
+    """The Store contract on SQLite (WAL): two files, one connection to each per process."""
 
     def __init__(
         self,
@@ -143,26 +148,32 @@ class SqliteStore(Store):
         if change_log_limit < 1:
             raise ValueError("change_log_limit must be at least 1")
         self.path = Path(path)
+        self.greylist_path = self.path.with_name(f"{self.path.stem}.greylist{self.path.suffix}")
         self._timeout = timeout
         self._change_log_limit = change_log_limit
         self._clock = clock
-        self._connection: sqlite3.Connection | None = None
+        self._lists_db: sqlite3.Connection | None = None
+        self._greylist_db: sqlite3.Connection | None = None
         self._inherited: list[sqlite3.Connection | None] = []
         self._pid = os.getpid()
         self._errors = _Errors(self)
         self._closed = False
         with self._errors:
-            self._connection = self._connect()
+            self._open()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"sqlite store {self.path}: cannot create directory: {exc}") from exc
+        self._lists_db = self._connect(self.path, _LISTS_SCHEMA)
+        self._greylist_db = self._connect(self.greylist_path, _GREYLIST_SCHEMA)
+
+    def _connect(self, path: Path, schema: str) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN ourselves, so reads are not left in an
         # open transaction that would pin an old WAL snapshot.
         conn = sqlite3.connect(
-            self.path,
+            path,
             timeout=self._timeout,
             isolation_level=None,
             check_same_thread=False,
@@ -172,16 +183,16 @@ class SqliteStore(Store):
             conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
-                raise StoreError(f"sqlite store {self.path}: cannot enable WAL (got {mode})")
+                raise StoreError(f"sqlite store {path}: cannot enable WAL (got {mode})")
             # NORMAL in WAL mode: a power loss may lose the last commits, never corrupts.
             conn.execute("PRAGMA synchronous = NORMAL")
-            self._ensure_schema(conn)
+            self._ensure_schema(conn, path, schema)
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _ensure_schema(self, conn: sqlite3.Connection) -> None:
+    def _ensure_schema(self, conn: sqlite3.Connection, path: Path, schema: str) -> None:
         # IMMEDIATE: two processes opening a new file at once must not both create it.
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -189,7 +200,7 @@ class SqliteStore(Store):
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
             ).fetchone()
             if exists is None:
-                for statement in _split_script(_SCHEMA):
+                for statement in _split_script(schema):
                     conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             else:
@@ -197,7 +208,7 @@ class SqliteStore(Store):
                 version = row[0] if row else None
                 if version != SCHEMA_VERSION:
                     raise StoreError(
-                        f"sqlite store {self.path}: schema version {version}, this postwarden"
+                        f"sqlite store {path}: schema version {version}, this postwarden"
                         f" knows {SCHEMA_VERSION}"
                     )
             conn.execute("COMMIT")
@@ -206,24 +217,35 @@ class SqliteStore(Store):
                 conn.rollback()
             raise
 
-    @property
-    def _conn(self) -> sqlite3.Connection:
+    def _reopen(self) -> None:
+        if self._closed:
+            raise StoreError(f"sqlite store {self.path}: closed")
         # A connection must not cross fork(): a worker forked after open gets its own.
-        conn = self._connection
-        if conn is None or self._pid != os.getpid():
-            if self._closed:
-                raise StoreError(f"sqlite store {self.path}: closed")
-            # The parent's connection is kept, untouched: even closing it in the child
-            # could disturb the parent's locks (SQLite: never use a connection across fork).
-            self._inherited.append(conn)
-            self._pid = os.getpid()
-            conn = self._connection = self._connect()
-        return conn
+        # The parent's are kept, untouched: even closing them in the child could
+        # disturb the parent's locks (SQLite: never use a connection across fork).
+        self._inherited += (self._lists_db, self._greylist_db)
+        self._lists_db = self._greylist_db = None
+        self._pid = os.getpid()
+        self._open()
+
+    @property
+    def _lists(self) -> sqlite3.Connection:
+        if self._lists_db is None or self._pid != os.getpid():
+            self._reopen()
+        assert self._lists_db is not None
+        return self._lists_db
+
+    @property
+    def _greylist(self) -> sqlite3.Connection:
+        if self._greylist_db is None or self._pid != os.getpid():
+            self._reopen()
+        assert self._greylist_db is not None
+        return self._greylist_db
 
     # --- permitted / forbidden lists -------------------------------------------------
     async def add_list_entries(self, entries: Sequence[ListEntry]) -> int:
         with self._errors:
-            conn = self._conn
+            conn = self._lists
             conn.execute("BEGIN IMMEDIATE")
             before = conn.execute(_VERSION).fetchone()[0]
             conn.executemany(_UPSERT_ENTRY, _entry_rows(entries))
@@ -235,7 +257,7 @@ class SqliteStore(Store):
     async def remove_list_entries(self, list_name: ListName, entries: Sequence[str]) -> int:
         name = _checked_list_name(list_name)
         with self._errors:
-            conn = self._conn
+            conn = self._lists
             conn.execute("BEGIN IMMEDIATE")
             before = conn.execute(_VERSION).fetchone()[0]
             conn.executemany(
@@ -253,11 +275,11 @@ class SqliteStore(Store):
     async def list_entries(self, list_name: ListName | None = None) -> list[ListEntry]:
         with self._errors:
             if list_name is None:
-                rows = self._conn.execute(
+                rows = self._lists.execute(
                     "SELECT list, entry, comment FROM list_entries ORDER BY list, entry"
                 ).fetchall()
             else:
-                rows = self._conn.execute(
+                rows = self._lists.execute(
                     "SELECT list, entry, comment FROM list_entries WHERE list = ? ORDER BY entry",
                     (_checked_list_name(list_name),),
                 ).fetchall()
@@ -265,7 +287,7 @@ class SqliteStore(Store):
 
     async def list_changes_since(self, seq: int) -> tuple[int, list[ListChange]] | None:
         with self._errors:
-            conn = self._conn
+            conn = self._lists
             conn.execute("BEGIN")  # one snapshot for the bounds and the rows
             newest = conn.execute(_VERSION).fetchone()[0]
             if seq == newest:
@@ -289,12 +311,12 @@ class SqliteStore(Store):
 
     async def lists_version(self) -> int:
         with self._errors:
-            return int(self._conn.execute(_VERSION).fetchone()[0])
+            return int(self._lists.execute(_VERSION).fetchone()[0])
 
     # --- forwarding aliases ----------------------------------------------------------
     async def set_alias(self, address: str, targets: Sequence[str]) -> None:
         with self._errors:
-            self._conn.execute(
+            self._lists.execute(
                 "INSERT INTO aliases (address, targets) VALUES (?, ?)"
                 " ON CONFLICT (address) DO UPDATE SET targets = excluded.targets",
                 (address, json.dumps(list(targets))),
@@ -302,19 +324,19 @@ class SqliteStore(Store):
 
     async def remove_alias(self, address: str) -> bool:
         with self._errors:
-            cursor = self._conn.execute("DELETE FROM aliases WHERE address = ?", (address,))
+            cursor = self._lists.execute("DELETE FROM aliases WHERE address = ?", (address,))
         return cursor.rowcount > 0
 
     async def get_alias(self, address: str) -> list[str] | None:
         with self._errors:
-            row = self._conn.execute(
+            row = self._lists.execute(
                 "SELECT targets FROM aliases WHERE address = ?", (address,)
             ).fetchone()
         return None if row is None else _targets(row[0])
 
     async def list_aliases(self) -> dict[str, list[str]]:
         with self._errors:
-            rows = self._conn.execute(
+            rows = self._lists.execute(
                 "SELECT address, targets FROM aliases ORDER BY address"
             ).fetchall()
         return {address: _targets(targets) for address, targets in rows}
@@ -325,7 +347,7 @@ class SqliteStore(Store):
     ) -> tuple[TripletRecord | None, ClientNetworkRecord | None]:
         now = self._clock()
         with self._errors:
-            conn = self._conn
+            conn = self._greylist
             t = conn.execute(_LOOKUP_TRIPLET, (triplet, now)).fetchone()
             n = conn.execute(_LOOKUP_NETWORK, (client_network, now)).fetchone()
         return (
@@ -345,7 +367,7 @@ class SqliteStore(Store):
             return
         expires_at = self._clock() + ttl
         with self._errors:
-            conn = self._conn
+            conn = self._greylist
             both = record is not None and network_record is not None
             if both:
                 conn.execute("BEGIN IMMEDIATE")
@@ -364,7 +386,7 @@ class SqliteStore(Store):
 
     async def greylist_triplets(self, limit: int = 1000) -> list[tuple[str, TripletRecord]]:
         with self._errors:
-            rows = self._conn.execute(
+            rows = self._greylist.execute(
                 "SELECT triplet, first_seen, last_seen, passes FROM greylist_triplets"
                 " WHERE expires_at > ? ORDER BY last_seen DESC, triplet LIMIT ?",
                 (self._clock(), limit),
@@ -377,7 +399,7 @@ class SqliteStore(Store):
         self, limit: int = 1000
     ) -> list[tuple[str, ClientNetworkRecord]]:
         with self._errors:
-            rows = self._conn.execute(
+            rows = self._greylist.execute(
                 "SELECT network, passes, last_seen FROM greylist_networks"
                 " WHERE expires_at > ? ORDER BY last_seen DESC, network LIMIT ?",
                 (self._clock(), limit),
@@ -388,18 +410,18 @@ class SqliteStore(Store):
         with self._errors:
             if triplet_prefix:
                 # substr, not LIKE/GLOB: a prefix may contain % _ * and must match literally.
-                cursor = self._conn.execute(
+                cursor = self._greylist.execute(
                     "DELETE FROM greylist_triplets WHERE substr(triplet, 1, ?) = ?",
                     (len(triplet_prefix), triplet_prefix),
                 )
             else:
-                cursor = self._conn.execute("DELETE FROM greylist_triplets")
+                cursor = self._greylist.execute("DELETE FROM greylist_triplets")
         return cursor.rowcount
 
     async def greylist_purge_expired(self, now: float, expiry: float) -> int:
         cutoff = now - expiry
         with self._errors:
-            conn = self._conn
+            conn = self._greylist
             conn.execute("BEGIN IMMEDIATE")
             # Records past their ttl are already invisible; delete them too.
             deleted = conn.execute(
@@ -416,10 +438,12 @@ class SqliteStore(Store):
     # --- lifecycle -------------------------------------------------------------------
     async def close(self) -> None:
         self._closed = True
-        conn, self._connection = self._connection, None
-        if conn is not None:
-            with self._errors:
-                conn.close()
+        connections = (self._lists_db, self._greylist_db)
+        self._lists_db = self._greylist_db = None
+        with self._errors:
+            for conn in connections:
+                if conn is not None:
+                    conn.close()
 
 
 def _split_script(script: str) -> Iterator[str]:

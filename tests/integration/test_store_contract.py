@@ -566,6 +566,29 @@ async def test_sqlite_write_blocked_by_another_writer_fails_and_rolls_back(
         await store.close()
 
 
+async def test_sqlite_list_import_in_progress_does_not_block_greylist_writes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStore(path, timeout=1.0)
+    importer = sqlite3.connect(path, isolation_level=None)
+    try:
+        # The CLI in the middle of a long import holds the lists file's write lock.
+        importer.execute("BEGIN IMMEDIATE")
+        importer.execute("INSERT INTO list_entries VALUES ('forbidden', 'x.test', '')")
+        started = time.monotonic()
+        record = TripletRecord(T0, T0, 0)
+        await store.greylist_update(TRIPLET, record, NETWORK, None, ttl=3600)
+        assert await store.greylist_lookup(TRIPLET, NETWORK) == (record, None)
+        assert time.monotonic() - started < 0.1  # no busy wait at all
+        assert await store.lists_version() == 0  # readers see the last commit
+        importer.execute("COMMIT")
+        assert await store.lists_version() == 1
+    finally:
+        importer.close()
+        await store.close()
+
+
 async def test_sqlite_closed_store_raises_store_error(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "state.db")
     await store.close()
@@ -584,14 +607,15 @@ def test_sqlite_newer_schema_is_refused(tmp_path: Path) -> None:
         SqliteStore(path)
 
 
-def test_sqlite_uses_wal_journal(tmp_path: Path) -> None:
+def test_sqlite_uses_wal_journal_in_both_files(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     asyncio.run(SqliteStore(path).close())
-    conn = sqlite3.connect(path)
-    try:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    finally:
-        conn.close()
+    for name in ("state.db", "state.greylist.db"):
+        conn = sqlite3.connect(tmp_path / name)
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        finally:
+            conn.close()
 
 
 def _sqlite_worker(path: str, role: str, index: int) -> None:
