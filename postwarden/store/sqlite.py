@@ -167,7 +167,12 @@ class SqliteStore(Store):
         except OSError as exc:
             raise StoreError(f"sqlite store {self.path}: cannot create directory: {exc}") from exc
         self._lists_db = self._connect(self.path, _LISTS_SCHEMA)
-        self._greylist_db = self._connect(self.greylist_path, _GREYLIST_SCHEMA)
+        try:
+            self._greylist_db = self._connect(self.greylist_path, _GREYLIST_SCHEMA)
+        except BaseException:
+            self._lists_db.close()
+            self._lists_db = None
+            raise
 
     def _connect(self, path: Path, schema: str) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN ourselves, so reads are not left in an
@@ -193,29 +198,38 @@ class SqliteStore(Store):
         return conn
 
     def _ensure_schema(self, conn: sqlite3.Connection, path: Path, schema: str) -> None:
-        # IMMEDIATE: two processes opening a new file at once must not both create it.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            exists = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-            ).fetchone()
-            if exists is None:
-                for statement in _split_script(schema):
-                    conn.execute(statement)
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            else:
-                row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-                version = row[0] if row else None
-                if version != SCHEMA_VERSION:
-                    raise StoreError(
-                        f"sqlite store {path}: schema version {version}, this postwarden"
-                        f" knows {SCHEMA_VERSION}"
+        # Checked without a lock first: opening must not wait for a running import.
+        if self._schema_version(conn) is None:
+            # IMMEDIATE: two processes creating a new file at once must not both create it.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if self._schema_version(conn) is None:
+                    for statement in _split_script(schema):
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,)
                     )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.rollback()
-            raise
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+        version = self._schema_version(conn)
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"sqlite store {path}: schema version {version}, this postwarden"
+                f" knows {SCHEMA_VERSION}"
+            )
+
+    @staticmethod
+    def _schema_version(conn: sqlite3.Connection) -> int | None:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ).fetchone()
+        if exists is None:
+            return None
+        version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        return None if version is None else int(version)
 
     def _reopen(self) -> None:
         if self._closed:

@@ -582,6 +582,10 @@ async def test_sqlite_list_import_in_progress_does_not_block_greylist_writes(
         assert await store.greylist_lookup(TRIPLET, NETWORK) == (record, None)
         assert time.monotonic() - started < 0.1  # no busy wait at all
         assert await store.lists_version() == 0  # readers see the last commit
+        # Another daemon or CLI starting meanwhile opens without waiting either.
+        started = time.monotonic()
+        await SqliteStore(path, timeout=1.0).close()
+        assert time.monotonic() - started < 0.5
         importer.execute("COMMIT")
         assert await store.lists_version() == 1
     finally:
