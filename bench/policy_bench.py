@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -572,68 +572,103 @@ def describe_actions(actions: Counter[str]) -> str:
     return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in actions.most_common(3))
 
 
-def measure(
-    label: str,
-    port: int,
-    pids: list[int],
-    stream: Sequence[bytes],
-    args: argparse.Namespace,
-    make_row: Any,
-) -> list[Row]:
-    rows = []
-    offset = 0
-    for connections in args.connections:
-        # Each cell gets its own slice of the stream: "new" stays new across cells.
-        requests = stream[offset : offset + args.requests]
-        if args.stream_slices:
-            offset += args.requests
-        cell = run_cell(port, requests, connections, args.duration, pids)
-        row = make_row(cell)
-        rows.append(row)
-        print(
-            f"  {label:<28} conns {connections:>3}: {cell.rate:8.0f} req/s  "
-            f"p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
-            f"server CPU {1e6 * cell.server_cpu / max(cell.requests, 1):6.0f} us/req  "
-            f"other {cell.other_cpu / cell.elapsed:4.2f} cores  "
-            f"[{describe_actions(cell.actions)}]"
-            + (f" ERRORS {cell.errors[:3]}" if cell.errors else ""),
-            flush=True,
-        )
-    return rows
+@dataclasses.dataclass
+class Contender:
+    """One server in one scenario: how to start it and which requests each cell sends."""
+
+    label: str  # "postgrey" or "policyd"
+    server: str
+    store: str
+    workers: str
+    start: Callable[[], contextlib.AbstractContextManager[tuple[int, list[int]]]]
+    stream: Sequence[bytes]
+    new_slices: bool  # True: every cell gets requests never sent before
+    prime: Sequence[bytes] = ()  # sent once, unmeasured, after the server starts
+    prime_wait: float = 0.0
+    offset: int = 0
 
 
-def prime(port: int, requests: Sequence[bytes]) -> None:
-    """Send each request once (unmeasured) so the server has seen the triplets."""
-    run_cell(port, requests, 8, 120.0, [])
+def print_cell(label: str, cell: CellResult) -> None:
+    print(
+        f"  {label:<28} conns {cell.connections:>3}: {cell.rate:8.0f} req/s  "
+        f"p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
+        f"server CPU {1e6 * cell.server_cpu / max(cell.requests, 1):6.0f} us/req  "
+        f"other {cell.other_cpu / cell.elapsed:4.2f} cores  "
+        f"[{describe_actions(cell.actions)}]"
+        + (f" ERRORS {cell.errors[:3]}" if cell.errors else ""),
+        flush=True,
+    )
+
+
+def run_scenario(
+    scenario: str, contenders: Sequence[Contender], args: argparse.Namespace
+) -> dict[tuple[str, int], CellResult]:
+    """All contenders up at once; cells interleaved round by round; median rate kept.
+
+    Interleaving puts every contender through the same moments of machine noise, and the
+    median of `--rounds` cells per (server, connections) discards one-off disturbances.
+    """
+    kept: dict[tuple[str, int], CellResult] = {}
+    with contextlib.ExitStack() as stack:
+        running = []
+        for contender in contenders:
+            port, pids = stack.enter_context(contender.start())
+            if contender.prime:
+                run_cell(port, contender.prime, 8, 120.0, [])
+            running.append((contender, port, pids))
+        time.sleep(max((c.prime_wait for c in contenders), default=0.0))
+        for contender, port, _ in running:
+            if contender.prime:
+                # The first pass after the delay (PREPEND X-Greylist) is also unmeasured:
+                # every measured request is a triplet that already passed.
+                run_cell(port, contender.prime, 8, 120.0, [])
+        for connections in args.connections:
+            cells: dict[str, list[CellResult]] = {}
+            for round_no in range(args.rounds):
+                for contender, port, pids in running:
+                    requests = contender.stream[contender.offset : contender.offset + args.requests]
+                    if contender.new_slices:
+                        contender.offset += args.requests
+                    cell = run_cell(port, requests, connections, args.duration, pids)
+                    cells.setdefault(contender.label, []).append(cell)
+                    print_cell(f"{scenario} {contender.label} #{round_no + 1}", cell)
+            for label, results in cells.items():
+                kept[(label, connections)] = sorted(results, key=lambda c: c.rate)[
+                    len(results) // 2
+                ]
+    return kept
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=30_000, help="requests per cell (max)")
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per cell (max)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per cell (max)")
+    parser.add_argument("--rounds", type=int, default=3, help="cells per point (median kept)")
     parser.add_argument(
         "--connections", type=lambda s: [int(x) for x in s.split(",")], default=list(CONNECTIONS)
     )
     parser.add_argument(
         "--workers",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=[0],
-        help="policyd --workers settings to run (0 = one per core), e.g. 0,1",
+        type=int,
+        default=0,
+        help="policyd --workers setting (0 = one per core)",
     )
     parser.add_argument(
         "--scenarios", default="new,repeat,redis,lists", help="comma-separated subset"
     )
     parser.add_argument("--no-postgrey", action="store_true", help="skip postgrey cells")
-    parser.add_argument("--no-policyd", action="store_true", help="skip policyd cells")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     scenarios = args.scenarios.split(",")
-    total = args.requests * len(args.connections)
+    # Enough never-seen triplets for every cell of every round.
+    total = args.requests * len(args.connections) * args.rounds
+    workers = args.workers
+    workers_text = f"0 = {os.cpu_count()} procs" if workers == 0 else str(workers)
 
     header = machine_header(args)
     print(header, flush=True)
     rows: list[Row] = []
-    baseline: dict[tuple[str, int], float] = {}
+    baseline: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="policy-bench-") as tmp:
         root = Path(tmp)
         os.chmod(root, 0o755)  # noqa: S103  # postgrey drops to its own user and must reach its dbdir
@@ -644,131 +679,103 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.chmod(path, 0o755)  # noqa: S103
             return path
 
-        def pg_row(scenario: str) -> Any:
-            def make(cell: CellResult) -> Row:
-                baseline[(scenario, cell.connections)] = cell.rate
-                return Row(
-                    scenario,
-                    "postgrey " + postgrey_version(),
-                    "BerkeleyDB",
-                    "1 process",
-                    cell,
-                    cell.rate,
-                )
+        def postgrey(name: str, delay: int, stream: Sequence[bytes], new: bool) -> Contender:
+            return Contender(
+                "postgrey",
+                "postgrey " + postgrey_version(),
+                "BerkeleyDB",
+                "1 process",
+                lambda: postgrey_server(workdir(name), delay),
+                stream,
+                new,
+            )
 
-            return make
+        def policyd(
+            name: str,
+            store: str,
+            greylisting: dict[str, Any],
+            stream: Sequence[bytes],
+            new: bool,
+            redis: bool = False,
+            lists: bool = False,
+        ) -> Contender:
+            @contextlib.contextmanager
+            def start() -> Iterator[tuple[int, list[int]]]:
+                wd = workdir(name)
+                with contextlib.ExitStack() as stack:
+                    url = (
+                        stack.enter_context(redis_server(wd))
+                        if redis
+                        else f"sqlite:///{wd}/state.db"
+                    )
+                    cfg = policyd_config(wd, free_port(), url, workers, greylisting)
+                    if lists:
+                        seconds = import_lists(cfg, wd)
+                        print(
+                            f"  imported {LIST_ENTRIES:,} entries with the CLI in {seconds:.1f} s"
+                        )
+                    yield stack.enter_context(policyd_server(cfg, wd))
 
-        def pw_row(scenario: str, store: str, workers: int, base: str) -> Any:
-            def make(cell: CellResult) -> Row:
-                w = f"{workers} ({os.cpu_count()} procs)" if workers == 0 else str(workers)
-                return Row(
-                    scenario, "policyd", store, w, cell, baseline.get((base, cell.connections))
-                )
+            return Contender("policyd", "policyd", store, workers_text, start, stream, new)
 
-            return make
+        def add_rows(scenario: str, contenders: Sequence[Contender], base: bool) -> None:
+            kept = run_scenario(scenario, contenders, args)
+            for c in contenders:
+                for connections in args.connections:
+                    cell = kept[(c.label, connections)]
+                    if c.label == "postgrey" and scenario == "new":
+                        baseline[connections] = cell.rate
+                    rows.append(Row(scenario, c.server, c.store, c.workers, cell, None))
+            for row in rows:
+                if row.baseline is None:
+                    ref = kept.get(("postgrey", row.cell.connections)) if base else None
+                    rate = ref.rate if ref else baseline.get(row.cell.connections)
+                    row.baseline = rate
 
         if "new" in scenarios:
-            stream = new_triplet_requests("new", 0, total)
+            pg_stream = new_triplet_requests("pg", 0, total)
+            pw_stream = new_triplet_requests("pw", 0, total)
+            contenders = [policyd("pw-new", "SQLite", {"delay": 300}, pw_stream, True)]
             if not args.no_postgrey:
-                with postgrey_server(workdir("pg-new"), 300) as (port, pids):
-                    args.stream_slices = True
-                    rows += measure("postgrey new", port, pids, stream, args, pg_row("new"))
-            for workers in [] if args.no_policyd else args.workers:
-                wd = workdir(f"pw-new-{workers}")
-                cfg = policyd_config(
-                    wd, free_port(), f"sqlite:///{wd}/state.db", workers, {"delay": 300}
-                )
-                with policyd_server(cfg, wd) as (port, pids):
-                    args.stream_slices = True
-                    rows += measure(
-                        f"policyd new w={workers}",
-                        port,
-                        pids,
-                        stream,
-                        args,
-                        pw_row("new", "SQLite", workers, "new"),
-                    )
+                contenders.insert(0, postgrey("pg-new", 300, pg_stream, True))
+            add_rows("new", contenders, True)
 
         if "repeat" in scenarios:
             pool = repeat_pool("rep")
             stream = [pool[i % len(pool)] for i in range(args.requests)]
-            servers: list[tuple[str, Any, Any]] = []
+            contenders = [policyd("pw-rep", "SQLite", {"delay": REPEAT_DELAY}, stream, False)]
             if not args.no_postgrey:
-                servers.append(
-                    (
-                        "postgrey repeat",
-                        lambda: postgrey_server(workdir("pg-rep"), REPEAT_DELAY),
-                        pg_row("repeat"),
-                    )
-                )
-            for workers in [] if args.no_policyd else args.workers:
+                contenders.insert(0, postgrey("pg-rep", REPEAT_DELAY, stream, False))
+            for c in contenders:
+                c.prime, c.prime_wait = pool, REPEAT_DELAY + 1.0
+            add_rows("repeat", contenders, True)
 
-                def start(workers: int = workers) -> Any:
-                    wd = workdir(f"pw-rep-{workers}")
-                    cfg = policyd_config(
-                        wd,
-                        free_port(),
-                        f"sqlite:///{wd}/state.db",
-                        workers,
-                        {"delay": REPEAT_DELAY},
-                    )
-                    return policyd_server(cfg, wd)
-
-                servers.append(
-                    (
-                        f"policyd repeat w={workers}",
-                        start,
-                        pw_row("repeat", "SQLite", workers, "repeat"),
-                    )
-                )
-            for label, starter, make in servers:
-                with starter() as (port, pids):
-                    prime(port, pool)
-                    time.sleep(REPEAT_DELAY + 1.0)
-                    args.stream_slices = False
-                    rows += measure(label, port, pids, stream, args, make)
-
-        if "redis" in scenarios and not args.no_policyd:
+        if "redis" in scenarios:
             stream = new_triplet_requests("redis", 0, total)
-            for workers in args.workers:
-                wd = workdir(f"pw-redis-{workers}")
-                with redis_server(wd) as url:
-                    cfg = policyd_config(wd, free_port(), url, workers, {"delay": 300})
-                    with policyd_server(cfg, wd) as (port, pids):
-                        args.stream_slices = True
-                        rows += measure(
-                            f"policyd redis w={workers}",
-                            port,
-                            pids,
-                            stream,
-                            args,
-                            pw_row("new", "Redis", workers, "new"),
-                        )
+            add_rows(
+                "new",
+                [policyd("pw-redis", "Redis", {"delay": 300}, stream, True, redis=True)],
+                False,
+            )
 
-        if "lists" in scenarios and not args.no_policyd:
+        if "lists" in scenarios:
             stream = list_requests("lists", args.requests)
-            for workers in args.workers:
-                wd = workdir(f"pw-lists-{workers}")
-                cfg = policyd_config(
-                    wd, free_port(), f"sqlite:///{wd}/state.db", workers, {"enabled": False}
-                )
-                seconds = import_lists(cfg, wd)
-                print(
-                    f"  imported {LIST_ENTRIES:,} list entries with the CLI in {seconds:.1f} s",
-                    flush=True,
-                )
-                with policyd_server(cfg, wd) as (port, pids):
-                    args.stream_slices = False
-                    rows += measure(
-                        f"policyd lists w={workers}",
-                        port,
-                        pids,
+            add_rows(
+                "lists",
+                [
+                    policyd(
+                        "pw-lists",
+                        "SQLite + 1M list entries",
+                        {"enabled": False},
                         stream,
-                        args,
-                        pw_row("lists", "SQLite + 1M list entries", workers, "new"),
+                        False,
+                        lists=True,
                     )
+                ],
+                False,
+            )
 
-    table = render_table(rows, baseline)
+    table = render_table(rows)
     text = header + "\n\n" + table + "\n" + LEGEND
     print("\n" + table + "\n" + LEGEND)
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -779,8 +786,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 LEGEND = """\
 Scenarios: `new` = greylisting on (delay 300 s), every triplet new (store miss + insert, DEFER);
-`repeat` = triplets seen before, delay elapsed (store hit + update, pass; networks
-auto-whitelisted after 5 passes); `lists` = greylisting off, 1,000,000 permitted/forbidden
+`repeat` = 2,000 triplets that already passed greylisting (store hit + update, DUNNO;
+a network is auto-whitelisted after 5 passes, then lookups only); `lists` = greylisting off, 1,000,000 permitted/forbidden
 entries, 3 of 4 requests hit one. Ratio: to postgrey at the same connection count (`new`
 for the Redis and lists rows). Server CPU: all server processes, per request. Generator
 CPU: load-generator processes, as a share of one core over the cell. Other CPU: cores
@@ -788,7 +795,7 @@ busy with unrelated processes during the cell (a shared machine shows here).
 """
 
 
-def render_table(rows: Sequence[Row], baseline: dict[tuple[str, int], float]) -> str:
+def render_table(rows: Sequence[Row]) -> str:
     lines = [
         "| scenario | server | store | workers | conns | requests | req/s | p50 ms | p99 ms "
         "| ratio to postgrey | server CPU µs/req | generator CPU | other CPU | replies |",
@@ -830,7 +837,7 @@ def machine_header(args: argparse.Namespace) -> str:
         pw = importlib.metadata.version("postwarden")
     except importlib.metadata.PackageNotFoundError:
         pw = "?"
-    workers = ", ".join(f"{w} (one per core)" if w == 0 else str(w) for w in args.workers)
+    workers = f"{args.workers} (one per core)" if args.workers == 0 else str(args.workers)
     return "\n".join(
         [
             "# Policy server benchmark",
@@ -841,6 +848,7 @@ def machine_header(args: argparse.Namespace) -> str:
             f"Redis {redis_v}",
             f"- per cell: at most {args.requests} requests or {args.duration:.0f} s; "
             f"connections {', '.join(map(str, args.connections))} (keep-alive, back to back); "
+            f"{args.rounds} rounds interleaved between servers, median kept; "
             f"policyd workers: {workers}",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"load average at start {os.getloadavg()[0]:.2f}",
