@@ -785,13 +785,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 LEGEND = """\
-Scenarios: `new` = greylisting on (delay 300 s), every triplet new (store miss + insert, DEFER);
-`repeat` = 2,000 triplets that already passed greylisting (store hit + update, DUNNO;
-a network is auto-whitelisted after 5 passes, then lookups only); `lists` = greylisting off, 1,000,000 permitted/forbidden
-entries, 3 of 4 requests hit one. Ratio: to postgrey at the same connection count (`new`
-for the Redis and lists rows). Server CPU: all server processes, per request. Generator
-CPU: load-generator processes, as a share of one core over the cell. Other CPU: cores
-busy with unrelated processes during the cell (a shared machine shows here).
+Scenarios: `new` = greylisting on (delay 300 s), every triplet new (store miss + insert,
+DEFER); `repeat` = 2,000 triplets that already passed greylisting (store hit + update,
+DUNNO; a network is auto-whitelisted after 5 passes, then lookups only); `lists` =
+greylisting off, 1,000,000 permitted/forbidden entries, 3 of 4 requests hit one.
+Ratio: to postgrey at the same connection count (postgrey `new` for the Redis and lists
+rows). Server CPU: all server processes, per request. Generator CPU: load-generator
+processes, as a share of one core over the cell. Other CPU: cores busy with unrelated
+processes during the cell (a shared machine shows here).
 """
 
 
