@@ -1,0 +1,106 @@
+"""The pymilter adapter: collect what the MTA sends, call the engine at end of message, apply.
+
+Per-step replies the MTA need not wait for (connect, MAIL, header, body) are negotiated as
+no-reply (`@Milter.noreply`, milter protocol 6); steps we do not use (HELO, RCPT, DATA, EOH,
+unknown) are not sent at all (pymilter's default `@nocallback`). One instance per SMTP
+connection, on libmilter's thread for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any, ClassVar
+
+import Milter
+
+from milterd.engine import Changes, Engine, Envelope, MessageFault
+
+log = logging.getLogger("postwarden.milterd")
+# pymilter is untyped: name its reply codes once, typed.
+CONTINUE: int = Milter.CONTINUE
+ACCEPT: int = Milter.ACCEPT
+TEMPFAIL: int = Milter.TEMPFAIL
+
+
+class DkimMilter(Milter.Base):  # type: ignore[misc]
+    """One SMTP connection's worth of state."""
+
+    engine: ClassVar[Engine]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client_ip: str | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body_parts: list[bytes] = []
+        self.auth_authen: str | None = None
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+            self.client_ip = str(hostaddr[0])
+        return CONTINUE
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        self._reset()
+        self.auth_authen = self.getsymval("{auth_authen}") or None
+        if self.client_ip is None:
+            self.client_ip = self.getsymval("{client_addr}") or None
+        return CONTINUE
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    @Milter.decode("bytes")  # type: ignore[untyped-decorator]
+    def header(self, name: str | bytes, value: bytes) -> int:
+        raw_name = name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
+        self.headers.append((raw_name, value))
+        return CONTINUE
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def body(self, chunk: bytes) -> int:
+        self.body_parts.append(chunk)
+        return CONTINUE
+
+    def eom(self) -> int:
+        queue_id = self.getsymval("i") or "NOQUEUE"
+        envelope = Envelope(self.client_ip, self.auth_authen, queue_id)
+        body = b"".join(self.body_parts)
+        self.body_parts = []
+        started = time.monotonic()
+        try:
+            changes = self.engine.process(envelope, self.headers, body)
+            self._apply(changes)
+        except MessageFault as exc:
+            return self._on_error(queue_id, str(exc))
+        except Exception as exc:  # noqa: BLE001 - never crash or lose a message; say what and go on
+            return self._on_error(queue_id, f"internal error {type(exc).__name__}: {exc}")
+        finally:
+            self._reset()
+        log.debug(
+            "%s: %s (%.1f ms)", queue_id, changes.summary, (time.monotonic() - started) * 1000
+        )
+        return ACCEPT
+
+    def abort(self) -> int:
+        self._reset()
+        return CONTINUE
+
+    def _apply(self, changes: Changes) -> None:
+        # Highest index first, so removing one does not renumber those still to remove.
+        for index in sorted(changes.remove_results, reverse=True):
+            self.chgheader("Authentication-Results", index, "")
+        # Insert at the top; reversed so the first field of `add` ends up topmost.
+        for name, value in reversed(changes.add):
+            self.addheader(name, value, 0)
+
+    def _on_error(self, queue_id: str, reason: str) -> int:
+        action = self.engine.config.milterd.on_error
+        log.warning("%s: %s; on_error=%s", queue_id, reason, action)
+        if action == "tempfail":
+            self.setreply("451", "4.7.1", "Message cannot be processed now, try again later")
+            return TEMPFAIL
+        return ACCEPT

@@ -1,0 +1,312 @@
+"""milterd as a real subprocess, driven over its unix socket by a milter-protocol client.
+
+Keys are published on the real test DNS server (NSD on loopback) as split quoted strings,
+exactly as `postwarden dkim dns` prints them; signatures are checked against that DNS.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postwarden.config.model import DnsConfig
+from postwarden.dkim_keys import generate_key, quoted_txt, txt_record, write_key
+from postwarden.dkim_verify import make_dnsfunc, verify_message
+from tests.fixtures.dns_server import DnsServer
+from tests.fixtures.milter_client import MilterResult
+from tests.fixtures.milterd_daemon import MilterdHandle, StartMilterd, start_milterd
+
+ZONE = "milterd.test"
+AUTHSERV = "mx.postwarden.test"
+MESSAGE = (
+    b"From: Alice <alice@milterd.test>\r\n"
+    b"To: Bob <bob@example.net>\r\n"
+    b"Subject: quarterly numbers\r\n"
+    b"Date: Tue, 01 Jan 2030 00:00:00 +0000\r\n"
+    b"Message-ID: <q1@milterd.test>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n" + b"The numbers are in.  See you Monday.\r\n" * 200
+)
+
+
+@dataclass
+class Keys:
+    rsa: Path
+    ed25519: Path
+    nameserver: str
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory, dns_server: DnsServer) -> Iterator[Keys]:
+    directory = tmp_path_factory.mktemp("dkimkeys")
+    rsa_key, ed_key = generate_key("rsa-sha256"), generate_key("ed25519-sha256")
+    write_key(rsa_key, directory / "rsa.key")
+    write_key(ed_key, directory / "ed.key")
+    dns_server.set_zone(
+        ZONE,
+        [
+            f"s1._domainkey TXT ( {quoted_txt(txt_record(rsa_key))} )",
+            f"e1._domainkey TXT ( {quoted_txt(txt_record(ed_key))} )",
+            "@ A 192.0.2.1",
+        ],
+    )
+    yield Keys(directory / "rsa.key", directory / "ed.key", dns_server.nameserver)
+
+
+def _config(keys: Keys, *, dual: bool = False, **milterd: Any) -> dict[str, dict[str, Any]]:
+    entries = [{"domain": ZONE, "selector": "s1", "algorithm": "rsa-sha256", "key": keys.rsa}]
+    if dual:
+        entries.append(
+            {"domain": ZONE, "selector": "e1", "algorithm": "ed25519-sha256", "key": keys.ed25519}
+        )
+    return {
+        "dkim": {"keys": entries},
+        "dns": {"nameservers": [keys.nameserver], "timeout": 2.0},
+        "milterd": {"authserv_id": AUTHSERV, **milterd},
+    }
+
+
+def _verify(keys: Keys, message: bytes) -> list[str]:
+    dnsfunc = make_dnsfunc(DnsConfig(nameservers=[keys.nameserver], timeout=2.0))
+    return [r.result for r in verify_message(message, dnsfunc)]
+
+
+def _results(result: MilterResult) -> bytes:
+    values = result.headers_named("Authentication-Results")
+    assert len(values) == 1, result
+    return values[0]
+
+
+@pytest.fixture(scope="module")
+def milterd(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[MilterdHandle]:
+    """One daemon (RSA + Ed25519 for milterd.test) shared by the tests that only send mail."""
+    handle = start_milterd(tmp_path_factory.mktemp("milterd"), _config(keys, dual=True))
+    yield handle
+    handle.stop()
+
+
+def test_authenticated_mail_is_signed_and_verifies_against_dns(
+    milterd: MilterdHandle, keys: Keys
+) -> None:
+    result = milterd.session(MESSAGE, client_ip="198.51.100.7", auth_authen="alice")
+    assert result.action == "accept"
+    signatures = result.headers_named("DKIM-Signature")
+    assert len(signatures) == 2  # RSA and Ed25519 side by side
+    assert b"a=rsa-sha256" in signatures[0]
+    assert b"a=ed25519-sha256" in signatures[1]
+    assert all(b"l=" not in s.replace(b" ", b"").split(b";")[0] for s in signatures)
+    delivered = result.apply(MESSAGE)
+    assert _verify(keys, delivered) == ["pass", "pass"]
+    # The same message arriving elsewhere: milterd's own verifier passes it too.
+    inbound = milterd.session(delivered, client_ip="203.0.113.9")
+    assert inbound.action == "accept"
+    ar = _results(inbound)
+    assert ar.startswith(AUTHSERV.encode() + b"; dkim=pass header.d=milterd.test")
+    assert ar.count(b"dkim=pass") == 2
+    assert inbound.headers_named("DKIM-Signature") == []
+
+
+def test_trusted_network_mail_is_signed_untrusted_is_verified(
+    milterd: MilterdHandle, keys: Keys
+) -> None:
+    trusted = milterd.session(MESSAGE, client_ip="127.0.0.1")
+    assert len(trusted.headers_named("DKIM-Signature")) == 2
+    untrusted = milterd.session(MESSAGE, client_ip="198.51.100.7")
+    assert untrusted.headers_named("DKIM-Signature") == []
+    assert _results(untrusted) == AUTHSERV.encode() + b"; dkim=none"
+
+
+def test_other_domains_pass_unsigned(milterd: MilterdHandle) -> None:
+    message = MESSAGE.replace(b"alice@milterd.test", b"alice@elsewhere.test")
+    result = milterd.session(message, auth_authen="alice")
+    assert result.action == "accept"
+    assert result.inserted == [] and result.changed == []
+    sub = MESSAGE.replace(b"alice@milterd.test", b"alice@sub.milterd.test")
+    assert milterd.session(sub, auth_authen="alice").inserted == []  # sign_subdomains is off
+
+
+def test_subdomains_signed_when_enabled(milterd_daemon: StartMilterd, keys: Keys) -> None:
+    config = _config(keys)
+    config["dkim"]["sign_subdomains"] = True
+    daemon = milterd_daemon(config)
+    sub = MESSAGE.replace(b"alice@milterd.test", b"alice@sub.milterd.test")
+    result = daemon.session(sub, auth_authen="alice")
+    (signature,) = result.headers_named("DKIM-Signature")
+    assert b"d=milterd.test" in signature
+    assert _verify(keys, result.apply(sub)) == ["pass"]
+
+
+def test_tampered_message_fails(milterd: MilterdHandle, keys: Keys) -> None:
+    signed = milterd.session(MESSAGE, auth_authen="alice").apply(MESSAGE)
+    tampered = signed.replace(b"See you Monday.", b"See you Friday.", 1)
+    ar = _results(milterd.session(tampered, client_ip="203.0.113.9"))
+    assert ar.count(b"dkim=fail") == 2
+    assert b"body hash mismatch" in ar
+    resubjected = signed.replace(b"quarterly numbers", b"quarterly bonus")
+    assert _results(milterd.session(resubjected, client_ip="203.0.113.9")).count(b"dkim=fail") == 2
+
+
+def test_forged_authentication_results_with_our_id_are_removed(milterd: MilterdHandle) -> None:
+    forged = (
+        b"Authentication-Results: mx.postwarden.test; dkim=pass header.d=bank.test\r\n"
+        b"Authentication-Results: other.example; spf=pass\r\n"
+        b"Authentication-Results: (comment) MX.Postwarden.Test; dkim=pass\r\n" + MESSAGE
+    )
+    result = milterd.session(forged, client_ip="203.0.113.9")
+    assert sorted(result.changed) == [
+        (1, "Authentication-Results", b""),
+        (3, "Authentication-Results", b""),
+    ]
+    delivered = result.apply(forged)
+    assert delivered.count(b"Authentication-Results:") == 2
+    assert b"other.example; spf=pass" in delivered
+    assert delivered.startswith(b"Authentication-Results: mx.postwarden.test; dkim=none")
+
+
+def test_many_concurrent_connections(milterd: MilterdHandle, keys: Keys) -> None:
+    def one_connection(n: int) -> list[bytes]:
+        delivered = []
+        with milterd.client() as client:
+            client.negotiate()
+            client.connect("198.51.100.7")
+            for i in range(4):  # several messages per connection, as Postfix reuses them
+                message = MESSAGE.replace(b"<q1@", f"<c{n}-{i}@".encode())
+                result = client.message(message, auth_authen="alice")
+                delivered.append(result.apply(message))
+        return delivered
+
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = [m for batch in pool.map(one_connection, range(16), timeout=60) for m in batch]
+    assert len(outcomes) == 64
+    assert len({m.split(b"b=", 1)[1][:40] for m in outcomes}) == 64  # each signed on its own
+    for delivered in outcomes[::8]:
+        assert _verify(keys, delivered) == ["pass", "pass"]
+
+
+# --- faults: one log line, the configured answer, and the daemon keeps serving ------------
+
+
+@pytest.mark.parametrize("on_error", ["accept", "tempfail"])
+def test_outgoing_message_without_from(
+    milterd_daemon: StartMilterd, keys: Keys, on_error: str
+) -> None:
+    daemon = milterd_daemon(_config(keys, on_error=on_error))
+    result = daemon.session(b"To: bob@example.net\r\nSubject: x\r\n\r\nhi\r\n", auth_authen="a")
+    assert result.action == on_error
+    assert result.inserted == []
+    if on_error == "tempfail":
+        assert result.reply.startswith(b"451 4.7.1")
+    daemon.wait_for_log("without a single parsable From address; on_error=" + on_error)
+    assert len(daemon.session(MESSAGE, auth_authen="alice").headers_named("DKIM-Signature")) == 1
+
+
+@pytest.mark.parametrize("on_error", ["accept", "tempfail"])
+def test_missing_key_file(
+    milterd_daemon: StartMilterd, keys: Keys, tmp_path: Path, on_error: str
+) -> None:
+    config = _config(keys, on_error=on_error)
+    config["dkim"]["keys"].append(
+        {"domain": "broken.test", "selector": "s1", "key": tmp_path / "nonexistent.key"}
+    )
+    daemon = milterd_daemon(config)  # starts anyway: other domains still get signed
+    daemon.wait_for_log(f"DKIM key {tmp_path / 'nonexistent.key'}: file not found")
+    broken = MESSAGE.replace(b"alice@milterd.test", b"alice@broken.test")
+    result = daemon.session(broken, auth_authen="alice")
+    assert result.action == on_error
+    assert result.inserted == []
+    daemon.wait_for_log("cannot sign for broken.test")
+    assert len(daemon.session(MESSAGE, auth_authen="alice").headers_named("DKIM-Signature")) == 1
+
+
+@pytest.mark.parametrize("on_error", ["accept", "tempfail"])
+def test_dns_timeout_on_inbound(
+    milterd_daemon: StartMilterd,
+    milterd: MilterdHandle,
+    keys: Keys,
+    dns_server: DnsServer,
+    on_error: str,
+) -> None:
+    signed = milterd.session(MESSAGE, auth_authen="alice").apply(MESSAGE)
+    config = _config(keys, on_error=on_error)
+    config["dns"] = {"nameservers": [dns_server.blackhole_nameserver], "timeout": 0.5}
+    daemon = milterd_daemon(config)
+    started = time.monotonic()
+    result = daemon.session(signed, client_ip="203.0.113.9")
+    assert time.monotonic() - started < 5  # bounded by dns.timeout, per signature
+    assert result.action == on_error
+    if on_error == "accept":
+        assert _results(result).count(b"dkim=temperror") == 2
+    daemon.wait_for_log("DNS timeout looking up s1._domainkey.milterd.test")
+    unsigned = daemon.session(MESSAGE, client_ip="203.0.113.9")
+    assert _results(unsigned).endswith(b"dkim=none")
+
+
+def test_malformed_messages_are_answered_and_the_daemon_keeps_serving(
+    milterd: MilterdHandle, keys: Keys
+) -> None:
+    bare = MESSAGE.replace(b"See you Monday.\r\n", b"bare\rCR and bare\nLF\r\n", 1)
+    eight_bit = MESSAGE.replace(b"Subject: quarterly numbers", b"Subject: caf\xc3\xa9 \xff\xfe")
+    for message in (bare, eight_bit):
+        out = milterd.session(message, auth_authen="alice")
+        assert out.action == "accept"
+        assert len(out.headers_named("DKIM-Signature")) == 2
+        inbound = milterd.session(message, client_ip="203.0.113.9")
+        assert inbound.action == "accept"
+    delivered = milterd.session(eight_bit, auth_authen="alice").apply(eight_bit)
+    assert _verify(keys, delivered) == ["pass", "pass"]
+    garbage = b"From: a@milterd.test\r\nDKIM-Signature: v=1; garbage\r\n\r\nbody\r\n"
+    assert b"dkim=permerror" in _results(milterd.session(garbage, client_ip="203.0.113.9"))
+    assert milterd.alive()
+
+
+def test_fifty_megabyte_body(milterd: MilterdHandle, keys: Keys) -> None:
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789\r\n"
+    big = MESSAGE + line * (50 * 1024 * 1024 // len(line))
+    result = milterd.session(big, auth_authen="alice")
+    assert result.action == "accept"
+    assert _verify(keys, result.apply(big)) == ["pass", "pass"]
+    assert len(milterd.session(MESSAGE, auth_authen="alice").headers_named("DKIM-Signature")) == 2
+
+
+def test_socket_mode_and_clean_stop_on_sigterm(milterd_daemon: StartMilterd, keys: Keys) -> None:
+    config = _config(keys, socket_mode="0660", socket_group=_a_group())
+    daemon = milterd_daemon(config)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        info = daemon.socket_path.stat()
+        if stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == _gid(_a_group()):
+            break
+        time.sleep(0.05)
+    info = daemon.socket_path.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o660
+    assert info.st_gid == _gid(_a_group())
+    assert daemon.stop() == 0
+    assert "milterd stopped" in daemon.logs()
+    assert "Traceback" not in daemon.logs()
+
+
+def _a_group() -> str:
+    import grp
+
+    for name in ("postfix", "mail", "daemon", "nogroup"):
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            continue
+        return name
+    return grp.getgrgid(os.getgid()).gr_name
+
+
+def _gid(name: str) -> int:
+    import grp
+
+    return grp.getgrnam(name).gr_gid
