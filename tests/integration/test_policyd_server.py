@@ -290,8 +290,17 @@ async def test_greylist_state_lives_in_the_sqlite_store(policyd_daemon: StartPol
 
 
 def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return str(response.read().decode())
+    # The metrics server comes up beside the workers: give it a moment (bounded).
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return str(response.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
@@ -503,9 +512,10 @@ async def test_supervisor_restarts_a_dead_worker_and_forwards_sighup(
     policyd_daemon: StartPolicyd,
 ) -> None:
     daemon = policyd_daemon({"policyd": {"workers": 2}})
-    logs = daemon.wait_for_log("supervisor running 2 workers")
-    workers = re.findall(r"postwarden\.policyd\[(\d+)\]: policyd: listening on", logs)
-    assert len(workers) == 2
+    deadline = time.monotonic() + 10
+    while len(workers := re.findall(r"policyd\[(\d+)\]: policyd: listening", daemon.logs())) < 2:
+        assert time.monotonic() < deadline, daemon.logs()
+        await asyncio.sleep(0.05)
     os.kill(int(workers[0]), signal.SIGKILL)
     daemon.wait_for_log("restarting it")
     deadline = time.monotonic() + 10
