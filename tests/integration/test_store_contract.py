@@ -1,7 +1,8 @@
 """One contract, two real backends: every Store behaviour tested on SQLite and on Redis.
 
 The SQLite store runs on a file in tmp_path with a fake clock; the Redis store on the
-redis-server the fixture starts (its TTLs are real, so the one expiry test sleeps once).
+redis-server the fixture starts, plain, as a one-node Cluster and behind a Sentinel
+(Redis TTLs are real time, so the one expiry test sleeps once, on plain Redis only).
 """
 
 from __future__ import annotations
