@@ -282,3 +282,28 @@ def test_sanitise_replaces_control_and_non_ascii() -> None:
     assert sanitise("a\nb\tc\u00e9") == "a?b?c?"
     assert sanitise(b"x\xffy") == "x?y"
     assert sanitise("a" * 50, 10) == "a" * 10
+
+
+def _outcome(results: list[object]) -> list[object]:
+    return [(type(r).__name__, str(r)) if isinstance(r, ProtocolViolation) else r for r in results]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=40).filter(lambda b: b"\n" not in b),
+            st.sampled_from([b"sender=a@b.c", b"x=", b"=v", b"no-equals", b"a=\x00", b"\xff=\xfe"]),
+        ),
+        max_size=12,
+    )
+)
+def test_whole_buffer_and_byte_by_byte_decoding_agree(lines: list[bytes]) -> None:
+    # The whole-request fast path must answer exactly what the line-by-line path answers.
+    data = b"request=smtpd_access_policy\n" + b"".join(line + b"\n" for line in lines) + b"\n"
+    whole = RequestDecoder().feed(data)
+    decoder = RequestDecoder()
+    piecewise: list[object] = []
+    for i in range(len(data)):
+        piecewise += decoder.feed(data[i : i + 1])
+    assert _outcome(list(whole)) == _outcome(piecewise)
