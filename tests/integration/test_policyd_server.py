@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import os
 import re
 import signal
@@ -384,7 +385,9 @@ def test_second_daemon_on_a_live_socket_refuses_to_start(
     assert first.process.poll() is None
 
 
-def test_stale_socket_file_is_replaced(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_stale_socket_file_is_replaced_with_configured_mode_and_group(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     directory = tmp_path_factory.mktemp("stale")
     stale = directory / "policyd.sock"
     import socket
@@ -392,10 +395,14 @@ def test_stale_socket_file_is_replaced(tmp_path_factory: pytest.TempPathFactory)
     leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     leftover.bind(str(stale))
     leftover.close()  # the file stays, nobody listens: what a killed daemon leaves
-    handle = start_policyd(directory, tcp=False)
+    group = grp.getgrgid(os.getgid()).gr_name
+    handle = start_policyd(
+        directory, {"policyd": {"socket_mode": "0640", "socket_group": group}}, tcp=False
+    )
     try:
         assert handle.socket_path == stale
-        assert oct(stale.stat().st_mode & 0o777) == "0o660"
+        assert oct(stale.stat().st_mode & 0o777) == "0o640"
+        assert stale.stat().st_gid == os.getgid()
     finally:
         assert handle.stop() == 0
 
