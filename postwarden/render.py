@@ -171,7 +171,8 @@ def _smtp_services(cfg: MailConfig, layout: Layout, chroot: str) -> str:
         "smtpd_recipient_restrictions=permit_sasl_authenticated,reject",
         "milter_macro_daemon_name=ORIGINATING",
     ]
-    out = [service(layout.port(cfg, "smtp_port"), "smtpd", [])]
+    # Connection control answers at connect (a 554 greeting), not only at RCPT.
+    out = [service(layout.port(cfg, "smtp_port"), "smtpd", ["smtpd_delay_reject=no"])]
     if cfg.submission:
         out.append(
             service(
