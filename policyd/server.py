@@ -262,12 +262,16 @@ class PolicyServer:
         aliases = socketmap_handler(self.store)
         for listener in self.listeners:
             handler = self._serve_connection if listener.role == "policy" else aliases
+            # backlog again here: asyncio re-listens on the socket with its default of 100,
+            # too few when hundreds of smtpd processes connect at once.
             if listener.address.kind == "unix":
                 server = await asyncio.start_unix_server(
-                    handler, sock=listener.sock, limit=READ_SIZE
+                    handler, sock=listener.sock, limit=READ_SIZE, backlog=LISTEN_BACKLOG
                 )
             else:
-                server = await asyncio.start_server(handler, sock=listener.sock, limit=READ_SIZE)
+                server = await asyncio.start_server(
+                    handler, sock=listener.sock, limit=READ_SIZE, backlog=LISTEN_BACKLOG
+                )
             self._servers.append(server)
         # Everything built so far (config, lists, checkers) lives as long as the process:
         # moving it out of the collector's generations keeps GC pauses, and so p99, short.
