@@ -35,6 +35,7 @@ from postwarden.store.base import (
 SCHEMA_VERSION = 1
 DEFAULT_CHANGE_LOG_LIMIT = 100_000
 _LIST_NAMES = frozenset(name.value for name in ListName)
+_LIST_BY_NAME = {name.value: name for name in ListName}
 
 # Every change to list_entries is logged by a trigger, so no code path (or a future
 # one) can change a list without the daemons hearing of it. An upsert that only
@@ -297,7 +298,9 @@ class SqliteStore(Store):
                     "SELECT list, entry, comment FROM list_entries WHERE list = ? ORDER BY entry",
                     (_checked_list_name(list_name),),
                 ).fetchall()
-        return [ListEntry(ListName(name), entry, comment) for name, entry, comment in rows]
+        # A dict lookup, not ListName(name): a million-entry reload pays it per row.
+        names = _LIST_BY_NAME
+        return [ListEntry(names[name], entry, comment) for name, entry, comment in rows]
 
     async def list_changes_since(self, seq: int) -> tuple[int, list[ListChange]] | None:
         with self._errors:
@@ -318,7 +321,7 @@ class SqliteStore(Store):
             ).fetchall()
             conn.execute("COMMIT")
         changes = [
-            ListChange(row_seq, _op(op), ListEntry(ListName(name), entry, comment))
+            ListChange(row_seq, _op(op), ListEntry(_LIST_BY_NAME[name], entry, comment))
             for row_seq, op, name, entry, comment in rows
         ]
         return newest, changes
