@@ -257,7 +257,8 @@ class PolicyServer:
         self._refresher = asyncio.create_task(
             keep_lists_fresh(lists, self.store, self.cfg.store.refresh_interval)
         )
-        self._stopped = asyncio.Event()
+        if self._stopped is None:
+            self._stopped = asyncio.Event()
         self._apply_log_level(self.cfg)
         aliases = socketmap_handler(self.store)
         for listener in self.listeners:
@@ -284,12 +285,13 @@ class PolicyServer:
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, then shut down cleanly."""
-        await self.start()
+        # Handlers first: a signal during start-up must not kill the process half-way.
+        self._stopped = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        assert self._stopped is not None
+        await self.start()
         await self._stopped.wait()
         await self.shutdown()
 
@@ -328,6 +330,9 @@ class PolicyServer:
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file; a bad one keeps the running config."""
+        if self.pipeline is None:
+            log.warning("policyd: SIGHUP during start-up ignored: the config is being loaded")
+            return
         try:
             new = load_config(self.config_path, missing_ok=self.config_path is None)
             dnsbl_checker, spf_checker, large = build_checkers(new)
@@ -352,7 +357,6 @@ class PolicyServer:
         if old.store != new.store:
             log.warning("policyd: reload: [store] changes need a restart")
         self.cfg = new
-        assert self.pipeline is not None
         old_spf = self.pipeline.spf
         self.pipeline.configure(new, dnsbl_checker, spf_checker, large)
         if old_spf is not None:
@@ -602,6 +606,9 @@ class Supervisor:
             try:
                 for sig in (*HANDLED_SIGNALS, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
+                # Until the worker's loop handles it, a forwarded SIGHUP must not kill it;
+                # it reads the newest config at start anyway.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 code = main()
             except BaseException:  # a forked child must never unwind into the parent's code
                 log.exception("policyd: worker failed")
