@@ -237,6 +237,7 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
         [(f"@{d}", mail.copy_outgoing_to) for d in local] if mail.copy_outgoing_to else []
     )
     files["client_access"] = _client_access(mail)
+    files["mailbox_domains"] = _table([(d, "verify_mailbox") for d in local])
 
     if mail.connection_control.mode == "deny-all-except":
         client_restrictions = f"permit_mynetworks, check_client_access cidr:{conf}/client_access, "

@@ -29,6 +29,13 @@ def test_connection_control_refuses_listed_clients_at_connect(
     assert mail.smtp_send("a@remote.test", ALICE, client_ip="198.51.101.9").accepted
 
 
+def test_unknown_local_mailbox_is_refused_at_rcpt(mail_system_factory: MailSystemFactory) -> None:
+    mail = mail_system_factory()
+    result = mail.smtp_send("a@remote.test", "nobody@example.test", client_ip="192.0.2.1")
+    assert (result.stage, result.code) == ("rcpt", 550), result
+    assert mail.smtp_send("a@remote.test", ALICE, client_ip="192.0.2.1").accepted
+
+
 def test_deny_all_except_admits_only_listed_clients(mail_system_factory: MailSystemFactory) -> None:
     mail = mail_system_factory(
         {"mail": {"connection_control": {"mode": "deny-all-except", "addresses": ["192.0.2.0/24"]}}}

@@ -61,8 +61,20 @@ def test_policyd_comes_after_anti_relay() -> None:
         "permit_sasl_authenticated",
         "reject_unauth_destination",
     ]
-    assert parts[3].startswith("check_policy_service { unix:")
-    assert "timeout=10s" in parts[3] and "default_action=DUNNO" in parts[3]
+    rest = [p.strip() for p in parts[3].split(",", 1)]
+    assert rest[0] == "check_recipient_access texthash:$config_directory/mailbox_domains"
+    assert rest[1].startswith("check_policy_service { unix:")
+    assert "timeout=10s" in rest[1] and "default_action=DUNNO" in rest[1]
+
+
+def test_unknown_mailboxes_in_our_domains_are_verified_at_rcpt() -> None:
+    out = files(cfg(additional_domains=["example.org"], relay_domains=["in.example.net|10.0.0.1"]))
+    assert out["postfix/mailbox_domains"] == (
+        "example.com verify_mailbox\nexample.org verify_mailbox\n"
+    )
+    params = main_cf()
+    assert params["smtpd_restriction_classes"] == "verify_mailbox"
+    assert params["verify_mailbox"] == "reject_unverified_recipient"
 
 
 def test_policyd_and_milterd_sockets_inside_the_chroot_are_relative() -> None:
