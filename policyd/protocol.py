@@ -202,17 +202,18 @@ def sanitise(value: str | bytes, limit: int = MAX_REPLY_TEXT) -> str:
 def _reply_text(verdict: Verdict) -> str:
     parts: list[str] = []
     code = verdict.smtp_code
-    enhanced = verdict.enhanced_code
-    if verdict.action is Action.REJECT and code is not None:
-        # access(5): "5NN text" rejects with exactly this code; keep it a 5xx.
-        parts.append(str(code) if 500 <= code <= 599 else "550")
+    if verdict.action is Action.REJECT and code is not None and 400 <= code <= 599:
+        # access(5): "4NN text" / "5NN text" answers with exactly this code. A 4xx stays a
+        # 4xx: turning a temporary refusal into a permanent one would lose mail.
+        parts.append(str(code))
+        reply_class = str(code)[0]
     else:
         parts.append(verdict.action.value)
-    if enhanced:
-        # The enhanced code's class must match the reply's (RFC 3463); Postfix checks it.
-        want = "4" if verdict.action is Action.DEFER_IF_PERMIT else "5"
-        if enhanced[:1] == want and _is_enhanced(enhanced):
-            parts.append(enhanced)
+        reply_class = "4" if verdict.action is Action.DEFER_IF_PERMIT else "5"
+    enhanced = verdict.enhanced_code
+    # The enhanced code's class must match the reply's (RFC 3463); Postfix checks it.
+    if enhanced and enhanced[:1] == reply_class and _is_enhanced(enhanced):
+        parts.append(enhanced)
     text = sanitise(verdict.text).strip()
     if text:
         parts.append(text)

@@ -274,6 +274,16 @@ def test_enhanced_code_of_the_wrong_class_is_dropped() -> None:
     assert wire == b"action=DEFER_IF_PERMIT t\n\n"
 
 
+def test_reject_with_a_4xx_code_stays_temporary() -> None:
+    wire = encode_verdict(Verdict(Action.REJECT, Rule.DEFAULT, 451, "4.3.0", "try later"))
+    assert wire == b"action=451 4.3.0 try later\n\n"
+
+
+def test_reject_with_a_nonsense_code_falls_back_to_plain_reject() -> None:
+    wire = encode_verdict(Verdict(Action.REJECT, Rule.DNSBL, 250, "5.7.1", "listed"))
+    assert wire == b"action=REJECT 5.7.1 listed\n\n"
+
+
 def test_prepend_without_header_name_says_nothing() -> None:
     assert encode_verdict(prepend(Rule.SPF, "not a header")) == b"action=DUNNO\n\n"
 
