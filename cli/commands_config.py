@@ -15,7 +15,14 @@ import click
 from cli.context import EXIT_FAILURE, EXIT_USAGE, CliContext, pass_cli
 from postwarden.config import Config
 from postwarden.config.loading import config_path
-from postwarden.render import SECRET_FILES, Layout, RenderError, render_all, write_rendered
+from postwarden.render import (
+    SECRET_FILES,
+    Layout,
+    RenderError,
+    check_tls_files,
+    render_all,
+    write_rendered,
+)
 
 CHECK_TIMEOUT = 60  # seconds for `postfix check` / `doveconf -n`
 
@@ -32,6 +39,7 @@ def config_group() -> None:
 def _render(cli_ctx: CliContext, layout: Layout) -> tuple[Config, dict[str, str]]:
     cfg = cli_ctx.config()  # exits 2 with file, key and reason when the file is bad
     try:
+        check_tls_files(cfg)
         return cfg, render_all(cfg, layout)
     except RenderError as exc:
         click.echo(f"{config_path(cli_ctx.config_file)}: {exc}", err=True)

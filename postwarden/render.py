@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
 from postwarden.config.mail import MailConfig, RelayServer
 from postwarden.config.model import Config
 from postwarden.config.types import ListenAddress
@@ -106,6 +110,58 @@ class Layout:
         if text.startswith("unix:"):
             return "unix:" + self.postfix_path(Path(text[len("unix:") :]))
         return text
+
+
+def _cert_names(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = []
+    names += [
+        str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ]
+    return names
+
+
+def _name_matches(pattern: str, hostname: str) -> bool:
+    if pattern.startswith("*."):
+        head, _, rest = hostname.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == hostname
+
+
+def check_tls_files(cfg: Config) -> None:
+    """An operator-supplied certificate must load, match its key and name mail.hostname."""
+    tls = cfg.mail.tls
+    if tls.cert is None or tls.key is None:
+        return
+    try:
+        pem = tls.cert.read_bytes()
+        key_pem = tls.key.read_bytes()
+    except OSError as exc:
+        raise RenderError(f"mail.tls: cannot read {exc.filename}: {exc.strerror}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise RenderError(f"mail.tls.cert: {tls.cert} is not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise RenderError(
+            f"mail.tls.key: {tls.key} is not an unencrypted PEM private key"
+        ) from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if key.public_key().public_bytes(der, public) != cert.public_key().public_bytes(der, public):
+        raise RenderError(f"mail.tls.key: {tls.key} is not the key of {tls.cert}")
+    names = _cert_names(cert)
+    hostname = cfg.mail.hostname
+    if not any(_name_matches(n, hostname) for n in names):
+        raise RenderError(
+            f"mail.tls.cert: {tls.cert} is for {', '.join(names) or 'no name'}, "
+            f"not for mail.hostname {hostname!r}"
+        )
 
 
 def _template(directory: Path, name: str) -> _Template:

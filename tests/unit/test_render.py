@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from postwarden.config.loading import ConfigError, parse_config
 from postwarden.config.model import Config
-from postwarden.render import Layout, RenderError, render_all
+from postwarden.render import Layout, RenderError, check_tls_files, render_all
 
 
 def cfg(**mail: Any) -> Config:
@@ -422,3 +423,40 @@ def test_test_layout_has_no_chroot_and_absolute_sockets(tmp_path: Path) -> None:
     assert params["smtpd_milters"] == ""
     assert params["maillog_file"] == f"{tmp_path}/log/postfix.log"
     assert re.search(r"^10025\s+inet\s+n\s+-\s+n\s", master_cf(make_test_config(), layout), re.M)
+
+
+def _tls_config(tmp_path: Path, cert_name: str, *, other_key: bool = False) -> Config:
+    ca = trustme.CA()
+    issued = ca.issue_cert(cert_name)
+    cert, key = tmp_path / "mx.pem", tmp_path / "mx.key"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    (ca.issue_cert("other.test") if other_key else issued).private_key_pem.write_to_path(str(key))
+    return cfg(tls={"cert": str(cert), "key": str(key)})
+
+
+def test_certificate_for_the_hostname_is_accepted(tmp_path: Path) -> None:
+    check_tls_files(_tls_config(tmp_path, "mx.example.com"))
+    check_tls_files(_tls_config(tmp_path, "*.example.com"))
+
+
+def test_certificate_for_another_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RenderError, match=r"is for www\.example\.com, not for mail\.hostname"):
+        check_tls_files(_tls_config(tmp_path, "www.example.com"))
+    with pytest.raises(RenderError, match=r"not for mail\.hostname"):
+        check_tls_files(_tls_config(tmp_path, "*.mx.example.com"))
+
+
+def test_key_of_another_certificate_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RenderError, match="is not the key of"):
+        check_tls_files(_tls_config(tmp_path, "mx.example.com", other_key=True))
+
+
+def test_unreadable_or_non_pem_certificate_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "junk.pem").write_text("junk")
+    (tmp_path / "k.pem").write_text("junk")
+    with pytest.raises(RenderError, match="cannot read"):
+        check_tls_files(cfg(tls={"cert": str(tmp_path / "none"), "key": str(tmp_path / "k.pem")}))
+    with pytest.raises(RenderError, match="not a PEM certificate"):
+        check_tls_files(
+            cfg(tls={"cert": str(tmp_path / "junk.pem"), "key": str(tmp_path / "k.pem")})
+        )
