@@ -6,10 +6,11 @@ import imaplib
 import poplib
 import smtplib
 import socket
+from pathlib import Path
 
 import pytest
 
-from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory
+from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -175,22 +176,18 @@ def test_outgoing_mail_leaves_through_the_relay_for_its_sender_domain(
     mail_system_factory: MailSystemFactory,
 ) -> None:
     smarthost = _inside_server(mail_system_factory, "outside.test", "dave@outside.test")
-    gateway = mail_system_factory(
+    relays = [
+        # The default relay is dead: mail only arrives if the sender-domain relay was chosen.
+        {"name": "default", "host": HOST, "port": free_port(), "starttls": "disabled"},
         {
-            "mail": {
-                "relays": [
-                    {
-                        "name": "isp",
-                        "host": HOST,
-                        "port": smarthost.ports["smtp_port"],
-                        "starttls": "disabled",
-                        "sender_domains": ["example.test"],
-                    }
-                ]
-            },
-            # The smarthost sees the gateway on loopback: trust it to relay for it.
+            "name": "isp",
+            "host": HOST,
+            "port": smarthost.ports["smtp_port"],
+            "starttls": "disabled",
+            "sender_domains": ["example.test"],
         },
-    )
+    ]
+    gateway = mail_system_factory({"mail": {"relays": relays, "helo_name": "out.example.test"}})
     sent = gateway.smtp_send(
         ALICE,
         "dave@outside.test",
@@ -201,4 +198,37 @@ def test_outgoing_mail_leaves_through_the_relay_for_its_sender_domain(
     assert sent.accepted, sent
     (message,) = smarthost.wait_for_delivery("dave@outside.test", "inside-secret")
     assert str(message["From"]) == ALICE
-    assert "relay-isp" in gateway.postfix_log
+    # The gateway introduced itself with the configured HELO name.
+    assert "from out.example.test" in " ".join(message.get_all("Received", []))
+    assert "postfix/relay-isp" in gateway.postfix_log
+
+
+def test_outgoing_relay_with_credentials_over_required_starttls(
+    mail_system_factory: MailSystemFactory, tmp_path: Path
+) -> None:
+    smarthost = _inside_server(mail_system_factory, "outside.test", "dave@outside.test")
+    password = tmp_path / "relay.pw"
+    password.write_text("inside-secret\n")
+    relay = {
+        "name": "isp",
+        "host": HOST,
+        "port": smarthost.ports["smtp_port"],
+        "starttls": "required",
+        "username": "dave@outside.test",
+        "password_file": str(password),
+        "timeout": 10,
+    }
+    gateway = mail_system_factory({"mail": {"relays": [relay]}})
+    sent = gateway.smtp_send(
+        ALICE,
+        "dave@outside.test",
+        port_key="submission_port",
+        starttls=True,
+        login=(ALICE, ALICE_PW),
+    )
+    assert sent.accepted, sent
+    smarthost.wait_for_delivery("dave@outside.test", "inside-secret")
+    # The smarthost saw a TLS session and our relay credentials.
+    log = smarthost.postfix_log
+    assert "TLS connection established from localhost[127.0.0.1]" in log, log
+    assert "sasl_method=PLAIN, sasl_username=dave@outside.test" in log, log
