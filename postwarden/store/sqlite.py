@@ -100,6 +100,8 @@ _UPSERT_TRIPLET = (
     " first_seen = excluded.first_seen, last_seen = excluded.last_seen,"
     " passes = excluded.passes, expires_at = excluded.expires_at"
 )
+_GREYLIST_KEYS = {"greylist_triplets": "triplet", "greylist_networks": "network"}
+_MAX_PURGE_SLICES = 100_000_000  # a bound on the loop, far above any real table
 _UPSERT_NETWORK = (
     "INSERT INTO greylist_networks (network, passes, last_seen, expires_at)"
     " VALUES (?, ?, ?, ?) ON CONFLICT (network) DO UPDATE SET"
@@ -159,6 +161,7 @@ class SqliteStore(Store):
         self._pid = os.getpid()
         self._errors = _Errors(self)
         self._closed = False
+        self.purge_slice = 5000  # rows per purge transaction (a few ms of write lock)
         with self._errors:
             self._open()
 
@@ -425,31 +428,59 @@ class SqliteStore(Store):
 
     async def greylist_delete(self, triplet_prefix: str = "") -> int:
         with self._errors:
-            if triplet_prefix:
-                # substr, not LIKE/GLOB: a prefix may contain % _ * and must match literally.
+            if not triplet_prefix:
+                return self._greylist.execute("DELETE FROM greylist_triplets").rowcount
+            # A key range, not LIKE/GLOB: the prefix matches literally (% _ * included)
+            # and the primary key finds the rows without scanning the table.
+            upper = _prefix_successor(triplet_prefix)
+            if upper is None:
                 cursor = self._greylist.execute(
-                    "DELETE FROM greylist_triplets WHERE substr(triplet, 1, ?) = ?",
-                    (len(triplet_prefix), triplet_prefix),
+                    "DELETE FROM greylist_triplets WHERE triplet >= ?", (triplet_prefix,)
                 )
             else:
-                cursor = self._greylist.execute("DELETE FROM greylist_triplets")
+                cursor = self._greylist.execute(
+                    "DELETE FROM greylist_triplets WHERE triplet >= ? AND triplet < ?",
+                    (triplet_prefix, upper),
+                )
         return cursor.rowcount
 
     async def greylist_purge_expired(self, now: float, expiry: float) -> int:
+        # Slices of the primary key, one short transaction each: daemons write this file
+        # on every request and must not wait for a purge of a million rows.
         cutoff = now - expiry
+        deleted = 0
         with self._errors:
             conn = self._greylist
-            conn.execute("BEGIN IMMEDIATE")
-            # Records past their ttl are already invisible; delete them too.
-            deleted = conn.execute(
-                "DELETE FROM greylist_triplets WHERE last_seen < ? OR expires_at <= ?",
-                (cutoff, now),
-            ).rowcount
+            for table in _GREYLIST_KEYS:
+                deleted += self._purge_table(conn, table, cutoff, now)
+        return deleted
+
+    def _purge_table(self, conn: sqlite3.Connection, table: str, cutoff: float, now: float) -> int:
+        key = _GREYLIST_KEYS[table]
+        # Records past their ttl are already invisible; delete them too.
+        expired = "(last_seen < ? OR expires_at <= ?)"
+        deleted = 0
+        low: tuple[str, ...] = ()  # the first slice has no lower bound
+        for _ in range(_MAX_PURGE_SLICES):
+            # Plain "key > ?" (not "? IS NULL OR ..."), so the primary key is searched.
+            after = f"{key} > ? AND " if low else ""
+            row = conn.execute(
+                f"SELECT {key} FROM {table} WHERE {after}1 ORDER BY {key} LIMIT 1 OFFSET ?",  # noqa: S608 -- fixed names
+                (*low, self.purge_slice - 1),
+            ).fetchone()
+            if row is None:  # less than a slice left
+                return (
+                    deleted
+                    + conn.execute(
+                        f"DELETE FROM {table} WHERE {after}{expired}",  # noqa: S608 -- fixed names
+                        (*low, cutoff, now),
+                    ).rowcount
+                )
             deleted += conn.execute(
-                "DELETE FROM greylist_networks WHERE last_seen < ? OR expires_at <= ?",
-                (cutoff, now),
+                f"DELETE FROM {table} WHERE {after}{key} <= ? AND {expired}",  # noqa: S608
+                (*low, row[0], cutoff, now),
             ).rowcount
-            conn.execute("COMMIT")
+            low = (row[0],)
         return deleted
 
     # --- lifecycle -------------------------------------------------------------------
@@ -471,6 +502,18 @@ def _split_script(script: str) -> Iterator[str]:
         if sqlite3.complete_statement(statement):
             yield statement.strip()
             statement = ""
+
+
+def _prefix_successor(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with `prefix` (None: none)."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        # Skip the surrogates: they never occur in stored (UTF-8) text.
+        nxt = 0xE000 if last + 1 == 0xD800 else last + 1
+        if nxt <= 0x10FFFF:
+            return "".join(chars) + chr(nxt)
+    return None
 
 
 def _checked_list_name(name: str) -> str:

@@ -412,6 +412,16 @@ async def test_greylist_delete_by_literal_prefix_or_all(store: Store) -> None:
     assert await store.greylist_client_networks() == [("10.0.0.0/24", ClientNetworkRecord(5, T0))]
 
 
+async def test_greylist_delete_prefix_ending_in_the_last_code_point(store: Store) -> None:
+    top = "\U0010ffff"
+    names = [f"a{top}", f"a{top}x", f"a{top}{top}", "b", "a", f"{top}"]
+    for name in names:
+        await store.greylist_update(name, TripletRecord(T0, T0, 0), "net", None, ttl=3600)
+    assert await store.greylist_delete(f"a{top}") == 3
+    assert await store.greylist_delete(top) == 1
+    assert sorted(t for t, _ in await store.greylist_triplets()) == ["a", "b"]
+
+
 async def test_greylist_purge_deletes_records_last_seen_before_now_minus_expiry(
     store: Store,
 ) -> None:
@@ -591,6 +601,32 @@ async def test_sqlite_list_import_in_progress_does_not_block_greylist_writes(
         assert await store.lists_version() == 1
     finally:
         importer.close()
+        await store.close()
+
+
+async def test_sqlite_purge_in_short_slices_deletes_exactly_the_old_records(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "state.db")
+    store.purge_slice = 4  # many slices, and a last partial one
+    old_ones: list[str] = []
+    new_ones: list[str] = []
+    for i in range(23):
+        triplet, network = f"t{i:02}", f"n{i:02}"
+        last_seen = T0 if i % 3 == 0 else T0 + 5000
+        (old_ones if i % 3 == 0 else new_ones).append(triplet)
+        await store.greylist_update(
+            triplet,
+            TripletRecord(T0, last_seen, 0),
+            network,
+            ClientNetworkRecord(1, last_seen),
+            ttl=1e9,
+        )
+    try:
+        assert await store.greylist_purge_expired(now=T0 + 6000, expiry=2000) == 2 * len(old_ones)
+        assert sorted(t for t, _ in await store.greylist_triplets()) == new_ones
+        assert len(await store.greylist_client_networks()) == len(new_ones)
+    finally:
         await store.close()
 
 
