@@ -72,7 +72,7 @@ class Layout:
     maillog_file: Path | None = None
     dovecot_log_file: Path | None = None
     instance_name: str = "dovecot"
-    # A Postfix lookup table of forwarding aliases (e.g. a socketmap served by postwarden).
+    # Override the forwarding-alias table (default: policyd.aliases_listen's socketmap).
     virtual_alias_maps: str = ""
 
     @classmethod
@@ -315,6 +315,12 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
     milterd = layout.milterd_socket
     if milterd is None:
         milterd = layout.postfix_socket(cfg.milterd.listen[0])
+    # Forwarding aliases are looked up live in policyd's socketmap (no postmap, no reload).
+    virtual_alias_maps = layout.virtual_alias_maps
+    if not virtual_alias_maps and cfg.policyd.aliases_listen is not None:
+        virtual_alias_maps = (
+            f"socketmap:{layout.postfix_socket(cfg.policyd.aliases_listen)}:aliases"
+        )
     # An empty policyd socket (test instances without policyd) leaves the policy check out.
     policy_check = (
         f",\n    check_policy_service {{ {policyd}, timeout=10s, default_action=DUNNO }}"
@@ -342,7 +348,7 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
         ),
         "virtual_mailbox_domains": " ".join(local),
         "lmtp_socket": layout.postfix_path(layout.lmtp_socket),
-        "virtual_alias_maps": layout.virtual_alias_maps,
+        "virtual_alias_maps": virtual_alias_maps,
         "relay_domains": " ".join(d.domain for d in mail.relay_domains),
         "transport_maps": f"texthash:{conf}/transport",
         "outbound_relay": "\n".join(outbound),

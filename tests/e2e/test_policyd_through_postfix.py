@@ -33,8 +33,11 @@ class Gateway:
 
     def lists(self, *args: str) -> None:
         """Run `postwarden lists ...` against the daemon's store, as an operator would."""
+        self.cli("lists", *args)
+
+    def cli(self, *args: str) -> None:
         done = subprocess.run(
-            [POSTWARDEN, "--config", str(self.policyd.config_path), "lists", *args],
+            [POSTWARDEN, "--config", str(self.policyd.config_path), *args],
             capture_output=True,
             text=True,
             check=False,
@@ -63,15 +66,24 @@ def gateway(mail_system_factory: MailSystemFactory) -> Iterator[Gateway]:
     policyd = start_policyd(
         directory,
         {
-            "policyd": {"socket_mode": "0660", "socket_group": "postfix"},
+            "policyd": {
+                "socket_mode": "0660",
+                "socket_group": "postfix",
+                "aliases_listen": f"unix:{directory / 'aliases.sock'}",
+            },
             "greylisting": {"enabled": True, "delay": GREYLIST_DELAY, "auto_whitelist_after": 0},
+            # The same [mail] as the Postfix side: alias commands need our domains.
+            "mail": {"hostname": "mx.example.test", "main_domain": "example.test"},
         },
         tcp=False,
     )
     mail: MailSystem | None = None
     try:
         assert policyd.socket_path is not None
-        mail = mail_system_factory(policyd_socket=str(policyd.socket_path))
+        mail = mail_system_factory(
+            policyd_socket=str(policyd.socket_path),
+            aliases_socket=str(directory / "aliases.sock"),
+        )
         yield Gateway(mail, policyd)
     finally:
         # Postfix first: its smtpd holds keep-alive connections that policyd would drain.
@@ -140,3 +152,19 @@ def test_permitted_sender_cannot_relay_to_a_foreign_domain(gateway: Gateway) -> 
     )
     assert result.stage == "rcpt" and result.code == 554, result
     assert "Relay access denied" in result.text
+
+
+def test_forwarding_group_added_while_running_delivers_to_every_member(gateway: Gateway) -> None:
+    gateway.cli("aliases", "add", "sales@example.test", USER, "bob@example.test")
+    gateway.lists("add", "permitted", "buyer@customer.test")  # skip greylisting here
+    result = gateway.send_until(
+        lambda r: r.accepted,
+        "buyer@customer.test",
+        "sales@example.test",
+        client_ip="192.0.2.88",
+        subject="order",
+    )
+    assert result.accepted, (result, gateway.mail.postfix_log)
+    (to_alice,) = gateway.mail.wait_for_delivery(USER, PASSWORD)
+    (to_bob,) = gateway.mail.wait_for_delivery("bob@example.test", "bob-secret")
+    assert to_alice["Subject"] == to_bob["Subject"] == "order"

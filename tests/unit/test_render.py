@@ -460,3 +460,13 @@ def test_unreadable_or_non_pem_certificate_is_refused(tmp_path: Path) -> None:
         check_tls_files(
             cfg(tls={"cert": str(tmp_path / "junk.pem"), "key": str(tmp_path / "k.pem")})
         )
+
+
+def test_forwarding_aliases_come_live_from_policyd_socketmap() -> None:
+    assert main_cf()["virtual_alias_maps"] == ""
+    config = parse_config(
+        {"policyd": {"aliases_listen": "unix:/var/spool/postfix/postwarden/aliases.sock"}}
+    )
+    assert main_cf(config)["virtual_alias_maps"] == (
+        "socketmap:unix:postwarden/aliases.sock:aliases"
+    )
