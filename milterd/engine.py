@@ -21,6 +21,7 @@ from postwarden.dkim_verify import (
     DnsFunc,
     authserv_id,
     forged_results,
+    log_results,
     make_dnsfunc,
     results_header,
     verify_message,
@@ -98,6 +99,8 @@ class Engine:
             for entry in config.dkim.keys:
                 try:
                     loaded.append(load_key(entry))
+                    if entry.key.stat().st_mode & 0o077:
+                        log.warning("DKIM key %s is readable by others; make it 0600", entry.key)
                 except DkimKeyError as exc:
                     log.error("%s; mail from %s gets milterd.on_error", exc, entry.domain)
                     self.broken[entry.domain.rstrip(".").lower()] = exc
@@ -148,17 +151,11 @@ class Engine:
             b"".join(name + b":" + _header_value(value) for name, value in headers) + b"\r\n" + body
         )
         results = verify_message(message, self.dnsfunc, timeout=self.dns_timeout)
-        for item in results:
-            if item.result == "temperror":
-                if self.config.milterd.on_error == "tempfail":
+        if self.config.milterd.on_error == "tempfail":
+            for item in results:
+                if item.result == "temperror":
                     raise MessageFault(f"d={item.domain} s={item.selector}: {item.reason}")
-                log.warning(
-                    "%s: dkim=temperror d=%s s=%s: %s",
-                    envelope.queue_id,
-                    item.domain,
-                    item.selector,
-                    item.reason,
-                )
+        log_results(results, envelope.queue_id)
         value = results_header(self.server_id, results)
         forged = forged_results(headers, self.server_id)
         summary = " ".join(

@@ -174,9 +174,11 @@ def forged_results(headers: Sequence[tuple[bytes, bytes]], server_id: str) -> li
 
 
 def log_results(results: Sequence[DkimResult], queue_id: str) -> None:
+    """One line per signature that could not be checked: temperror is ours, permerror theirs."""
     for item in results:
         if item.result in ("temperror", "permerror"):
-            log.warning(
+            log.log(
+                logging.WARNING if item.result == "temperror" else logging.INFO,
                 "%s: dkim=%s d=%s s=%s: %s",
                 queue_id,
                 item.result,

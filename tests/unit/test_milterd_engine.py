@@ -1,0 +1,149 @@
+"""milterd's decisions without the milter protocol: sign or verify, and what to change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from milterd.engine import Engine, Envelope, MessageFault
+from milterd.server import socket_spec
+from postwarden.config.model import Config
+from postwarden.config.types import parse_listen_address
+from postwarden.dkim_keys import SigningKey, generate_key
+from postwarden.dkim_verify import DnsTemporaryError, KeyNotFoundError
+
+HEADERS = [
+    (b"From", b"Alice <alice@example.com>"),
+    (b"To", b"bob@example.net"),
+    (b"Subject", b"folded\n\tsubject"),  # the MTA hands folds over as LF
+]
+BODY = b"hello\r\n"
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    return SigningKey("example.com", "s1", "rsa-sha256", Path("/k"), generate_key("rsa-sha256"))
+
+
+def _engine(key: SigningKey, **sections: dict[str, object]) -> Engine:
+    config = Config.model_validate({"mail": {"hostname": "mx.example.org"}, **sections})
+    zone = {f"{key.record_name}.".encode(): key.txt_record().encode()}
+
+    def dnsfunc(name: bytes, timeout: float = 5.0) -> bytes:
+        if name not in zone:
+            raise KeyNotFoundError(name.decode())
+        return zone[name]
+
+    return Engine(config, dnsfunc=dnsfunc, keys=[key])
+
+
+@pytest.mark.parametrize(
+    ("envelope", "outgoing"),
+    [
+        (Envelope("203.0.113.9", "alice"), True),  # SASL-authenticated from anywhere
+        (Envelope("127.0.0.1"), True),
+        (Envelope("::1"), True),
+        (Envelope("::ffff:127.0.0.5"), True),  # IPv4-mapped is matched as IPv4
+        (Envelope(None), True),  # local injection (sendmail/pickup) carries no client IP
+        (Envelope("203.0.113.9"), False),
+        (Envelope("10.1.2.3"), False),
+        (Envelope("not-an-ip"), False),
+    ],
+)
+def test_outgoing_means_authenticated_or_trusted(
+    key: SigningKey, envelope: Envelope, outgoing: bool
+) -> None:
+    assert _engine(key).is_outgoing(envelope) is outgoing
+
+
+def test_trusted_networks_come_from_the_config(key: SigningKey) -> None:
+    engine = _engine(key, network={"trusted": ["10.0.0.0/8"]})
+    assert engine.is_outgoing(Envelope("10.1.2.3"))
+    assert not engine.is_outgoing(Envelope("127.0.0.1"))
+
+
+def test_signing_then_verifying_round_trip(key: SigningKey) -> None:
+    engine = _engine(key)
+    signed = engine.process(Envelope("127.0.0.1"), HEADERS, BODY)
+    ((name, value),) = signed.add
+    assert name == "DKIM-Signature" and not value.startswith(" ") and "\r" not in value
+    inbound = engine.process(
+        Envelope("203.0.113.9"), [(b"DKIM-Signature", value.encode()), *HEADERS], BODY
+    )
+    assert inbound.add == [
+        (
+            "Authentication-Results",
+            "mx.example.org; dkim=pass header.d=example.com header.i=@example.com "
+            "header.a=rsa-sha256 header.s=s1",
+        )
+    ]
+
+
+def test_sign_and_verify_switches(key: SigningKey) -> None:
+    engine = _engine(key, dkim={"sign": False, "verify": False})
+    assert engine.process(Envelope("127.0.0.1"), HEADERS, BODY).add == []
+    assert engine.process(Envelope("203.0.113.9"), HEADERS, BODY).add == []
+
+
+def test_forged_results_are_removed_by_index(key: SigningKey) -> None:
+    engine = _engine(key, milterd={"authserv_id": "Gate.Example.Org"})
+    headers = [
+        (b"Authentication-Results", b"other.example; dkim=pass"),
+        (b"Authentication-Results", b"gate.example.org; dkim=pass header.d=bank.test"),
+        *HEADERS,
+    ]
+    changes = engine.process(Envelope("203.0.113.9"), headers, BODY)
+    assert changes.remove_results == [2]
+    assert changes.add[0][1].startswith("gate.example.org; dkim=none")
+
+
+def test_dns_temperror_follows_on_error(key: SigningKey) -> None:
+    signed = _engine(key).process(Envelope("127.0.0.1"), HEADERS, BODY).add[0][1]
+    headers = [(b"DKIM-Signature", signed.encode()), *HEADERS]
+
+    def timeout(name: bytes, timeout: float = 5.0) -> bytes:
+        raise DnsTemporaryError("DNS timeout looking up s1._domainkey.example.com")
+
+    accept = _engine(key)
+    accept.dnsfunc = timeout
+    assert "dkim=temperror" in accept.process(Envelope("203.0.113.9"), headers, BODY).add[0][1]
+    tempfail = _engine(key, milterd={"on_error": "tempfail"})
+    tempfail.dnsfunc = timeout
+    with pytest.raises(MessageFault, match="DNS timeout"):
+        tempfail.process(Envelope("203.0.113.9"), headers, BODY)
+
+
+def test_unsigned_domains_and_missing_from(key: SigningKey) -> None:
+    engine = _engine(key)
+    other = [(b"From", b"x@example.net"), *HEADERS[1:]]
+    assert engine.process(Envelope("127.0.0.1"), other, BODY).add == []
+    with pytest.raises(MessageFault, match="From"):
+        engine.process(Envelope("127.0.0.1"), HEADERS[1:], BODY)
+
+
+def test_a_broken_key_faults_only_its_domain(tmp_path: Path, key: SigningKey) -> None:
+    config = Config.model_validate(
+        {
+            "dkim": {
+                "keys": [{"domain": "broken.test", "selector": "s1", "key": str(tmp_path / "no")}]
+            }
+        }
+    )
+    engine = Engine(config, dnsfunc=lambda name, timeout=5.0: None)
+    assert "broken.test" in engine.broken
+    with pytest.raises(MessageFault, match="file not found"):
+        engine.process(Envelope("127.0.0.1"), [(b"From", b"a@broken.test")], BODY)
+    assert engine.process(Envelope("127.0.0.1"), [(b"From", b"a@fine.test")], BODY).add == []
+
+
+@pytest.mark.parametrize(
+    ("listen", "spec"),
+    [
+        ("unix:/run/postwarden/milterd.sock", "unix:/run/postwarden/milterd.sock"),
+        ("inet:127.0.0.1:8891", "inet:8891@127.0.0.1"),
+        ("inet:[::1]:8891", "inet6:8891@::1"),
+    ],
+)
+def test_libmilter_socket_specs(listen: str, spec: str) -> None:
+    assert socket_spec(parse_listen_address(listen)) == spec
