@@ -25,6 +25,10 @@ LOGS=/var/log/postwarden
 USER_NAME=postwarden
 BIN=$VENV/bin/postwarden
 DAEMONS=(policyd milterd)
+# Debian's interpreter, never one from root's PATH (pyenv under /root): the service user
+# must be able to run the venv's python.
+PYTHON=/usr/bin/python3
+umask 022
 
 changes=0
 say() { printf 'install: %s\n' "$*"; }
@@ -65,13 +69,16 @@ ensure_dir() { # path owner group mode
     if [[ ! -d $path ]]; then
         install -d -o "$owner" -g "$group" -m "$mode" "$path"
         changed "created $path"
-    elif [[ $(stat -c '%U:%G %a' "$path") != "$owner:$group ${mode#0}" ]]; then
+    # Only the permission bits: a setgid bit inherited from the parent (/var/mail) is fine.
+    elif [[ $(stat -c '%U:%G' "$path") != "$owner:$group" \
+        || $(stat -c '%a' "$path" | tail -c 4) != "${mode: -3}" ]]; then
         chown "$owner:$group" "$path"
         chmod "$mode" "$path"
         changed "fixed owner/mode of $path"
     fi
 }
-ensure_dir "$ETC" root "$USER_NAME" 0750
+# Traversable: Dovecot reads the users file here; the secrets below have their own modes.
+ensure_dir "$ETC" root "$USER_NAME" 0755
 ensure_dir "$ETC/dkim" "$USER_NAME" "$USER_NAME" 0700
 ensure_dir "$ETC/tls" root root 0755
 ensure_dir "$STATE" "$USER_NAME" "$USER_NAME" 0750
@@ -92,6 +99,11 @@ source_hash() {
 want=$(source_hash)
 have=$(cat "$PREFIX/.source-sha256" 2>/dev/null || true)
 code_changed=0
+# A venv made by another interpreter (e.g. an earlier run from a pyenv shell) is rebuilt.
+if [[ -e $VENV/pyvenv.cfg ]] && ! grep -qx "home = $(dirname "$PYTHON")" "$VENV/pyvenv.cfg"; then
+    rm -rf "$VENV"
+    changed "removed $VENV (made by another interpreter than $PYTHON)"
+fi
 if [[ $want != "$have" || ! -x $BIN ]]; then
     install -d -m 0755 "$PREFIX"
     rm -rf "$APP.new"
@@ -101,7 +113,7 @@ if [[ $want != "$have" || ! -x $BIN ]]; then
     [[ -e $APP.new/README.md ]] || echo "postwarden" >"$APP.new/README.md"
     find "$APP.new" -name __pycache__ -prune -exec rm -rf {} +
     rm -rf "$APP" && mv "$APP.new" "$APP"
-    [[ -x $VENV/bin/python ]] || python3 -m venv "$VENV"
+    [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
     # Editable from $APP so the Postfix/Dovecot templates next to the code are found.
     # pip's build chatter goes to a log, shown only when the install fails.
     if ! { "$VENV/bin/pip" install --quiet --upgrade pip \
@@ -131,7 +143,7 @@ if [[ ! -e $CONFIG ]]; then
     changed "wrote $CONFIG (hostname $host, main domain $domain)"
 fi
 pw config check >/dev/null || die "$CONFIG is not valid (see above); fix it and run again"
-hostname_cfg=$(python3 -c 'import sys,tomllib; print(tomllib.load(open(sys.argv[1],"rb")).get("mail",{}).get("hostname","localhost"))' "$CONFIG")
+hostname_cfg=$("$PYTHON" -c 'import sys,tomllib; print(tomllib.load(open(sys.argv[1],"rb")).get("mail",{}).get("hostname","localhost"))' "$CONFIG")
 
 # Dovecot's passwd-file of mailbox users: `user@domain:{SCHEME}hash::::::` per line.
 if [[ ! -e $ETC/users ]]; then
@@ -149,7 +161,7 @@ if [[ ! -s $ETC/tls/self-signed.crt || ! -s $ETC/tls/self-signed.key ]]; then
     changed "generated a self-signed certificate for $hostname_cfg"
 fi
 
-missing_keys=$(python3 - "$CONFIG" <<'EOF'
+missing_keys=$("$PYTHON" - "$CONFIG" <<'EOF'
 import os, sys, tomllib
 cfg = tomllib.load(open(sys.argv[1], "rb"))
 for k in cfg.get("dkim", {}).get("keys", []):
@@ -159,21 +171,40 @@ EOF
 )
 while read -r domain selector algorithm keyfile; do
     [[ -n $domain ]] || continue
-    pw dkim keygen "$domain" --selector "$selector" --algorithm "$algorithm" --out "$keyfile" \
-        >/dev/null
+    # PKCS#8 PEM, as `postwarden dkim keygen` and opendkim-genkey write; RSA 2048 by default.
+    install -d -o "$USER_NAME" -g "$USER_NAME" -m 0700 "$(dirname "$keyfile")"
+    if [[ $algorithm == ed25519-sha256 ]]; then
+        (umask 077 && openssl genpkey -algorithm ed25519 -out "$keyfile" 2>/dev/null)
+    else
+        (umask 077 && openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 \
+            -out "$keyfile" 2>/dev/null)
+    fi
     chown "$USER_NAME:$USER_NAME" "$keyfile"
     chmod 0600 "$keyfile"
-    changed "generated DKIM key $keyfile ($domain, selector $selector)"
+    changed "generated DKIM key $keyfile ($domain, selector $selector, $algorithm)"
 done <<<"$missing_keys"
 
 # --- 6. Postfix and Dovecot configuration ----------------------------------------------------
-# `config apply` writes only what differs, checks (postfix check, doveconf -n) and reloads.
-apply_out=$(pw config apply 2>&1) || { printf '%s\n' "$apply_out" >&2; die "config apply failed"; }
-if grep -qiE "unchanged|nothing to (do|change)|no change" <<<"$apply_out"; then
-    say "Postfix/Dovecot configuration unchanged"
+# Render to a scratch directory first: when every file already matches what is live, there
+# is nothing to apply. Otherwise `config apply` checks (postfix check, doveconf -n), installs
+# and reloads; a failing check leaves the running configuration untouched.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+pw config render --to "$scratch" >/dev/null
+config_differs=0
+while IFS= read -r -d '' f; do
+    rel=${f#"$scratch"/}
+    live=/etc/${rel}
+    cmp -s "$f" "$live" || { config_differs=1; break; }
+done < <(find "$scratch" -type f -print0)
+if ((config_differs)); then
+    apply_out=$(pw config apply 2>&1) || {
+        printf '%s\n' "$apply_out" >&2
+        die "config apply failed: the running configuration is unchanged"
+    }
+    changed "applied the Postfix/Dovecot configuration: $(tr '\n' ';' <<<"$apply_out")"
 else
-    printf '%s\n' "$apply_out"
-    changes=$((changes + 1))
+    say "Postfix/Dovecot configuration already matches $CONFIG"
 fi
 
 # --- 7. services ------------------------------------------------------------------------------
@@ -226,12 +257,16 @@ else
         start-stop-daemon --status --pidfile "$RUN/$d.pid" \
             || die "$d exited at start; see $LOGS/$d.log: $(tail -n 5 "$LOGS/$d.log")"
     done
+    # The daemons these start must not inherit our stdout/stderr (a caller's pipe would
+    # never close), so their words go to a log that is shown when a start fails.
     if ! /etc/init.d/dovecot status >/dev/null 2>&1; then
-        service dovecot start >/dev/null
+        service dovecot start >"$LOGS/init.log" 2>&1 </dev/null \
+            || die "dovecot did not start: $(cat "$LOGS/init.log")"
         changed "started dovecot (init script)"
     fi
     if ! /etc/init.d/postfix status >/dev/null 2>&1; then
-        /etc/init.d/postfix start >/dev/null
+        /etc/init.d/postfix start >"$LOGS/init.log" 2>&1 </dev/null \
+            || die "postfix did not start: $(cat "$LOGS/init.log")"
         changed "started postfix (init script)"
     fi
 fi
