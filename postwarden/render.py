@@ -215,7 +215,9 @@ def _relay_service(relay: RelayServer, chroot: str, ca: Path | None) -> str:
 
 def _smtp_services(cfg: MailConfig, layout: Layout, chroot: str) -> str:
     def service(port: int, name: str, opts: list[str]) -> str:
-        head = f"{port:<9} inet  n       -       {chroot}       -       -       smtpd"
+        # maxproc caps concurrent SMTP sessions on this port (one smtpd process each).
+        limit = cfg.max_connections
+        head = f"{port:<9} inet  n       -       {chroot}       -       {limit:<7} smtpd"
         return "\n".join([head, f"  -o syslog_name=postfix/{name}", *(f"  -o {o}" for o in opts)])
 
     # Ports 587/465 are for our own users: log in first, then anything may be sent.

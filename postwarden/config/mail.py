@@ -251,11 +251,12 @@ class MailConfig(_Table):
     pop3s: bool = False
     pop3s_port: Port = 995
 
-    # Concurrent SMTP connections from one client (0: unlimited) and the server in total.
+    # Concurrent SMTP connections from one client (0: unlimited; trusted networks are exempt)
+    # and per SMTP port in total.
     max_connections_per_client: Annotated[int, Field(ge=0)] = 50
     max_connections: Annotated[int, Field(ge=1, le=10000)] = 100
     # An SMTP client that says nothing for this long is disconnected (seconds).
-    idle_timeout: Annotated[int, Field(ge=10, le=3600)] = 300
+    idle_timeout: Annotated[int, Field(ge=1, le=3600)] = 300
     # Largest message accepted, in bytes (advertised in EHLO SIZE and enforced).
     message_size_limit: Annotated[int, Field(ge=1024)] = 25 * 1024 * 1024
     # Mailbox quota in megabytes; 0 = unlimited.

@@ -6,6 +6,7 @@ import imaplib
 import poplib
 import smtplib
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,25 @@ def test_message_size_is_advertised_and_enforced(mail_system_factory: MailSystem
     result = mail.smtp_send("a@remote.test", ALICE, message=big, client_ip="192.0.2.1")
     assert (result.stage, result.code) == ("data", 552), result
     assert mail.smtp_send("a@remote.test", ALICE, client_ip="192.0.2.1").accepted
+
+
+def test_idle_client_is_disconnected_after_idle_timeout(
+    mail_system_factory: MailSystemFactory,
+) -> None:
+    mail = mail_system_factory({"mail": {"idle_timeout": 2}})
+    client = smtplib.SMTP(HOST, mail.ports["smtp_port"], timeout=10)
+    try:
+        client.ehlo("client.test")
+        time.sleep(3)
+        # Postfix says "421 4.4.2 ... timeout exceeded" and hangs up.
+        try:
+            code, _ = client.noop()
+        except smtplib.SMTPServerDisconnected:
+            code = 421
+        assert code == 421
+    finally:
+        client.close()
+    assert "timeout after EHLO" in mail.postfix_log, mail.postfix_log
 
 
 def test_submission_offers_auth_only_after_starttls(mail_system_factory: MailSystemFactory) -> None:

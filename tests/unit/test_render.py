@@ -194,7 +194,10 @@ def test_imap_pop3_ports_on_and_off() -> None:
 
 def test_connection_limits_and_idle_timeout() -> None:
     params = main_cf(cfg(max_connections=40, max_connections_per_client=5, idle_timeout=90))
-    assert params["default_process_limit"] == "40"
+    assert "default_process_limit" not in params  # LMTP/SMTP clients keep their own limits
+    assert re.search(
+        r"^25\s+inet\s+n\s+-\s+y\s+-\s+40\s+smtpd", master_cf(cfg(max_connections=40)), re.M
+    )
     assert params["smtpd_client_connection_count_limit"] == "5"
     assert params["smtpd_timeout"] == "90s"
 
