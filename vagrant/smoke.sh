@@ -2,9 +2,10 @@
 # Smoke test of an installed gateway (run as root on the host scripts/install.sh set up:
 # the Vagrant box, or the CI machine itself):
 #   1. a test mailbox user exists (created in /etc/postwarden/users when missing),
-#   2. a message goes in over SMTP (port 25 from loopback, a trusted network) and one over
-#      submission (587, STARTTLS + login as the test user),
-#   3. both are read back over IMAP (143 with STARTTLS),
+#   2. a message goes in over SMTP (port 25 from loopback, a trusted network), one to a
+#      forwarding alias added just before (live, no reload), and one over submission
+#      (587, STARTTLS + login as the test user),
+#   3. all are read back from the test mailbox over IMAP (143 with STARTTLS),
 #   4. each carries a DKIM signature that verifies against the configured key.
 # Exit 0 when all of that holds; otherwise 1 with what failed.
 set -euo pipefail
@@ -25,7 +26,12 @@ if ! grep -q "^$user:" "$USERS" 2>/dev/null; then
     echo "smoke: created mailbox user $user in $USERS"
 fi
 
-exec "$PY" - "$CONFIG" "$user" "$SMOKE_PASSWORD" <<'EOF'
+# A forwarding alias, added while everything runs: Postfix asks policyd's socketmap at
+# delivery time, so mail to it must arrive in the test mailbox without any reload.
+runuser -u postwarden -- /opt/postwarden/venv/bin/postwarden --config "$CONFIG" \
+    aliases add "smoke-alias@$domain" "$user" >/dev/null
+
+exec "$PY" - "$CONFIG" "$user" "$SMOKE_PASSWORD" "smoke-alias@$domain" <<'EOF'
 """Send in over SMTP and submission, read back over IMAP, verify the DKIM signatures."""
 
 import email
@@ -44,7 +50,7 @@ import dkim
 from postwarden.config import load_config
 from postwarden.dns_report import dkim_record
 
-config_path, user, password = sys.argv[1:4]
+config_path, user, password, alias = sys.argv[1:5]
 cfg = load_config(config_path)
 mail = cfg.mail
 HOST = "127.0.0.1"
@@ -81,6 +87,11 @@ try:
         smtp.sendmail(user, [user], message(f"{run}-smtp", f"SMTP port {mail.smtp_port}"))
     sent[f"{run}-smtp"] = f"SMTP :{mail.smtp_port}"
     print(f"smoke: sent over SMTP port {mail.smtp_port}")
+    with smtplib.SMTP(HOST, mail.smtp_port, timeout=30) as smtp:
+        smtp.ehlo("smoke.localhost")
+        smtp.sendmail(user, [alias], message(f"{run}-alias", f"SMTP to the alias {alias}"))
+    sent[f"{run}-alias"] = f"alias {alias}"
+    print(f"smoke: sent to the forwarding alias {alias}")
     if mail.submission:
         with smtplib.SMTP(HOST, mail.submission_port, timeout=30) as smtp:
             smtp.ehlo("smoke.localhost")
