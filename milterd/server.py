@@ -81,8 +81,11 @@ def run(config: Config) -> int:
         path = Path(address.path)
         if not path.parent.is_dir():
             raise MilterdStartError(f"milterd.listen: directory {path.parent} does not exist")
-        # The umask makes the socket born with the configured mode: no window where it is wider.
+        # Umask and effective group make the socket born with the configured mode and group:
+        # no window in which Postfix (in that group) is refused, or others are let in.
         os.umask(0o777 & ~mode)
+        if cfg.socket_group is not None and os.geteuid() == 0:
+            os.setegid(grp.getgrnam(cfg.socket_group).gr_gid)
         threading.Thread(
             target=_socket_permissions, args=(path, mode, cfg.socket_group), daemon=True
         ).start()
