@@ -16,14 +16,18 @@ the answers. Six checks, each pass or fail with the record to publish, summed to
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from postwarden.dkim_keys import (
+    DkimKeyError,
+    parse_private_key,
+    parse_txt_record,
+    quoted_txt,
+    txt_record,
+)
 
 POINTS = {"A": 1, "MX": 2, "PTR": 2, "SPF": 2, "DKIM": 2, "DMARC": 1}
 MAX_SCORE = sum(POINTS.values())
@@ -117,37 +121,20 @@ class DnsReport:
 
 
 def dkim_record(private_key_pem: bytes) -> str:
-    """The DKIM TXT value for a PEM private key (RSA: SubjectPublicKeyInfo; Ed25519: raw)."""
+    """The DKIM TXT value for a private key (as `postwarden dkim dns` prints it)."""
     try:
-        key = serialization.load_pem_private_key(private_key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise DnsReportError(f"not a usable PEM private key: {exc}") from None
-    if isinstance(key, rsa.RSAPrivateKey):
-        der = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        raw = key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
-    raise DnsReportError(f"DKIM keys are RSA or Ed25519, not {type(key).__name__}")
+        return txt_record(parse_private_key(private_key_pem, "(configured key)"))
+    except DkimKeyError as exc:
+        raise DnsReportError(str(exc)) from None
 
 
 def _tags(record: str) -> dict[str, str]:
-    tags = {}
-    for part in record.split(";"):
-        name, sep, value = part.partition("=")
-        if sep:
-            tags[name.strip().lower()] = "".join(value.split())
-    return tags
+    return {k.lower(): v for k, v in parse_txt_record(record).items()}
 
 
 def _zone_txt(name: str, value: str) -> str:
     # Strings over 255 bytes are split, as every DNS TXT record must be.
-    chunks = [value[i : i + 255] for i in range(0, len(value), 255)] or [""]
-    return f"{name}. IN TXT {' '.join(f'{chr(34)}{c}{chr(34)}' for c in chunks)}"
+    return f"{name}. IN TXT {quoted_txt(value)}"
 
 
 # --- the six checks -----------------------------------------------------------------------

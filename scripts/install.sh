@@ -98,7 +98,8 @@ source_hash() {
 }
 want=$(source_hash)
 have=$(cat "$PREFIX/.source-sha256" 2>/dev/null || true)
-code_changed=0
+# New code, a new key or a changed config: running daemons are restarted to pick it up.
+restart_daemons=0
 # A venv made by another interpreter (e.g. an earlier run from a pyenv shell) is rebuilt.
 if [[ -e $VENV/pyvenv.cfg ]] && ! grep -qx "home = $(dirname "$PYTHON")" "$VENV/pyvenv.cfg"; then
     rm -rf "$VENV"
@@ -122,7 +123,7 @@ if [[ $want != "$have" || ! -x $BIN ]]; then
         die "pip install of postwarden failed (log: $PREFIX/pip.log)"
     fi
     echo "$want" >"$PREFIX/.source-sha256"
-    code_changed=1
+    restart_daemons=1
     changed "installed postwarden $("$BIN" --version | awk '{print $NF}') into $VENV"
 fi
 if [[ $(readlink /usr/local/bin/postwarden 2>/dev/null) != "$BIN" ]]; then
@@ -171,17 +172,18 @@ EOF
 )
 while read -r domain selector algorithm keyfile; do
     [[ -n $domain ]] || continue
-    # PKCS#8 PEM, as `postwarden dkim keygen` and opendkim-genkey write; RSA 2048 by default.
-    install -d -o "$USER_NAME" -g "$USER_NAME" -m 0700 "$(dirname "$keyfile")"
-    if [[ $algorithm == ed25519-sha256 ]]; then
-        (umask 077 && openssl genpkey -algorithm ed25519 -out "$keyfile" 2>/dev/null)
-    else
-        (umask 077 && openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 \
-            -out "$keyfile" 2>/dev/null)
-    fi
+    keydir=$(dirname "$keyfile")
+    install -d -o "$USER_NAME" -g "$USER_NAME" -m 0700 "$keydir"
+    # keygen writes <dir>/<domain>.<selector>.key (0600); the config may name another file.
+    pw dkim keygen "$domain" --selector "$selector" --algorithm "${algorithm%-sha256}" \
+        --directory "$keydir" >/dev/null
+    made="$keydir/${domain,,}.$selector.key"
+    [[ $made == "$keyfile" ]] || mv "$made" "$keyfile"
     chown "$USER_NAME:$USER_NAME" "$keyfile"
     chmod 0600 "$keyfile"
-    changed "generated DKIM key $keyfile ($domain, selector $selector, $algorithm)"
+    restart_daemons=1
+    changed "generated DKIM key $keyfile ($domain, selector $selector, $algorithm);" \
+        "publish the record \`postwarden dkim dns $domain\` prints"
 done <<<"$missing_keys"
 
 # --- 6. Postfix and Dovecot configuration ----------------------------------------------------
@@ -198,6 +200,7 @@ while IFS= read -r -d '' f; do
     cmp -s "$f" "$live" || { config_differs=1; break; }
 done < <(find "$scratch" -type f -print0)
 if ((config_differs)); then
+    restart_daemons=1
     apply_out=$(pw config apply 2>&1) || {
         printf '%s\n' "$apply_out" >&2
         die "config apply failed: the running configuration is unchanged"
@@ -228,9 +231,9 @@ if [[ -d /run/systemd/system ]]; then
         if ! systemctl is-active --quiet "$unit"; then
             systemctl start "$unit"
             changed "started $unit"
-        elif ((code_changed || units_changed)) && [[ $unit == postwarden-* ]]; then
+        elif ((restart_daemons || units_changed)) && [[ $unit == postwarden-* ]]; then
             systemctl restart "$unit"
-            changed "restarted $unit (new code or unit)"
+            changed "restarted $unit (new code, key, config or unit)"
         fi
     done
 else
@@ -239,9 +242,9 @@ else
     for d in "${DAEMONS[@]}"; do
         pidfile=$RUN/$d.pid
         if start-stop-daemon --status --pidfile "$pidfile"; then
-            ((code_changed)) || continue
+            ((restart_daemons)) || continue
             start-stop-daemon --stop --pidfile "$pidfile" --remove-pidfile --retry TERM/15/KILL/5
-            say "stopped $d (new code)"
+            say "stopped $d (new code, key or config)"
         fi
         start-stop-daemon --start --background --make-pidfile --pidfile "$pidfile" \
             --chuid "$USER_NAME:$USER_NAME" --umask 0007 --output "$LOGS/$d.log" \
