@@ -222,14 +222,21 @@ if [[ -d /run/systemd/system ]]; then
             changed "installed /etc/systemd/system/$unit"
         fi
     done
-    ((units_changed)) && systemctl daemon-reload
+    if ((units_changed)); then systemctl daemon-reload; fi
+    # Debian's postfix.service is a oneshot that stays "active" even when its instance
+    # (postfix@-) failed, e.g. before any main.cf existed: ask Postfix itself.
+    running() {
+        if [[ $1 == postfix ]]; then postfix status >/dev/null 2>&1
+        else systemctl is-active --quiet "$1"; fi
+    }
     for unit in postwarden-policyd postwarden-milterd dovecot postfix; do
         if ! systemctl is-enabled --quiet "$unit"; then
             systemctl enable --quiet "$unit"
             changed "enabled $unit"
         fi
-        if ! systemctl is-active --quiet "$unit"; then
-            systemctl start "$unit"
+        if ! running "$unit"; then
+            systemctl restart "$unit"
+            running "$unit" || die "$unit did not start: see journalctl -u $unit"
             changed "started $unit"
         elif ((restart_daemons || units_changed)) && [[ $unit == postwarden-* ]]; then
             systemctl restart "$unit"
