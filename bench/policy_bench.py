@@ -576,7 +576,7 @@ def describe_actions(actions: Counter[str]) -> str:
 class Contender:
     """One server in one scenario: how to start it and which requests each cell sends."""
 
-    label: str  # "postgrey" or "policyd"
+    label: str  # "postgrey" or "policyd w=N"
     server: str
     store: str
     workers: str
@@ -649,9 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--workers",
-        type=int,
-        default=0,
-        help="policyd --workers setting (0 = one per core)",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[0, 1],
+        help="policyd workers settings (0 = one per core): all in `new`, the first elsewhere",
     )
     parser.add_argument(
         "--scenarios", default="new,repeat,redis,lists", help="comma-separated subset"
@@ -662,8 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenarios = args.scenarios.split(",")
     # Enough never-seen triplets for every cell of every round.
     total = args.requests * len(args.connections) * args.rounds
-    workers = args.workers
-    workers_text = f"0 = {os.cpu_count()} procs" if workers == 0 else str(workers)
+
+    def workers_text(workers: int) -> str:
+        return f"0 = {os.cpu_count()} procs" if workers == 0 else str(workers)
 
     header = machine_header(args)
     print(header, flush=True)
@@ -698,6 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             new: bool,
             redis: bool = False,
             lists: bool = False,
+            workers: int = args.workers[0],
         ) -> Contender:
             @contextlib.contextmanager
             def start() -> Iterator[tuple[int, list[int]]]:
@@ -716,7 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                     yield stack.enter_context(policyd_server(cfg, wd))
 
-            return Contender("policyd", "policyd", store, workers_text, start, stream, new)
+            label = f"policyd w={workers}"
+            return Contender(label, "policyd", store, workers_text(workers), start, stream, new)
 
         def add_rows(scenario: str, contenders: Sequence[Contender], base: bool) -> None:
             kept = run_scenario(scenario, contenders, args)
@@ -734,8 +737,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if "new" in scenarios:
             pg_stream = new_triplet_requests("pg", 0, total)
-            pw_stream = new_triplet_requests("pw", 0, total)
-            contenders = [policyd("pw-new", "SQLite", {"delay": 300}, pw_stream, True)]
+            contenders = [
+                policyd(
+                    f"pw-new-{w}",
+                    "SQLite",
+                    {"delay": 300},
+                    new_triplet_requests(f"pw{w}", 0, total),
+                    True,
+                    workers=w,
+                )
+                for w in args.workers
+            ]
             if not args.no_postgrey:
                 contenders.insert(0, postgrey("pg-new", 300, pg_stream, True))
             add_rows("new", contenders, True)
@@ -838,7 +850,7 @@ def machine_header(args: argparse.Namespace) -> str:
         pw = importlib.metadata.version("postwarden")
     except importlib.metadata.PackageNotFoundError:
         pw = "?"
-    workers = f"{args.workers} (one per core)" if args.workers == 0 else str(args.workers)
+    workers = ", ".join(f"{w} (one per core)" if w == 0 else str(w) for w in args.workers)
     return "\n".join(
         [
             "# Policy server benchmark",
@@ -850,7 +862,7 @@ def machine_header(args: argparse.Namespace) -> str:
             f"- per cell: at most {args.requests} requests or {args.duration:.0f} s; "
             f"connections {', '.join(map(str, args.connections))} (keep-alive, back to back); "
             f"{args.rounds} rounds interleaved between servers, median kept; "
-            f"policyd workers: {workers}",
+            f"policyd workers: {workers} in `new`, {args.workers[0]} in the others",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"load average at start {os.getloadavg()[0]:.2f}",
         ]
