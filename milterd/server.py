@@ -3,7 +3,8 @@
 libmilter (under pymilter) runs one thread per MTA connection and listens on one socket
 per process. A unix socket is the default and the recommendation: libmilter sets no
 TCP_NODELAY, so over TCP every message stalls ~40 ms (Nagle + delayed ACK). libmilter
-itself catches SIGTERM/SIGINT/SIGHUP and stops cleanly: `Milter.runmilter` then returns.
+itself catches SIGTERM/SIGINT/SIGHUP and stops cleanly: its accept loop notices within
+5 seconds, messages in progress finish, and `Milter.runmilter` returns.
 """
 
 from __future__ import annotations
@@ -86,9 +87,12 @@ def run(config: Config) -> int:
         os.umask(0o777 & ~mode)
         if cfg.socket_group is not None and os.geteuid() == 0:
             os.setegid(grp.getgrnam(cfg.socket_group).gr_gid)
-        threading.Thread(
-            target=_socket_permissions, args=(path, mode, cfg.socket_group), daemon=True
-        ).start()
+        elif cfg.socket_group is not None:
+            # Not root: chgrp once the socket exists (to a group this user is in). The thread
+            # is short-lived: libmilter blocks SIGTERM only in threads started after it.
+            threading.Thread(
+                target=_socket_permissions, args=(path, mode, cfg.socket_group), daemon=True
+            ).start()
     keys = sum(len(k) for k in DkimMilter.engine.keys.values())
     log.info(
         "milterd listening on %s (%d signing keys, sign=%s verify=%s, authserv-id %s)",

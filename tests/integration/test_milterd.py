@@ -24,6 +24,7 @@ from postwarden.config.model import DnsConfig
 from postwarden.dkim_keys import generate_key, quoted_txt, txt_record, write_key
 from postwarden.dkim_signing import canonical_body
 from postwarden.dkim_verify import make_dnsfunc, verify_message
+from tests.fixtures import milter_client as mc
 from tests.fixtures.dns_server import DnsServer
 from tests.fixtures.milter_client import MilterResult, split_message
 from tests.fixtures.milterd_daemon import MilterdHandle, StartMilterd, start_milterd
@@ -348,3 +349,14 @@ def test_more_than_one_listen_address_is_refused_at_start(tmp_path: Path) -> Non
     assert done.returncode == 2
     assert "libmilter serves one socket per process; give exactly one" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_negotiates_no_reply_and_skips_unused_steps(milterd: MilterdHandle) -> None:
+    with milterd.client() as client:
+        client.negotiate()
+    protocol = client.protocol
+    for no_reply in (mc.NR_CONN, mc.NR_MAIL, mc.NR_HDR, mc.NR_BODY):
+        assert protocol & no_reply, hex(protocol)
+    for skipped in (mc.NOHELO, mc.NORCPT, mc.NODATA, mc.NOEOH, mc.NOUNKNOWN):
+        assert protocol & skipped, hex(protocol)
+    assert not protocol & (mc.NOCONNECT | mc.NOMAIL | mc.NOHDRS | mc.NOBODY)
