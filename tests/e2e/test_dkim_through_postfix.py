@@ -7,6 +7,7 @@ loopback NSD. What the tests read is what Dovecot stored, fetched over IMAP.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -81,6 +82,7 @@ def gateway(mail_system_factory: MailSystemFactory, dns_server: DnsServer) -> It
         yield gateway
     finally:
         gateway.milterd.stop()  # a test may have replaced it with a restarted daemon
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _raw(message: object) -> bytes:
