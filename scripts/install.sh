@@ -153,7 +153,10 @@ if [[ ! -e $ETC/users ]]; then
 fi
 
 # --- 5. TLS pair and DKIM key (only when missing) ------------------------------------------
-if [[ ! -s $ETC/tls/self-signed.crt || ! -s $ETC/tls/self-signed.key ]]; then
+# Also when mail.hostname changed since: a certificate for another name would be refused.
+if [[ ! -s $ETC/tls/self-signed.crt || ! -s $ETC/tls/self-signed.key ]] \
+    || ! openssl x509 -noout -checkhost "$hostname_cfg" -in "$ETC/tls/self-signed.crt" \
+        | grep -q "does match"; then
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=$hostname_cfg" \
         -addext "subjectAltName=DNS:$hostname_cfg" \
         -keyout "$ETC/tls/self-signed.key" -out "$ETC/tls/self-signed.crt" 2>/dev/null
