@@ -25,6 +25,7 @@ valid Unicode.
 from __future__ import annotations
 
 from postwarden.request import PolicyRequest
+from postwarden.untrusted import sanitise
 from postwarden.verdict import Action, Verdict
 
 # Postfix's longest attributes (ccert_subject, policy_context) stay far below this.
@@ -185,20 +186,6 @@ class RequestDecoder:
         return error
 
 
-def sanitise(value: str | bytes, limit: int = MAX_REPLY_TEXT) -> str:
-    """Printable ASCII, single-line, bounded text from untrusted input (replies and logs).
-
-    SMTP replies and unencoded headers must be ASCII, and log lines must not be forgeable
-    with embedded newlines, so everything else becomes "?".
-    """
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-    if len(text) > limit:
-        text = text[:limit]
-    if not (text.isascii() and text.isprintable()):
-        text = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
-    return text
-
-
 def _reply_text(verdict: Verdict) -> str:
     parts: list[str] = []
     code = verdict.smtp_code
@@ -214,7 +201,7 @@ def _reply_text(verdict: Verdict) -> str:
     # The enhanced code's class must match the reply's (RFC 3463); Postfix checks it.
     if enhanced and enhanced[:1] == reply_class and _is_enhanced(enhanced):
         parts.append(enhanced)
-    text = sanitise(verdict.text).strip()
+    text = sanitise(verdict.text, MAX_REPLY_TEXT).strip()
     if text:
         parts.append(text)
     return " ".join(parts)

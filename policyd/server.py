@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policyd.metrics import Metrics, NullMetrics
-from policyd.protocol import ProtocolViolation, RequestDecoder, encode_verdict, sanitise
+from policyd.protocol import ProtocolViolation, RequestDecoder, encode_verdict
 from policyd.socketmap import socketmap_handler
 from postwarden.config import Config, ConfigError, load_config
 from postwarden.config.types import ListenAddress
@@ -43,6 +43,7 @@ from postwarden.pipeline import Pipeline
 from postwarden.request import PolicyRequest
 from postwarden.spf_check import SpfChecker
 from postwarden.store.base import Store, StoreError
+from postwarden.untrusted import sanitise
 from postwarden.verdict import Rule, Verdict, dunno
 
 log = logging.getLogger("postwarden.policyd")

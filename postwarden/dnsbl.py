@@ -27,6 +27,7 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
+from postwarden.addresses import parse_client_ip
 from postwarden.config.model import DnsblConfig, DnsblZone
 from postwarden.verdict import Rule, Verdict, reject
 
@@ -74,12 +75,9 @@ def query_label(ip: str) -> str:
 
     IPv4: reversed octets. IPv6: reversed nibbles. IPv4-mapped IPv6 is looked up as IPv4.
     """
-    try:
-        address = ipaddress.ip_address(ip.strip("[]"))
-    except ValueError as exc:
-        raise DnsblError(f"not an IP address: {ip!r}") from exc
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = parse_client_ip(ip)
+    if address is None:
+        raise DnsblError(f"not an IP address: {ip!r}")
     if isinstance(address, ipaddress.IPv4Address):
         return ".".join(reversed(str(address).split(".")))
     return ".".join(reversed(address.exploded.replace(":", "")))

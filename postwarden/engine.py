@@ -8,8 +8,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
+from postwarden.addresses import parse_client_ip
 from postwarden.lists import CompiledLists, sender_parts
 from postwarden.request import PolicyRequest
+from postwarden.untrusted import sanitise
 from postwarden.verdict import Rule, Verdict, dunno, reject
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -22,25 +24,14 @@ _MAX_SHOWN = 200  # longest piece of untrusted input echoed back in a reply
 
 def _shown(value: str) -> str:
     """Untrusted input made safe for an SMTP reply: printable ASCII only, bounded."""
-    cleaned = "".join(ch if " " <= ch <= "~" else "?" for ch in value[:_MAX_SHOWN])
-    return cleaned + ("..." if len(value) > _MAX_SHOWN else "")
-
-
-def _client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    return sanitise(value, _MAX_SHOWN) + ("..." if len(value) > _MAX_SHOWN else "")
 
 
 def is_outgoing(request: PolicyRequest, trusted: Sequence[Network]) -> bool:
     """True for SASL-authenticated clients and clients in a trusted network."""
     if request.sasl_username:
         return True
-    ip = _client_ip(request.client_address)
+    ip = parse_client_ip(request.client_address)
     if ip is None:
         return False
     return any(ip.version == net.version and ip in net for net in trusted)

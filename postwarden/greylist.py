@@ -13,12 +13,11 @@ from email.utils import formatdate
 from importlib import resources
 from pathlib import Path
 
+from postwarden.addresses import IPAddress, parse_client_ip, unmapped
 from postwarden.config.model import GreylistingConfig
 from postwarden.lists import InvalidEntry, ListIndex, parse_entry
 from postwarden.store.base import ClientNetworkRecord, TripletRecord
 from postwarden.verdict import Rule, Verdict, defer, dunno, prepend
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 HEADER_AGENT = "postwarden"
 # How stale an auto-whitelisted network's last_seen may get before a pass rewrites it;
@@ -32,12 +31,9 @@ class InvalidClientAddress(ValueError):
 
 def client_network(ip: str | IPAddress, ipv4_prefix: int = 24, ipv6_prefix: int = 64) -> str:
     """The client's network, e.g. `192.0.2.0/24`: clients of one pool retry from any address."""
-    try:
-        address = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
-    except ValueError:
-        raise InvalidClientAddress(f"not an IP address: {ip!r}") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = parse_client_ip(ip) if isinstance(ip, str) else unmapped(ip)
+    if address is None:
+        raise InvalidClientAddress(f"not an IP address: {ip!r}")
     prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 

@@ -21,11 +21,10 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from postwarden.addresses import IPAddress, unmapped
 from postwarden.store.base import ListChange, ListEntry, ListName
 
 log = logging.getLogger(__name__)
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _V4_BITS = 32
 _V6_BITS = 128
@@ -324,8 +323,8 @@ class ListIndex:
                 return False
             version, value = parsed
         else:
-            mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-            version, value = (4, int(mapped)) if mapped is not None else (ip.version, int(ip))
+            address = unmapped(ip)
+            version, value = address.version, int(address)
         return (self._v4 if version == 4 else self._v6).contains(value)
 
     def contains_mailbox(self, addr: str) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ipaddress
 import logging
 import re
 import threading
@@ -27,6 +26,7 @@ import dns.exception
 import dns.resolver
 import spf
 
+from postwarden.addresses import parse_client_ip
 from postwarden.config.model import DnsConfig, SpfConfig
 from postwarden.dns_resolver import make_sync_resolver
 from postwarden.verdict import Rule, Verdict, prepend, reject
@@ -225,13 +225,11 @@ class SpfChecker:
     async def check(self, ip: str, sender: str, helo: str) -> SpfResult:
         """SPF result for MAIL FROM `sender` (or postmaster@helo) from client `ip`."""
         identity = mail_from_identity(sender, helo)
-        try:
-            address = ipaddress.ip_address(ip.strip("[]"))
-        except ValueError:
+        # IPv4-mapped becomes IPv4: SPF's ip4: mechanisms must match it.
+        address = parse_client_ip(ip)
+        if address is None:
             log.info("spf: cannot evaluate %r from %r: not an IP address", identity, ip)
             return self._temperror(ip, identity, helo, "invalid client address")
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # SPF's ip4: mechanisms must match it
         ip = str(address)
         if "@" not in identity or not identity.rpartition("@")[2]:
             explanation = "no domain to check (null sender and no HELO)"

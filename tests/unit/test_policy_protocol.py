@@ -18,9 +18,9 @@ from policyd.protocol import (
     TooManyAttributes,
     UnknownRequest,
     encode_verdict,
-    sanitise,
 )
 from postwarden.request import PolicyRequest
+from postwarden.untrusted import sanitise
 from postwarden.verdict import Action, Rule, Verdict, defer, dunno, prepend, reject
 
 # The example request of SMTPD_POLICY_README with every attribute up to Postfix 3.8,
@@ -289,8 +289,8 @@ def test_prepend_without_header_name_says_nothing() -> None:
 
 
 def test_sanitise_replaces_control_and_non_ascii() -> None:
-    assert sanitise("a\nb\tc\u00e9") == "a?b?c?"
-    assert sanitise(b"x\xffy") == "x?y"
+    assert sanitise("a\nb\tc\u00e9", 400) == "a?b?c?"
+    assert sanitise(b"x\xffy", 400) == "x?y"
     assert sanitise("a" * 50, 10) == "a" * 10
 
 
