@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 from cli.main import cli
 from policyd.socketmap import socketmap_handler
 from postwarden.store import open_store
+from tests.fixtures.policyd_daemon import POSTWARDEN
 
 POSTMAP_TIMEOUT = 10.0
 
@@ -104,7 +105,7 @@ async def test_cli_change_is_seen_by_postfix_without_reload(
         added = await asyncio.to_thread(
             subprocess.run,
             [
-                "postwarden",
+                POSTWARDEN,
                 "--config",
                 str(config_file),
                 "aliases",

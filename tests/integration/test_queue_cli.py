@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from tests.fixtures.mail_system import MailSystem, MailSystemFactory, free_port
+from tests.fixtures.policyd_daemon import POSTWARDEN
 
 DEFER_TIMEOUT = 20.0
 
 
 def postwarden(system: MailSystem, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["postwarden", *args, "--postfix-config", str(system.layout.postfix_dir)],
+        [POSTWARDEN, *args, "--postfix-config", str(system.layout.postfix_dir)],
         capture_output=True,
         text=True,
         timeout=60,

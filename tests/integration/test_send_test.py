@@ -11,11 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.fixtures.mail_system import MailSystem, MailSystemFactory, free_port
+from tests.fixtures.policyd_daemon import POSTWARDEN
 
 
 def send_test(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["postwarden", "--config", str(config), "send-test", *args],
+        [POSTWARDEN, "--config", str(config), "send-test", *args],
         capture_output=True,
         text=True,
         timeout=60,
