@@ -136,12 +136,16 @@ if [[ ! -e $CONFIG ]]; then
     host=${POSTWARDEN_HOSTNAME:-$(hostname -f 2>/dev/null || hostname)}
     [[ $host == *.* ]] || host="$host.localdomain"
     domain=${POSTWARDEN_DOMAIN:-${host#*.}}
+    ipv6=true
+    # A host (or container) without IPv6 cannot bind [::]: start IPv4-only there.
+    [[ -e /proc/net/if_inet6 ]] || ipv6=false
     sed -e "s/@HOSTNAME@/$host/g" -e "s/@DOMAIN@/$domain/g" \
+        -e "s/^ipv6 = true$/ipv6 = $ipv6/" \
         "$SRC/scripts/postwarden.toml.example" >"$CONFIG.new"
     chown root:"$USER_NAME" "$CONFIG.new"
     chmod 0640 "$CONFIG.new"
     mv "$CONFIG.new" "$CONFIG"
-    changed "wrote $CONFIG (hostname $host, main domain $domain)"
+    changed "wrote $CONFIG (hostname $host, main domain $domain, ipv6 $ipv6)"
 fi
 pw config check >/dev/null || die "$CONFIG is not valid (see above); fix it and run again"
 hostname_cfg=$("$PYTHON" -c 'import sys,tomllib; print(tomllib.load(open(sys.argv[1],"rb")).get("mail",{}).get("hostname","localhost"))' "$CONFIG")
