@@ -122,21 +122,25 @@ def score_answers(
     answers: dict[str, tuple[str, ...]],
     timed_out: Sequence[str] = (),
     errors: Sequence[str] = (),
+    ranges: Sequence[tuple[tuple[int, int], ...]] | None = None,
 ) -> DnsblResult:
     """Sum the weights of the entries whose zone answered a code inside their filter.
 
     `answers` maps a zone to its A records (empty: NXDOMAIN). An entry counts once however
     many of its codes matched; the same zone may appear in several entries, as in postscreen.
+    `ranges` are the entries' parsed code filters, when the caller parsed them once already.
     """
+    if ranges is None:
+        ranges = [parse_codes(entry.codes) for entry in entries]
     score = 0
     listed: list[tuple[str, str]] = []
     problems = list(errors)
-    for entry in entries:
+    for entry, entry_ranges in zip(entries, ranges, strict=True):
         codes = answers.get(entry.zone.lower().rstrip("."), ())
         refused = [c for c in codes if is_refusal(c)]
         if refused:
             problems.append(f"{entry.zone}: resolver refused ({', '.join(refused)})")
-        matched = matching_codes(codes, parse_codes(entry.codes))
+        matched = matching_codes(codes, entry_ranges)
         if matched:
             score += entry.weight
             listed.extend((entry.zone, code) for code in matched)
@@ -227,6 +231,8 @@ class DnsblChecker:
         self._clock = clock
         self._cache = _Cache(clock, cache_size)
         self._zones = tuple(dict.fromkeys(z.zone.lower().rstrip(".") for z in cfg.zones))
+        # Parsed once here, not on every request.
+        self._ranges = tuple(parse_codes(z.codes) for z in cfg.zones)
         self._refusal_logged: set[str] = set()
         self._last_logged: dict[tuple[str, str], float] = {}
         # Counters for metrics and tests: DNS queries sent, and answers served from cache.
@@ -254,7 +260,7 @@ class DnsblChecker:
         if to_ask:
             found, timed_out, errors = await self._ask(label, to_ask)
             answers.update(found)
-        result = score_answers(self.cfg.zones, answers, timed_out, errors)
+        result = score_answers(self.cfg.zones, answers, timed_out, errors, self._ranges)
         self._log(ip, result)
         return result
 

@@ -156,3 +156,12 @@ def test_timeouts_are_not_listings() -> None:
     result = score_answers(cfg.zones, {}, timed_out=["zen.example"])
     assert result.timed_out == ("zen.example",)
     assert verdict_for(result, cfg) is None
+
+
+def test_ranges_parsed_once_by_the_caller_score_like_the_zone_filters() -> None:
+    answers = {"zen.example": ("127.0.0.10",), "other.example": ("127.0.0.2",)}
+    entries = [ZEN, PBL, OTHER]
+    ranges = [parse_codes(e.codes) for e in entries]
+    assert score_answers(entries, answers, ranges=ranges) == score_answers(entries, answers)
+    # The given ranges are the ones applied: an empty filter matches nothing.
+    assert score_answers(entries, answers, ranges=[(), (), ()]).score == 0
