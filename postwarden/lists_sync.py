@@ -36,8 +36,10 @@ class LiveLists:
         """Load every entry; the version is read first so no change is missed."""
         version = await store.lists_version()
         entries = await store.list_entries()
-        # Swap in a fully built object: requests never see a half-built one.
-        self.current = CompiledLists.from_entries(entries)
+        # Compiled in a worker thread (a million entries take seconds of CPU; the GIL still
+        # lets the event loop answer requests meanwhile), then swapped in whole: requests
+        # never see a half-built object.
+        self.current = await asyncio.to_thread(CompiledLists.from_entries, entries)
         self.version = version
 
     async def refresh(self, store: Store) -> bool:

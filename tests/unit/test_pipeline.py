@@ -422,6 +422,31 @@ async def test_store_outage_keeps_the_last_good_lists() -> None:
     assert live.current.forbidden.contains_ip(CLIENT)
 
 
+async def test_a_full_reload_leaves_the_event_loop_answering() -> None:
+    store = FakeStore()
+    rows = [
+        ListEntry(ListName.FORBIDDEN, f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
+        for n in range(30_000)
+    ]
+    await store.add_list_entries(rows)
+    live = LiveLists()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    await live.reload(store)  # the fake store never yields: only the compiling thread lets go
+    task.cancel()
+    assert live.current.forbidden.contains_ip("10.0.117.47")
+    assert ticks - before > 1
+
+
 async def test_lists_unreachable_at_start_are_loaded_on_first_refresh() -> None:
     store = FakeStore()
     await store.add_list_entries([ListEntry(ListName.FORBIDDEN, parse_entry("192.0.2.0/24"))])
