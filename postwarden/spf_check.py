@@ -74,6 +74,7 @@ spf.DNSLookup = _lookup
 
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_COMMENT_SPECIALS = re.compile(r"[()\\]")
 
 
 def _clean(text: str, limit: int = MAX_TEXT) -> str:
@@ -91,7 +92,7 @@ def _value(text: str) -> str:
 
 def _comment_text(text: str) -> str:
     # A comment may not hold unbalanced parentheses; backslashes would quote.
-    return re.sub(r"[()\\]", "", _clean(text))
+    return _COMMENT_SPECIALS.sub("", _clean(text))
 
 
 def header_comment(result: str, domain: str, ip: str, problem: str = "") -> str:
