@@ -261,8 +261,13 @@ class SpfChecker:
             return self._temperror(ip, identity, helo, f"no result within {self.cfg.timeout}s")
 
     def close(self) -> None:
-        """Stop the worker threads (a still-running lookup ends by its own time bound)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Take no new checks; threads end once the checks already handed in are done.
+
+        Queued checks are not cancelled: on a SIGHUP reload they belong to requests still
+        waiting for an answer, and a cancelled one would drop its Postfix connection. Each
+        is bounded by its own timeout.
+        """
+        self._executor.shutdown(wait=False, cancel_futures=False)
 
 
 def verdict_for(result: SpfResult, cfg: SpfConfig) -> Verdict | None:

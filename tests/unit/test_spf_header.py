@@ -1,10 +1,14 @@
-"""The Received-SPF header (RFC 7208 section 9.1) and the SPF verdict, without DNS."""
+"""The Received-SPF header (RFC 7208 section 9.1), the SPF verdict and the checker, without DNS."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 
-from postwarden.config.model import SpfConfig
+from postwarden import spf_check
+from postwarden.config.model import DnsConfig, SpfConfig
 from postwarden.spf_check import (
     SpfResult,
     header_comment,
@@ -111,3 +115,25 @@ def test_reject_text_has_no_control_characters() -> None:
     assert verdict is not None
     assert "\r" not in verdict.text
     assert "\n" not in verdict.text
+
+
+async def test_closing_the_checker_on_reload_still_answers_queued_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    release = threading.Event()
+
+    def slow(_resolver: object, ip: str, identity: str, *_rest: object) -> SpfResult:
+        release.wait(5)
+        return SpfResult("pass", "ok", f"Received-SPF: pass client-ip={ip}")
+
+    monkeypatch.setattr(spf_check, "_evaluate", slow)
+    checker = spf_check.SpfChecker(
+        SpfConfig(enabled=True, timeout=5), DnsConfig(nameservers=["127.0.0.1"]), workers=1
+    )
+    running = asyncio.ensure_future(checker.check("192.0.2.1", "a@example.org", "h"))
+    queued = asyncio.ensure_future(checker.check("192.0.2.2", "b@example.org", "h"))
+    await asyncio.sleep(0.05)  # one check in the only thread, one waiting for it
+    checker.close()  # what a SIGHUP reload does to the old checker
+    release.set()
+    results = await asyncio.wait_for(asyncio.gather(running, queued), 5)
+    assert [r.result for r in results] == ["pass", "pass"]
