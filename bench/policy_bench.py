@@ -862,7 +862,7 @@ def machine_header(args: argparse.Namespace) -> str:
             f"- per cell: at most {args.requests} requests or {args.duration:.0f} s; "
             f"connections {', '.join(map(str, args.connections))} (keep-alive, back to back); "
             f"{args.rounds} rounds interleaved between servers, median kept; "
-            f"policyd workers: {workers} in `new`, {args.workers[0]} in the others",
+            f"policyd workers: `new` runs {workers}; the other scenarios {args.workers[0]}",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
             f"load average at start {os.getloadavg()[0]:.2f}",
         ]
