@@ -288,7 +288,9 @@ class ListIndex:
             return self._mailboxes, canonical
         if canonical.startswith("."):
             return self._subdomains, canonical[1:]
-        if ":" in canonical or canonical[-1:].isdigit():
+        # An IP entry is IPv6 (a colon) or only digits, dots and a /prefix; a domain may end
+        # in a digit (mail.host1), just not in an all-digit label, which parse_entry refuses.
+        if ":" in canonical or canonical.replace(".", "").replace("/", "").isdigit():
             return None
         return self._domains, canonical
 

@@ -94,6 +94,18 @@ def test_parse_entry_refuses_only_with_invalid_entry(text: str) -> None:
     ListIndex([canonical])  # and every canonical form compiles
 
 
+@given(st.from_regex(r"\.?[a-z0-9-]{1,4}(\.[a-z0-9-]{1,4}){1,3}", fullmatch=True))
+def test_every_accepted_name_compiles_and_matches_itself(text: str) -> None:
+    # Domain-shaped text, which random text hardly ever is (mail.host1 once failed to compile).
+    try:
+        canonical = parse_entry(text)
+    except InvalidEntry:
+        return
+    index = ListIndex([canonical])
+    if not canonical.replace(".", "").isdigit():
+        assert index.contains_domain(canonical) or index.contains_domain("x" + canonical)
+
+
 @given(st.ip_addresses(), st.integers(min_value=0, max_value=128))
 def test_any_network_matches_its_own_addresses(ip: ipaddress._BaseAddress, prefix: int) -> None:
     assert isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address)
@@ -156,6 +168,17 @@ def test_domain_entries_do_not_match_ips_and_ip_entries_do_not_match_names() -> 
     index = ListIndex([parse_entry("example.com"), parse_entry("10.0.0.1")])
     assert not index.contains_ip("192.0.2.1")
     assert not index.contains_domain("10.0.0.1")
+
+
+@pytest.mark.parametrize("name", ["mail.host1", "mx2.example.k8s1", "a.b-2"])
+def test_every_accepted_domain_can_be_compiled_and_matched(name: str) -> None:
+    # A domain may end in a digit; only an all-digit last label is refused (it reads as IP).
+    entry = parse_entry(name)
+    index = ListIndex([entry])
+    assert index.contains_domain(name)
+    assert not index.contains_ip("10.0.0.1")
+    assert index.remove(entry)
+    assert len(index) == 0
 
 
 def _lengths(index: ListIndex) -> tuple[tuple[int, ...], tuple[int, ...]]:
