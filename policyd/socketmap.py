@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from postwarden.store.base import StoreError
+from postwarden.untrusted import sanitise
 
 log = logging.getLogger("postwarden.socketmap")
 
@@ -42,6 +43,8 @@ log = logging.getLogger("postwarden.socketmap")
 MAX_REQUEST_LENGTH = 4096
 # Postfix's socketmap_max_reply_size default: larger replies are refused by the client.
 MAX_REPLY_LENGTH = 100_000
+# Longest failure reason sent back (it ends up in one line of Postfix's log).
+MAX_REASON = 200
 _MAX_LENGTH_DIGITS = len(str(MAX_REQUEST_LENGTH))
 # The map name Postfix is configured with: socketmap:unix:/path:aliases.
 ALIASES_MAP = "aliases"
@@ -165,7 +168,7 @@ class SocketmapReply:
         # Reasons end up in Postfix's log line: one line, printable, bounded.
         data = self.data
         if self.status != "OK":
-            data = "".join(c if c.isprintable() else "?" for c in data)[:200]
+            data = sanitise(data, MAX_REASON)
         return encode_netstring(f"{self.status} {data}".encode())
 
 

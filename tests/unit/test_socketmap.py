@@ -116,6 +116,9 @@ def test_reply_encoding() -> None:
     assert SocketmapReply("NOTFOUND").encode() == b"9:NOTFOUND ,"
     # Reasons are one printable line: they end up in Postfix's log.
     assert SocketmapReply("TEMP", "a\nb").encode() == b"8:TEMP a?b,"
+    assert (
+        SocketmapReply("PERM", "x\u00e9" + "y" * 500).encode() == b"205:PERM x?" + b"y" * 198 + b","
+    )
 
 
 def test_alias_reply_joins_targets_with_commas() -> None:
