@@ -126,6 +126,15 @@ class Pipeline:
         self.default = Verdict(Action(cfg.policyd.default_action), Rule.DEFAULT)
         self._timeout = cfg.policyd.request_timeout
         self._trusted = tuple(cfg.network.trusted)
+        checks = (cfg.dnsbl.budget if self.dnsbl else 0.0) + (cfg.spf.timeout if self.spf else 0.0)
+        if checks >= self._timeout:
+            # Slow DNS would then end requests in the default answer before greylisting runs.
+            log.warning(
+                "policyd.request_timeout (%gs) does not exceed dnsbl.budget + spf.timeout"
+                " (%gs): slow DNS will make requests answer the default action",
+                self._timeout,
+                checks,
+            )
 
     async def evaluate(self, request: PolicyRequest) -> Verdict:
         """The verdict for one request; never raises (failures give the default)."""

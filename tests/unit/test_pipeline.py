@@ -486,3 +486,15 @@ async def test_default_wiring_uses_dnsbl_and_spf_verdict_functions() -> None:
     passed = await pipeline.evaluate(rcpt(recipient="new@example.com"))
     # SPF passed, greylisting deferred the new triplet: the deferral wins over the header.
     assert passed.action is Action.DEFER_IF_PERMIT
+
+
+def test_a_request_timeout_shorter_than_the_dns_checks_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="postwarden.pipeline"):
+        Rig(make_config(**ALL_ON))  # defaults: 10 s for 2 s DNSBL + 5 s SPF
+        assert not caplog.records
+        Rig(make_config(**ALL_ON, policyd={"request_timeout": 6.0}))
+    [record] = caplog.records
+    assert "request_timeout (6s)" in record.getMessage()
+    assert "(7s)" in record.getMessage()
