@@ -226,7 +226,7 @@ def _smtp_services(cfg: MailConfig, layout: Layout, chroot: str) -> str:
         "smtpd_tls_auth_only=yes",
         "smtpd_client_restrictions=permit_sasl_authenticated,reject",
         "smtpd_relay_restrictions=permit_sasl_authenticated,reject",
-        "smtpd_recipient_restrictions=permit_sasl_authenticated,reject",
+        "smtpd_recipient_restrictions=$submission_recipient_restrictions",
         "milter_macro_daemon_name=ORIGINATING",
     ]
     # Connection control answers at connect (a 554 greeting), not only at RCPT.

@@ -38,6 +38,36 @@ def test_unknown_local_mailbox_is_refused_at_rcpt(mail_system_factory: MailSyste
     assert mail.smtp_send("a@remote.test", ALICE, client_ip="192.0.2.1").accepted
 
 
+def test_unknown_local_mailbox_is_refused_for_trusted_and_logged_in_clients(
+    mail_system_factory: MailSystemFactory,
+) -> None:
+    # No XCLIENT: the client is 127.0.0.1, inside network.trusted (permit_mynetworks).
+    mail = mail_system_factory()
+    trusted = mail.smtp_send("ops@example.test", "nobody@example.test")
+    assert (trusted.stage, trusted.code) == ("rcpt", 550), trusted
+    assert "no such mailbox" in trusted.text
+    logged_in = mail.smtp_send(
+        ALICE,
+        "nobody@example.test",
+        port_key="submission_port",
+        starttls=True,
+        login=(ALICE, ALICE_PW),
+    )
+    assert (logged_in.stage, logged_in.code) == ("rcpt", 550), logged_in
+    # Known mailboxes still pass for both, and nothing was queued to bounce.
+    assert mail.smtp_send("ops@example.test", ALICE).accepted
+    assert mail.smtp_send(
+        ALICE,
+        "bob@example.test",
+        port_key="submission_port",
+        starttls=True,
+        login=(ALICE, ALICE_PW),
+    ).accepted
+    mail.wait_for_delivery(ALICE, ALICE_PW)
+    mail.wait_for_delivery("bob@example.test", "bob-secret")
+    assert "nobody@example.test" not in " ".join(str(m) for m in mail.queue())
+
+
 def test_deny_all_except_admits_only_listed_clients(mail_system_factory: MailSystemFactory) -> None:
     mail = mail_system_factory(
         {"mail": {"connection_control": {"mode": "deny-all-except", "addresses": ["192.0.2.0/24"]}}}

@@ -54,18 +54,24 @@ def test_empty_config_renders() -> None:
     assert "@{" not in "".join(out.values())
 
 
-def test_policyd_comes_after_anti_relay() -> None:
-    value = main_cf()["smtpd_recipient_restrictions"]
-    parts = [p.strip() for p in value.split(",", 3)]
-    assert parts[:3] == [
+def test_mailbox_check_first_and_policyd_after_anti_relay() -> None:
+    params = main_cf()
+    parts = [p.strip() for p in params["smtpd_recipient_restrictions"].split(",", 4)]
+    # Local recipients are verified for every client, trusted and logged-in ones included.
+    assert parts[:4] == [
+        "$local_recipient_check",
         "permit_mynetworks",
         "permit_sasl_authenticated",
         "reject_unauth_destination",
     ]
-    rest = [p.strip() for p in parts[3].split(",", 1)]
-    assert rest[0] == "check_recipient_access texthash:$config_directory/mailbox_domains"
-    assert rest[1].startswith("check_policy_service { unix:")
-    assert "timeout=10s" in rest[1] and "default_action=DUNNO" in rest[1]
+    assert params["local_recipient_check"] == (
+        "check_recipient_access texthash:$config_directory/mailbox_domains"
+    )
+    assert parts[4].startswith("check_policy_service { unix:")
+    assert "timeout=10s" in parts[4] and "default_action=DUNNO" in parts[4]
+    assert params["submission_recipient_restrictions"] == (
+        "$local_recipient_check, permit_sasl_authenticated, reject"
+    )
 
 
 def test_unknown_mailboxes_in_our_domains_are_verified_at_rcpt() -> None:
@@ -167,7 +173,7 @@ def test_smtp_ports_submission_enforces_starttls_and_smtps_is_wrapper_mode() -> 
     assert "smtpd_tls_wrappermode" not in blocks["1587"]
     assert "smtpd_tls_wrappermode=yes" in blocks["1465"]
     for name in ("1587", "1465"):
-        assert "smtpd_recipient_restrictions=permit_sasl_authenticated,reject" in blocks[name]
+        assert "smtpd_recipient_restrictions=$submission_recipient_restrictions" in blocks[name]
     assert "postlog   unix-dgram" in text
 
 
