@@ -22,6 +22,7 @@ import dns.resolver
 
 from postwarden.config.model import Config, DnsConfig
 from postwarden.dns_resolver import make_sync_resolver
+from postwarden.untrusted import sanitise
 
 log = logging.getLogger("postwarden.milterd")
 # dkimpy logs every failed lookup at ERROR; our one line per message says it already.
@@ -29,6 +30,8 @@ _dkimpy_log = logging.getLogger("postwarden.milterd.dkimpy")
 _dkimpy_log.setLevel(logging.CRITICAL)
 
 AR_HEADER = "Authentication-Results"
+# A reason quotes tag values from the message: bounded, one line, for the log and the header.
+REASON_LIMIT = 200
 DnsFunc = Callable[..., bytes | None]
 
 
@@ -88,7 +91,8 @@ def verify_message(message: bytes, dnsfunc: DnsFunc, *, timeout: float = 5.0) ->
     try:
         checker = dkim.DKIM(message, logger=_dkimpy_log, timeout=timeout)
     except dkim.DKIMException as exc:
-        return [DkimResult("permerror", reason=f"unparsable message: {exc}")]
+        reason = sanitise(f"unparsable message: {exc}", REASON_LIMIT)
+        return [DkimResult("permerror", reason=reason)]
     count = sum(1 for name, _ in checker.headers if name.lower() == b"dkim-signature")
     results = []
     for idx in range(count):
@@ -116,7 +120,7 @@ def verify_message(message: bytes, dnsfunc: DnsFunc, *, timeout: float = 5.0) ->
                 selector=_tag(fields, b"s"),
                 algorithm=_tag(fields, b"a"),
                 identity=_tag(fields, b"i"),
-                reason=reason,
+                reason=sanitise(reason, REASON_LIMIT),
             )
         )
     return results
@@ -141,7 +145,8 @@ def results_header(server_id: str, results: Sequence[DkimResult]) -> str:
         clauses.append(
             authres.DKIMAuthenticationResult(
                 result=item.result,
-                reason=item.reason.replace('"', "'") or None,
+                # Inside a quoted-string: no quote or backslash may end it early.
+                reason=item.reason.replace('"', "'").replace("\\", "/") or None,
                 header_d=_clean(item.domain),
                 header_i=_clean(item.identity),
                 header_a=_clean(item.algorithm),

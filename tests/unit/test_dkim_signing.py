@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import authres
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -221,3 +222,22 @@ def test_canonical_body_equals_dkimpys_relaxed_body() -> None:
     bodies += [b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
     for body in bodies:
         assert canonical_body(body) == relaxed(body), body
+
+
+def test_a_hostile_reason_stays_one_quoted_ascii_line(rsa_key: rsa.RSAPrivateKey) -> None:
+    """Reasons quote the message (tag values, names): no line break, quote or 8-bit escapes."""
+    key = _signing_key(rsa_key)
+    headers, body = parse_message(MESSAGES["plain"])
+    signed = sign(headers, body, [key])[0].field + MESSAGES["plain"]
+
+    def hostile(name: bytes, timeout: float = 5.0) -> bytes:
+        raise KeyNotFoundError('no key\r\nX-Injected: 1 "\\\xff' + "x" * 500)
+
+    (result,) = verify_message(signed, hostile)
+    assert result.result == "permerror"
+    assert result.reason.isascii() and result.reason.isprintable()
+    assert len(result.reason) <= 200
+    value = results_header("mx.test", [result])
+    assert "\n" not in value and "\r" not in value and "\\" not in value
+    (parsed,) = authres.AuthenticationResultsHeader.parse_value(value).results
+    assert parsed.result == "permerror" and parsed.header_d == "example.com"
