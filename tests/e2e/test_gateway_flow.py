@@ -1,0 +1,271 @@
+"""The whole gateway at once: Postfix + Dovecot + policyd + milterd + NSD, and a smarthost.
+
+One private Postfix + Dovecot is rendered from the one config with policyd's policy and
+alias sockets and milterd's milter socket; DKIM keys are published on the loopback NSD, and
+a second private Postfix + Dovecot stands for the provider's outbound relay. Remote clients
+are posed with XCLIENT; what the tests read is what Dovecot stored (IMAP and POP3).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postwarden.config.model import DnsConfig
+from postwarden.dkim_keys import SigningKey, generate_key, quoted_txt, txt_record, write_key
+from postwarden.dkim_signing import parse_message, sign
+from postwarden.dkim_verify import make_dnsfunc, verify_message
+from tests.fixtures.dns_server import DnsServer
+from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory, SmtpResult
+from tests.fixtures.milterd_daemon import MilterdHandle, start_milterd
+from tests.fixtures.policyd_daemon import POSTWARDEN, PolicydHandle, start_policyd
+
+pytestmark = pytest.mark.e2e
+
+ALICE, ALICE_PW = "alice@example.test", "alice-secret"
+BOB, BOB_PW = "bob@example.test", "bob-secret"
+DAVE, DAVE_PW = "dave@outside.test", "outside-secret"
+SENDER_ZONE = "flowsender.test"  # a remote domain whose mail arrives DKIM-signed
+GREYLIST_DELAY = 2.0
+MAIL = {"hostname": "mx.example.test", "main_domain": "example.test"}
+
+
+@dataclass
+class Gateway:
+    mail: MailSystem
+    relay: MailSystem
+    policyd: PolicydHandle
+    milterd: MilterdHandle
+    remote_key: SigningKey
+    nameserver: str
+
+    def cli(self, *args: str) -> None:
+        """`postwarden ...` against policyd's config and store, as an operator would run it."""
+        done = subprocess.run(
+            [POSTWARDEN, "--config", str(self.policyd.config_path), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+
+    def dkim_results(self, raw: bytes) -> list[str]:
+        dnsfunc = make_dnsfunc(DnsConfig(nameservers=[self.nameserver], timeout=2.0))
+        return [r.result for r in verify_message(raw, dnsfunc)]
+
+    def diagnostics(self) -> str:
+        return f"{self.mail.logs()}\n--- policyd ---\n{self.policyd.logs()}"
+
+
+@pytest.fixture
+def gateway(mail_system_factory: MailSystemFactory, dns_server: DnsServer) -> Iterator[Gateway]:
+    # World-traversable: Postfix's smtpd runs as `postfix` and must reach both daemons' sockets.
+    directory = Path(tempfile.mkdtemp(prefix="pw-flow-"))
+    directory.chmod(0o755)
+    ours, theirs = generate_key("rsa-sha256"), generate_key("rsa-sha256")
+    write_key(ours, directory / "example.test.s1.key")
+    dns_server.set_zone("example.test", [f"s1._domainkey TXT ( {quoted_txt(txt_record(ours))} )"])
+    dns_server.set_zone(SENDER_ZONE, [f"rs._domainkey TXT ( {quoted_txt(txt_record(theirs))} )"])
+    dns = {"nameservers": [dns_server.nameserver], "timeout": 2.0}
+    policyd = start_policyd(
+        directory / "p",
+        {
+            "policyd": {
+                "socket_mode": "0660",
+                "socket_group": "postfix",
+                "aliases_listen": f"unix:{directory / 'p' / 'aliases.sock'}",
+            },
+            "greylisting": {"enabled": True, "delay": GREYLIST_DELAY, "auto_whitelist_after": 0},
+            "dns": dns,
+            "mail": MAIL,
+        },
+        tcp=False,
+    )
+    milterd: MilterdHandle | None = None
+    systems: list[MailSystem] = []
+    try:
+        (directory / "p").chmod(0o755)
+        milterd = start_milterd(
+            directory / "m",
+            {
+                "milterd": {"socket_mode": "0660", "socket_group": "postfix"},
+                "dkim": {
+                    "keys": [
+                        {
+                            "domain": "example.test",
+                            "selector": "s1",
+                            "key": directory / "example.test.s1.key",
+                        }
+                    ]
+                },
+                "dns": dns,
+                "mail": MAIL,
+            },
+        )
+        (directory / "m").chmod(0o755)
+        # The provider's smarthost: a second real Postfix + Dovecot holding dave's mailbox.
+        relay = mail_system_factory(
+            {"mail": {"hostname": "smtp.outside.test", "main_domain": "outside.test"}},
+            users={DAVE: DAVE_PW},
+        )
+        systems.append(relay)
+        assert policyd.socket_path is not None
+        mail = mail_system_factory(
+            {
+                "mail": {
+                    **MAIL,
+                    "relays": [
+                        {
+                            "name": "isp",
+                            "host": HOST,
+                            "port": relay.ports["smtp_port"],
+                            "starttls": "enabled",
+                        }
+                    ],
+                }
+            },
+            policyd_socket=str(policyd.socket_path),
+            milterd_socket=str(milterd.socket_path),
+            aliases_socket=str(directory / "p" / "aliases.sock"),
+        )
+        systems.append(mail)
+        yield Gateway(
+            mail,
+            relay,
+            policyd,
+            milterd,
+            SigningKey(SENDER_ZONE, "rs", "rsa-sha256", directory / "unused", theirs),
+            dns_server.nameserver,
+        )
+    finally:
+        # Postfix first: its smtpd holds keep-alive connections that policyd would drain.
+        for system in systems:
+            system.stop()
+        if milterd is not None:
+            milterd.stop()
+        policyd.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _signed_remote_message(gateway: Gateway, subject: str) -> bytes:
+    message = (
+        f"From: Carol <carol@{SENDER_ZONE}>\r\nTo: <{BOB}>\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{time.time_ns()}@{SENDER_ZONE}>\r\n\r\nHello Bob, from outside.\r\n"
+    ).encode()
+    headers, body = parse_message(message)
+    (signature,) = sign(headers, body, [gateway.remote_key])
+    return signature.field + message
+
+
+def _raw(message: object) -> bytes:
+    data = message.as_bytes()  # type: ignore[attr-defined]
+    assert isinstance(data, bytes)
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _send_until(
+    gateway: Gateway, done: Callable[[SmtpResult], bool], *args: Any, **kwargs: Any
+) -> SmtpResult:
+    """Resend until `done(result)` (list edits reach policyd within ~1 s); bounded at 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        result = gateway.mail.smtp_send(*args, **kwargs)
+        if done(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)
+
+
+def test_outside_message_is_greylisted_retried_and_delivered_with_results(
+    gateway: Gateway,
+) -> None:
+    message = _signed_remote_message(gateway, "from outside")
+    sender, client = f"carol@{SENDER_ZONE}", "198.51.100.25"
+    first = gateway.mail.smtp_send(sender, BOB, message=message, client_ip=client)
+    # Greylisted: a 4xx at RCPT, so a real sending server keeps the message and retries.
+    assert first.stage == "rcpt" and 400 <= first.code < 500, first
+    started = time.monotonic()
+    result = first
+    deadline = started + GREYLIST_DELAY + 20
+    while not result.accepted and time.monotonic() < deadline:
+        time.sleep(0.5)
+        result = gateway.mail.smtp_send(sender, BOB, message=message, client_ip=client)
+    assert result.accepted, (result, gateway.diagnostics())
+    assert time.monotonic() - started >= GREYLIST_DELAY - 0.5  # not let through early
+
+    (over_imap,) = gateway.mail.wait_for_delivery(BOB, BOB_PW, timeout=30)
+    (over_pop3,) = gateway.mail.pop3_fetch(BOB, BOB_PW)
+    for message_read in (over_imap, over_pop3):
+        assert message_read["Subject"] == "from outside"
+        # milterd verified the sender's signature against the NSD zone ...
+        (results,) = message_read.get_all("Authentication-Results", [])
+        assert str(results).startswith("mx.example.test; dkim=pass"), results
+        assert f"header.d={SENDER_ZONE}" in str(results)
+        # ... and policyd said how long the message was held back.
+        assert "delayed" in str(message_read["X-Greylist"]), message_read.as_string()
+
+
+def test_forbidden_sender_is_refused(gateway: Gateway) -> None:
+    gateway.cli("lists", "add", "forbidden", "spammer@bad.test")
+    refused = _send_until(
+        gateway,
+        lambda r: r.stage == "rcpt" and r.code >= 500,
+        "spammer@bad.test",
+        BOB,
+        client_ip="198.51.100.30",
+    )
+    assert refused.stage == "rcpt" and 500 <= refused.code < 600, (refused, gateway.diagnostics())
+    # Another sender from the same client is only greylisted: the refusal was the list entry.
+    other = gateway.mail.smtp_send("someone@bad.test", BOB, client_ip="198.51.100.30")
+    assert other.stage == "rcpt" and 400 <= other.code < 500, other
+
+
+def test_logged_in_users_mail_leaves_signed_through_the_outbound_relay(gateway: Gateway) -> None:
+    sent = gateway.mail.smtp_send(
+        ALICE,
+        DAVE,
+        subject="signed on the way out",
+        port_key="submission_port",
+        starttls=True,
+        login=(ALICE, ALICE_PW),
+    )
+    assert sent.accepted, sent
+    (message,) = gateway.relay.wait_for_delivery(DAVE, DAVE_PW, timeout=30)
+    signature = str(message["DKIM-Signature"])
+    assert "d=example.test" in signature and "s=s1" in signature, message.as_string()
+    # The signature made by milterd survives the relay hop and verifies against NSD's key.
+    assert gateway.dkim_results(_raw(message)) == ["pass"]
+    # It went through the configured relay service (STARTTLS offered by the smarthost).
+    assert "postfix/relay-isp" in gateway.mail.postfix_log
+    assert "TLS connection established from localhost[127.0.0.1]" in gateway.relay.postfix_log
+
+
+def test_relaying_for_an_unknown_domain_is_refused(gateway: Gateway) -> None:
+    refused = gateway.mail.smtp_send(
+        "someone@remote.test", "victim@elsewhere.test", client_ip="198.51.100.40"
+    )
+    assert (refused.stage, refused.code) == ("rcpt", 554), refused
+    assert "Relay access denied" in refused.text
+    # A sender on the permitted list does not change that.
+    gateway.cli("lists", "add", "permitted", "someone@remote.test")
+    again = _send_until(
+        gateway,
+        lambda r: r.accepted,
+        "someone@remote.test",
+        BOB,
+        client_ip="198.51.100.40",
+    )
+    assert again.accepted, again  # the permitted entry is live ...
+    still = gateway.mail.smtp_send(
+        "someone@remote.test", "victim@elsewhere.test", client_ip="198.51.100.40"
+    )
+    assert (still.stage, still.code) == ("rcpt", 554), still  # ... and still no relaying
+    assert "elsewhere.test" not in str(gateway.mail.queue())
