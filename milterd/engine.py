@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 
 from postwarden.config.model import Config
 from postwarden.config.types import IPNetwork
-from postwarden.dkim_keys import DkimKeyError, SigningKey, load_key, signing_keys
+from postwarden.dkim_keys import (
+    DkimKeyError,
+    SigningKey,
+    load_key,
+    normalise_domain,
+    signing_keys,
+)
 from postwarden.dkim_signing import SigningError, from_domain, keys_for_domain, sign
 from postwarden.dkim_verify import (
     AR_HEADER,
@@ -93,18 +99,28 @@ class Engine:
         self.dnsfunc = dnsfunc if dnsfunc is not None else make_dnsfunc(config.dns)
         # A key that fails to load does not stop the daemon: mail of its domain gets
         # on_error (one log line each), every other domain is signed as usual.
+        # Only the entry that would sign matters: the last per domain and algorithm (rotation),
+        # so an old selector whose file is already gone does not stop the new one signing.
         self.broken: dict[str, DkimKeyError] = {}
         loaded: list[SigningKey] = list(keys or [])
         if keys is None:
-            for entry in config.dkim.keys:
+            entries = config.dkim.keys
+            signing = {(normalise_domain(e.domain), e.algorithm): i for i, e in enumerate(entries)}
+            for index, entry in enumerate(entries):
+                domain = normalise_domain(entry.domain)
                 try:
                     loaded.append(load_key(entry))
                     if entry.key.stat().st_mode & 0o077:
                         log.warning("DKIM key %s is readable by others; make it 0600", entry.key)
                 except DkimKeyError as exc:
-                    log.error("%s; mail from %s gets milterd.on_error", exc, entry.domain)
-                    self.broken[entry.domain.rstrip(".").lower()] = exc
-        self.keys = signing_keys(loaded)
+                    if signing[(domain, entry.algorithm)] != index:
+                        log.warning(
+                            "%s; unused: a later %s key signs for %s", exc, entry.algorithm, domain
+                        )
+                        continue
+                    log.error("%s; mail from %s gets milterd.on_error", exc, domain)
+                    self.broken[domain] = exc
+        self.keys = signing_keys([k for k in loaded if k.domain not in self.broken])
 
     def is_outgoing(self, envelope: Envelope) -> bool:
         """SASL-authenticated, or from a trusted network, or injected locally (no client IP)."""
@@ -129,9 +145,12 @@ class Engine:
         domain = from_domain(dkim_headers)
         if domain is None:
             raise MessageFault("outgoing message without a single parsable From address")
+        # The most specific domain with any configured key decides, as in keys_for_domain.
         for candidate in [domain, *_parents(domain)] if self.subdomains else [domain]:
             if candidate in self.broken:
                 raise MessageFault(f"cannot sign for {domain}: {self.broken[candidate]}")
+            if candidate in self.keys:
+                break
         chosen = keys_for_domain(domain, self.keys, subdomains=self.subdomains)
         if chosen is None:
             return Changes(summary=f"not signed: no key for {domain}")

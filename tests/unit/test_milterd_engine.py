@@ -10,7 +10,7 @@ from milterd.engine import Engine, Envelope, MessageFault
 from milterd.server import socket_spec
 from postwarden.config.model import Config
 from postwarden.config.types import parse_listen_address
-from postwarden.dkim_keys import SigningKey, generate_key
+from postwarden.dkim_keys import SigningKey, generate_key, write_key
 from postwarden.dkim_verify import DnsTemporaryError, KeyNotFoundError
 
 HEADERS = [
@@ -135,6 +135,39 @@ def test_a_broken_key_faults_only_its_domain(tmp_path: Path, key: SigningKey) ->
     with pytest.raises(MessageFault, match="file not found"):
         engine.process(Envelope("127.0.0.1"), [(b"From", b"a@broken.test")], BODY)
     assert engine.process(Envelope("127.0.0.1"), [(b"From", b"a@fine.test")], BODY).add == []
+
+
+def test_a_missing_old_selector_does_not_stop_the_new_one(tmp_path: Path) -> None:
+    """Rotation: the old entry stays listed after its file is removed; the new key signs."""
+    ed = "ed25519-sha256"
+    for name in ("new", "sub"):
+        write_key(generate_key("ed25519-sha256"), tmp_path / f"{name}.key")
+
+    def engine(old_algorithm: str) -> Engine:
+        entries = [
+            ("r.test", "old", "gone", old_algorithm),
+            ("r.test", "new", "new.key", ed),
+            ("p.test", "s1", "gone", ed),
+            ("sub.p.test", "s1", "sub.key", ed),
+        ]
+        keys = [
+            {"domain": d, "selector": s, "key": str(tmp_path / f), "algorithm": a}
+            for d, s, f, a in entries
+        ]
+        config = Config.model_validate({"dkim": {"sign_subdomains": True, "keys": keys}})
+        return Engine(config, dnsfunc=lambda name, timeout=5.0: None)
+
+    # The old RSA key is still the last RSA entry: r.test would lose its RSA signature.
+    assert engine("rsa-sha256").broken.keys() == {"r.test", "p.test"}
+    rotated = engine(ed)
+    assert rotated.broken.keys() == {"p.test"}
+    signed = rotated.process(Envelope("127.0.0.1"), [(b"From", b"a@r.test")], BODY)
+    assert len(signed.add) == 1 and "s=new" in signed.add[0][1]
+    # A subdomain with its own good key signs although its parent's key is broken.
+    sub = rotated.process(Envelope("127.0.0.1"), [(b"From", b"a@sub.p.test")], BODY)
+    assert len(sub.add) == 1 and "d=sub.p.test" in sub.add[0][1]
+    with pytest.raises(MessageFault, match="file not found"):
+        rotated.process(Envelope("127.0.0.1"), [(b"From", b"a@x.p.test")], BODY)
 
 
 @pytest.mark.parametrize(
