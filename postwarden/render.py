@@ -17,9 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from postwarden.config.mail import MailConfig, RelayServer
+from postwarden.config.mail import MailConfig, RelayServer, parse_client_patterns_file
 from postwarden.config.model import Config
-from postwarden.config.types import ListenAddress
+from postwarden.config.types import IPNetwork, ListenAddress
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 POSTFIX_TEMPLATES = _PROJECT_ROOT / "postfix-config"
@@ -250,6 +250,26 @@ def _smtp_services(cfg: MailConfig, layout: Layout, chroot: str) -> str:
     return "\n".join(out)
 
 
+def _connection_control_addresses(cfg: MailConfig) -> list[IPNetwork]:
+    control = cfg.connection_control
+    if control.addresses_file is None:
+        return list(control.addresses)
+    path = control.addresses_file
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise RenderError(
+            f"mail.connection_control.addresses_file: cannot read {str(path)!r}: {reason}"
+        ) from None
+    try:
+        from_file = parse_client_patterns_file(text, str(path))
+    except ValueError as exc:
+        raise RenderError(f"mail.connection_control.addresses_file: {exc}") from None
+    # Listed twice (in the table and the file) is the same entry once.
+    return list(dict.fromkeys([*control.addresses, *from_file]))
+
+
 def _client_access(cfg: MailConfig) -> str:
     control = cfg.connection_control
     action = (
@@ -257,7 +277,7 @@ def _client_access(cfg: MailConfig) -> str:
         if (control.mode == "accept-all-except")
         else "OK"
     )
-    return "".join(f"{net} {action}\n" for net in control.addresses)
+    return "".join(f"{net} {action}\n" for net in _connection_control_addresses(cfg))
 
 
 def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:

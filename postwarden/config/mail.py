@@ -210,6 +210,21 @@ class RelayServer(_Table):
         return {"disabled": "none", "enabled": "may", "required": "encrypt"}[self.starttls]
 
 
+def parse_client_patterns_file(text: str, source: str) -> list[IPNetwork]:
+    """The seed's IP list file: one entry per line (`192.168.2.0:255.255.255.0`, `2001:db8::/32`,
+    `10.1.*`); blank lines and `#` comments are skipped. ValueError names `source:line`."""
+    networks = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        try:
+            networks.append(parse_client_pattern(entry))
+        except ValueError as exc:
+            raise ValueError(f"{source}:{number}: {exc}") from None
+    return networks
+
+
 class ConnectionControl(_Table):
     """Which clients may connect at all (checked by Postfix before anything else)."""
 
@@ -217,6 +232,9 @@ class ConnectionControl(_Table):
     # (trusted networks always may).
     mode: Literal["accept-all-except", "deny-all-except"] = "accept-all-except"
     addresses: list[ClientPattern] = Field(default_factory=list)
+    # An IP list in the seed's import format, one entry per line, merged with `addresses`;
+    # read when the config is rendered (like a relay's password_file).
+    addresses_file: Path | None = None
 
 
 class MailConfig(_Table):

@@ -31,6 +31,23 @@ def test_connection_control_refuses_listed_clients_at_connect(
     assert mail.smtp_send("a@remote.test", ALICE, client_ip="198.51.101.9").accepted
 
 
+def test_connection_control_file_in_the_seed_format_refuses_listed_clients(
+    mail_system_factory: MailSystemFactory, tmp_path: Path
+) -> None:
+    listed = tmp_path / "ips.txt"
+    # The seed's "Import from file" format: addresses, addr:mask, IPv6, plus a wildcard.
+    listed.write_text(
+        "192.168.1.1\n192.168.2.0:255.255.255.0\n2001:db8::/32\n203.0.113.*\n",
+        encoding="utf-8",
+    )
+    mail = mail_system_factory({"mail": {"connection_control": {"addresses_file": str(listed)}}})
+    for client in ("192.168.2.200", "203.0.113.5", "192.168.1.1"):
+        refused = mail.smtp_send("a@remote.test", ALICE, client_ip=client)
+        assert (refused.stage, refused.code) == ("xclient", 554), (client, refused)
+        assert "Connection refused by policy" in refused.text
+    assert mail.smtp_send("a@remote.test", ALICE, client_ip="192.168.3.1").accepted
+
+
 def test_unknown_local_mailbox_is_refused_at_rcpt(mail_system_factory: MailSystemFactory) -> None:
     mail = mail_system_factory()
     result = mail.smtp_send("a@remote.test", "nobody@example.test", client_ip="192.0.2.1")

@@ -61,14 +61,19 @@ sender_domains = ["example.org"]
 [mail.connection_control]
 mode = "accept-all-except"
 addresses = ["192.0.2.7", "198.51.100.0:255.255.255.0", "10.1.*", "2001:db8::/32"]
+addresses_file = "@IP_LIST@"
 """
 
 
 def rich_config(tmp_path: Path) -> Path:
     secret = tmp_path / "relay.pw"
     secret.write_text("s3cret\n")
+    # The seed's IP list import format.
+    ip_list = tmp_path / "ips.txt"
+    ip_list.write_text("192.168.2.0:255.255.255.0\n2001:db8:10ff::ae:44f2\n172.16.*\n")
     path = tmp_path / "postwarden.toml"
-    path.write_text(RICH_TOML.replace("@PASSWORD_FILE@", str(secret)))
+    text = RICH_TOML.replace("@PASSWORD_FILE@", str(secret)).replace("@IP_LIST@", str(ip_list))
+    path.write_text(text)
     return path
 
 
@@ -106,6 +111,10 @@ def test_rendered_postfix_passes_postfix_check_without_warnings(tmp_path: Path, 
     if rich:
         assert "relay_isp" in services.stdout and "relay_secure" in services.stdout
         assert "message_size_limit = 10485760" in shown.stdout
+        # Postfix's own cidr lookup finds a client listed only in the imported file.
+        table = f"cidr:{staging / 'postfix' / 'client_access'}"
+        found = run(["postmap", "-q", "172.16.9.9", table])
+        assert found.stdout.startswith("REJECT 5.7.1"), (found.stdout, found.stderr)
 
 
 @pytest.mark.parametrize("rich", [False, True], ids=["empty-config", "every-setting"])

@@ -412,6 +412,46 @@ def test_bad_connection_control_entries_are_refused(entry: str) -> None:
         cfg(connection_control={"addresses": [entry]})
 
 
+# The sample IP list from the seed's "Import from file" (003), one entry per line.
+SEED_IP_LIST = """192.168.1.1
+192.168.2.0:255.255.255.0
+192.168.3.1:255.255.255.128
+192.168.4.100
+192.168.5.32:255.255.255.192
+2001:db8:10ff::ae:44f2
+2001:db8::/32
+"""
+
+
+def test_connection_control_file_in_the_seed_format_is_merged(tmp_path: Path) -> None:
+    listed = tmp_path / "ips.txt"
+    listed.write_text("# imported\n" + SEED_IP_LIST + "\n10.9.*  # wildcard\n192.0.2.7\n")
+    config = cfg(connection_control={"addresses": ["192.0.2.7"], "addresses_file": str(listed)})
+    nets = [line.split()[0] for line in files(config)["postfix/client_access"].splitlines()]
+    assert nets == [
+        "192.0.2.7/32",  # from the table; the same entry in the file is not repeated
+        "192.168.1.1/32",
+        "192.168.2.0/24",
+        "192.168.3.0/25",
+        "192.168.4.100/32",
+        "192.168.5.0/26",
+        "2001:db8:10ff::ae:44f2/128",
+        "2001:db8::/32",
+        "10.9.0.0/16",
+    ]
+
+
+def test_bad_line_in_the_connection_control_file_is_named(tmp_path: Path) -> None:
+    listed = tmp_path / "ips.txt"
+    listed.write_text("192.168.1.1\n\n192.168.1.300\n")
+    config = cfg(connection_control={"addresses_file": str(listed)})
+    with pytest.raises(RenderError, match=rf"addresses_file: {re.escape(str(listed))}:3: "):
+        files(config)
+    missing = cfg(connection_control={"addresses_file": str(tmp_path / "absent.txt")})
+    with pytest.raises(RenderError, match=r"cannot read .*absent\.txt.*No such file"):
+        files(missing)
+
+
 def test_trusted_networks_become_mynetworks() -> None:
     config = parse_config({"network": {"trusted": ["127.0.0.0/8", "::1/128", "192.168.0.0/16"]}})
     assert main_cf(config)["mynetworks"] == "127.0.0.0/8 [::1]/128 192.168.0.0/16"
