@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 
 import click
 
-from cli.commands_lists import with_store
 from cli.context import EXIT_USAGE, CliContext, pass_cli
 from postwarden.greylist import InvalidClientAddress, client_network, normalise_sender, triplet_key
 from postwarden.store.base import ClientNetworkRecord, Store, TripletRecord
@@ -35,7 +34,7 @@ def show(cli_ctx: CliContext, as_json: bool, limit: int) -> None:
     ) -> tuple[list[tuple[str, TripletRecord]], list[tuple[str, ClientNetworkRecord]]]:
         return await store.greylist_triplets(limit), await store.greylist_client_networks(limit)
 
-    triplets, networks = with_store(cli_ctx, read)
+    triplets, networks = cli_ctx.with_store(read)
     if as_json:
         data = {
             "triplets": [
@@ -73,12 +72,12 @@ def purge(cli_ctx: CliContext, purge_all: bool, expired: bool) -> None:
         click.echo("error: use --all or --expired, not both", err=True)
         raise SystemExit(EXIT_USAGE)
     if purge_all:
-        deleted = with_store(cli_ctx, lambda store: store.greylist_delete(""))
+        deleted = cli_ctx.with_store(lambda store: store.greylist_delete(""))
         click.echo(f"{deleted} triplets deleted")
         return
     expiry = cli_ctx.config().greylisting.expiry
     now = time.time()
-    deleted = with_store(cli_ctx, lambda store: store.greylist_purge_expired(now, expiry))
+    deleted = cli_ctx.with_store(lambda store: store.greylist_purge_expired(now, expiry))
     click.echo(f"{deleted} expired records deleted")
 
 
@@ -109,7 +108,7 @@ def pass_(cli_ctx: CliContext, client_ip: str, sender: str, recipient: str) -> N
             key, TripletRecord(first_seen, now, passes), network, None, cfg.expiry
         )
 
-    with_store(cli_ctx, mark)
+    cli_ctx.with_store(mark)
     click.echo(f"passed: {key}")
 
 

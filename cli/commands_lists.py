@@ -6,47 +6,19 @@ store sees them, so a typo is refused with the reason instead of never matching.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 import click
 
 from cli.context import EXIT_FAILURE, EXIT_USAGE, CliContext, pass_cli
 from postwarden.lists import InvalidEntry, parse_entry
-from postwarden.store import open_store
-from postwarden.store.base import ListEntry, ListName, Store, StoreError
-
-T = TypeVar("T")
+from postwarden.store.base import ListEntry, ListName
 
 LIST_NAME = click.Choice([name.value for name in ListName])
 MAX_REPORTED_ERRORS = 20  # a file with thousands of bad lines needs the first few, not all
 PROGRESS_THRESHOLD = 10_000  # lines; smaller imports finish before a bar would help
-
-
-def with_store(cli_ctx: CliContext, work: Callable[[Store], Awaitable[T]]) -> T:
-    """Run `work` against the configured store; a store failure ends the command (exit 1)."""
-    cfg = cli_ctx.config()
-
-    async def session() -> T:
-        try:
-            store = open_store(cfg.store.url, timeout=cfg.store.timeout)
-        except ValueError as exc:  # a URL the config's scheme check let through
-            click.echo(f"error: {exc}", err=True)
-            raise SystemExit(EXIT_USAGE) from None
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    try:
-        return asyncio.run(session())
-    except StoreError as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(EXIT_FAILURE) from None
 
 
 def _canonical(entries: tuple[str, ...]) -> list[str]:
@@ -88,7 +60,7 @@ def add(cli_ctx: CliContext, list_name: str, entries: tuple[str, ...], comment: 
     name = ListName(list_name)
     unique = dict.fromkeys(_canonical(entries))  # 192.168.1.* and 192.168.1.0/24 are one
     rows = [ListEntry(name, entry, _one_line(comment)) for entry in unique]
-    added = with_store(cli_ctx, lambda store: store.add_list_entries(rows))
+    added = cli_ctx.with_store(lambda store: store.add_list_entries(rows))
     click.echo(f"{name.value}: {added} added, {len(rows) - added} already present")
 
 
@@ -104,7 +76,7 @@ def remove(cli_ctx: CliContext, list_name: str, entries: tuple[str, ...]) -> Non
     """
     name = ListName(list_name)
     canonical = sorted(set(_canonical(entries)))
-    removed = with_store(cli_ctx, lambda store: store.remove_list_entries(name, canonical))
+    removed = cli_ctx.with_store(lambda store: store.remove_list_entries(name, canonical))
     click.echo(f"{name.value}: {removed} removed")
     if removed < len(canonical):
         click.echo(f"{len(canonical) - removed} of the entries were not in the list", err=True)
@@ -118,7 +90,7 @@ def remove(cli_ctx: CliContext, list_name: str, entries: tuple[str, ...]) -> Non
 def show(cli_ctx: CliContext, list_name: str | None, as_json: bool) -> None:
     """Show both lists, or one."""
     name = ListName(list_name) if list_name else None
-    rows = with_store(cli_ctx, lambda store: store.list_entries(name))
+    rows = cli_ctx.with_store(lambda store: store.list_entries(name))
     if as_json:
         data = [{"list": r.list_name.value, "entry": r.entry, "comment": r.comment} for r in rows]
         click.echo(json.dumps(data, indent=2))
@@ -184,7 +156,7 @@ def import_(cli_ctx: CliContext, list_name: str, file: str, comment: str) -> Non
             click.echo(f"error: ... and {len(errors) - MAX_REPORTED_ERRORS} more", err=True)
         click.echo(f"{len(errors)} bad line(s): nothing imported", err=True)
         raise SystemExit(EXIT_USAGE)
-    added = with_store(cli_ctx, lambda store: store.add_list_entries(rows))
+    added = cli_ctx.with_store(lambda store: store.add_list_entries(rows))
     click.echo(f"{name.value}: {len(rows)} entries read, {added} new")
 
 
@@ -195,7 +167,7 @@ def import_(cli_ctx: CliContext, list_name: str, file: str, comment: str) -> Non
 def export(cli_ctx: CliContext, list_name: str, file: str) -> None:
     """Write a list in the import format (to FILE, or standard output)."""
     name = ListName(list_name)
-    rows = with_store(cli_ctx, lambda store: store.list_entries(name))
+    rows = cli_ctx.with_store(lambda store: store.list_entries(name))
     lines = [f"# postwarden {name.value} list: {len(rows)} entries"]
     lines += [f"{r.entry}  # {r.comment}" if r.comment else r.entry for r in rows]
     text = "\n".join(lines) + "\n"

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from cli.context import EXIT_FAILURE, EXIT_USAGE, CliContext, pass_cli
-from postwarden.config import Config
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from postwarden.mail_queue import QueuedMessage
+    from postwarden.store.base import Store
 
 # postqueue/postsuper answer in well under a second; a hung one must not hang the CLI.
 POSTFIX_COMMAND_TIMEOUT = 60.0
 
 
-def _fail(message: str, code: int = EXIT_FAILURE) -> None:
+def _fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     click.echo(message, err=True)
     raise SystemExit(code)
 
@@ -30,27 +29,6 @@ def _print_json(data: object) -> None:
 
 
 # --- aliases ---------------------------------------------------------------------------
-
-
-def _with_store(cfg: Config, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-    """Run `work(store)` against the configured store; a store failure exits 1 with why."""
-    from postwarden.store import StoreError, open_store
-
-    async def run() -> T:
-        try:
-            store = open_store(cfg.store.url, timeout=cfg.store.timeout)
-        except ValueError as exc:
-            _fail(f"store: {exc}", EXIT_USAGE)
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    try:
-        return asyncio.run(run())
-    except StoreError as exc:
-        _fail(f"store {cfg.store.url}: {exc}")
-        raise AssertionError("unreachable") from None
 
 
 @click.group("aliases")
@@ -85,13 +63,13 @@ def aliases_add(cli_ctx: CliContext, address: str, targets: tuple[str, ...]) -> 
     except AliasError as exc:
         _fail(f"aliases add: {exc}", EXIT_USAGE)
 
-    async def work(store: Any) -> list[str] | None:
+    async def work(store: Store) -> list[str] | None:
         loop = find_loop(await store.list_aliases(), rule)
         if loop is None:
             await store.set_alias(rule.address, list(rule.targets))
         return loop
 
-    loop = _with_store(cfg, work)
+    loop = cli_ctx.with_store(work)
     if loop is not None:
         _fail(f"aliases add: refused, it would close a forwarding loop: {' -> '.join(loop)}")
     click.echo(f"added {describe(rule, cfg.mail.local_domains)}")
@@ -110,10 +88,10 @@ def aliases_remove(cli_ctx: CliContext, address: str) -> None:
     except AliasError as exc:
         _fail(f"aliases remove: {exc}", EXIT_USAGE)
 
-    async def work(store: Any) -> bool:
+    async def work(store: Store) -> bool:
         return bool(await store.remove_alias(addr))
 
-    if not _with_store(cfg, work):
+    if not cli_ctx.with_store(work):
         _fail(f"aliases remove: {addr} has no forwarding rule")
     click.echo(f"removed {addr}")
 
@@ -134,13 +112,13 @@ def aliases_show(cli_ctx: CliContext, address: str | None, as_json: bool) -> Non
         except AliasError as exc:
             _fail(f"aliases show: {exc}", EXIT_USAGE)
 
-    async def work(store: Any) -> dict[str, list[str]]:
+    async def work(store: Store) -> dict[str, list[str]]:
         if addr is None:
             return dict(await store.list_aliases())
         targets = await store.get_alias(addr)
         return {} if targets is None else {addr: list(targets)}
 
-    rules = _with_store(cfg, work)
+    rules = cli_ctx.with_store(work)
     if addr is not None and not rules:
         _fail(f"aliases show: {addr} has no forwarding rule")
     if as_json:
@@ -170,13 +148,21 @@ def _run_postfix(argv: list[str]) -> str:
         )
     except FileNotFoundError:
         _fail(f"{argv[0]}: not installed (install Debian's postfix package)")
-        raise AssertionError("unreachable") from None
     except subprocess.TimeoutExpired:
         _fail(f"{' '.join(argv)}: no answer within {POSTFIX_COMMAND_TIMEOUT:.0f}s")
-        raise AssertionError("unreachable") from None
     if done.returncode != 0:
         _fail(f"{' '.join(argv)} failed: {(done.stderr or done.stdout).strip()}")
     return done.stdout + done.stderr
+
+
+def _queued(postfix_config: Path | None) -> list[QueuedMessage]:
+    """Everything in the queue, from `postqueue -j`; unreadable output exits 1 with why."""
+    from postwarden.mail_queue import QueueError, list_argv, parse_queue
+
+    try:
+        return parse_queue(_run_postfix(list_argv(postfix_config)))
+    except QueueError as exc:
+        _fail(f"queue: {exc}")
 
 
 @click.group("queue")
@@ -196,13 +182,9 @@ def queue() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of messages.")
 def queue_list(postfix_config: Path | None, queue_name: str | None, as_json: bool) -> None:
     """Each queued message with its recipients and why delivery was deferred."""
-    from postwarden.mail_queue import QueueError, format_message, list_argv, parse_queue, select
+    from postwarden.mail_queue import format_message, select
 
-    output = _run_postfix(list_argv(postfix_config))
-    try:
-        messages = select(parse_queue(output), queue_name)
-    except QueueError as exc:
-        _fail(f"queue list: {exc}")
+    messages = select(_queued(postfix_config), queue_name)
     if as_json:
         _print_json([m.as_json() for m in messages])
         return
@@ -233,6 +215,9 @@ def queue_resend(queue_id: str | None, all_: bool, postfix_config: Path | None) 
         argv = resend_argv(postfix_config, queue_id)
     except QueueError as exc:
         _fail(f"queue resend: {exc}", EXIT_USAGE)
+    # `postqueue -i` exits 0 for an id it does not have: look first, so a typo is not "done".
+    if queue_id is not None and queue_id not in {m.queue_id for m in _queued(postfix_config)}:
+        _fail(f"queue resend: no message {queue_id} in the queue")
     _run_postfix(argv)
     click.echo(f"queued for delivery now: {queue_id or 'all messages'}")
 
@@ -310,11 +295,9 @@ def send_test(
             if relay is None:
                 names = ", ".join(r.name for r in cfg.mail.relays) or "none configured"
                 _fail(f"send-test: no relay named {server!r} (relays: {names})", EXIT_USAGE)
-                return
             target = send_via_relay(message, relay, cfg.mail.tls.ca, timeout)
     except SendTestError as exc:
         _fail(f"send-test: not accepted: {exc}")
-        return
     click.echo(f"accepted by {target}: {message['Message-ID']}")
 
 
@@ -344,7 +327,6 @@ def check_dns(cli_ctx: CliContext, domain: str, ip: str | None, as_json: bool) -
         facts = gather_facts(cfg, domain, ip)
     except DnsReportError as exc:
         _fail(f"check dns: {exc}", EXIT_USAGE)
-        return
     report = build_report(facts)
     if as_json:
         _print_json(report.as_json())
