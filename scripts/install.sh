@@ -148,6 +148,10 @@ if [[ ! -e $CONFIG ]]; then
     changed "wrote $CONFIG (hostname $host, main domain $domain, ipv6 $ipv6)"
 fi
 pw config check >/dev/null || die "$CONFIG is not valid (see above); fix it and run again"
+# The daemons read the whole file at start, so a change that renders nothing new for
+# Postfix or Dovecot (greylisting, DNSBL, SPF, DKIM keys) still needs them restarted.
+config_sum=$(sha256sum "$CONFIG" | cut -d' ' -f1)
+[[ $config_sum == "$(cat "$PREFIX/.config-sha256" 2>/dev/null || true)" ]] || restart_daemons=1
 hostname_cfg=$("$PYTHON" -c 'import sys,tomllib; print(tomllib.load(open(sys.argv[1],"rb")).get("mail",{}).get("hostname","localhost"))' "$CONFIG")
 
 # Dovecot's passwd-file of mailbox users: `user@domain:{SCHEME}hash::::::` per line.
@@ -287,6 +291,9 @@ else
         changed "started postfix (init script)"
     fi
 fi
+
+# Recorded only now: the daemons have been (re)started with this config.
+echo "$config_sum" >"$PREFIX/.config-sha256"
 
 if ((changes == 0)); then
     say "nothing changed: postwarden is already installed and running"
