@@ -292,6 +292,7 @@ class CellResult:
     generator_cpu: float  # seconds, all generator processes
     generators: int
     server_cpu: float  # seconds, all server processes
+    server_wait: float  # seconds server processes were runnable but had no CPU
     other_cpu: float  # seconds used by everything else on the machine during the cell
     actions: Counter[str]
     errors: list[str]
@@ -331,7 +332,7 @@ def run_cell(
         child_end.close()
         children.append((proc, parent_end))
     time.sleep(max(0.0, start_at - time.time()))
-    server_cpu0 = process_tree_cpu(server_pids)
+    server_cpu0, server_wait0 = process_tree_cpu(server_pids)
     busy0 = machine_busy_cpu()
     results = []
     for proc, pipe in children:
@@ -342,7 +343,9 @@ def run_cell(
         proc.join(10)
         if proc.is_alive():
             proc.kill()
-    server_cpu = process_tree_cpu(server_pids) - server_cpu0
+    server_cpu, server_wait = process_tree_cpu(server_pids)
+    server_cpu -= server_cpu0
+    server_wait -= server_wait0
     busy = machine_busy_cpu() - busy0
     fatal = [r["fatal"] for r in results if "fatal" in r]
     if fatal:
@@ -360,6 +363,7 @@ def run_cell(
         generator_cpu=sum(r["cpu"] for r in results),
         generators=generators,
         server_cpu=server_cpu,
+        server_wait=server_wait,
         other_cpu=max(0.0, busy - server_cpu - sum(r["cpu"] for r in results)),
         actions=actions,
         errors=[e for r in results for e in r["errors"]],
@@ -382,10 +386,12 @@ def machine_busy_cpu() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
-def process_tree_cpu(roots: Sequence[int]) -> float:
-    """User+system CPU seconds of `roots` and all their live descendants (from /proc)."""
+def process_tree_cpu(roots: Sequence[int]) -> tuple[float, float]:
+    """CPU seconds used by `roots` and their live descendants, and seconds they spent
+    runnable but waiting for a CPU (from /proc: a busy machine shows in the second)."""
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
+    waits: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -397,6 +403,8 @@ def process_tree_cpu(roots: Sequence[int]) -> float:
         pid = int(entry)
         parents[pid] = int(fields[1])
         times[pid] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            waits[pid] = int(Path(f"/proc/{entry}/schedstat").read_text().split()[1]) / 1e9
     wanted = set(roots)
     changed = True
     while changed:
@@ -405,7 +413,10 @@ def process_tree_cpu(roots: Sequence[int]) -> float:
             if ppid in wanted and pid not in wanted:
                 wanted.add(pid)
                 changed = True
-    return sum(times.get(pid, 0.0) for pid in wanted)
+    return (
+        sum(times.get(pid, 0.0) for pid in wanted),
+        sum(waits.get(pid, 0.0) for pid in wanted),
+    )
 
 
 def wait_until_answering(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -593,6 +604,7 @@ def print_cell(label: str, cell: CellResult) -> None:
         f"  {label:<28} conns {cell.connections:>3}: {cell.rate:8.0f} req/s  "
         f"p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
         f"server CPU {1e6 * cell.server_cpu / max(cell.requests, 1):6.0f} us/req  "
+        f"waited {1e6 * cell.server_wait / max(cell.requests, 1):5.0f} us/req  "
         f"other {cell.other_cpu / cell.elapsed:4.2f} cores  "
         f"[{describe_actions(cell.actions)}]"
         + (f" ERRORS {cell.errors[:3]}" if cell.errors else ""),
@@ -804,15 +816,18 @@ greylisting off, 1,000,000 permitted/forbidden entries, 3 of 4 requests hit one.
 Ratio: to postgrey at the same connection count (postgrey `new` for the Redis and lists
 rows). Server CPU: all server processes, per request. Generator CPU: load-generator
 processes, as a share of one core over the cell. Other CPU: cores busy with unrelated
-processes during the cell (a shared machine shows here).
+processes during the cell; server waited for a CPU: time its processes were runnable
+but not running (from /proc/PID/schedstat) - on a shared machine this, not the server's
+code, makes most of the p99.
 """
 
 
 def render_table(rows: Sequence[Row]) -> str:
     lines = [
         "| scenario | server | store | workers | conns | requests | req/s | p50 ms | p99 ms "
-        "| ratio to postgrey | server CPU µs/req | generator CPU | other CPU | replies |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| ratio to postgrey | server CPU µs/req | server waited for a CPU µs/req "
+        "| generator CPU | other CPU | replies |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in rows:
         c = row.cell
@@ -822,6 +837,7 @@ def render_table(rows: Sequence[Row]) -> str:
             f"| {row.scenario} | {row.server} | {row.store} | {row.workers} | {c.connections} "
             f"| {c.requests} | {c.rate:.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} | {ratio} "
             f"| {1e6 * c.server_cpu / max(c.requests, 1):.0f} "
+            f"| {1e6 * c.server_wait / max(c.requests, 1):.0f} "
             f"| {100 * c.generator_cpu / c.elapsed:.0f}% of a core ({c.generators} proc) "
             f"| {c.other_cpu / c.elapsed:.2f} cores "
             f"| {describe_actions(c.actions)} |"
