@@ -1,21 +1,30 @@
-"""Run milterd: load config and keys once, open the socket, serve until SIGTERM.
+"""Run milterd: load config and keys once, then serve every listen address until SIGTERM.
 
 libmilter (under pymilter) runs one thread per MTA connection and listens on one socket
-per process. A unix socket is the default and the recommendation: libmilter sets no
-TCP_NODELAY, so over TCP every message stalls ~40 ms (Nagle + delayed ACK). libmilter
-itself catches SIGTERM/SIGINT/SIGHUP and stops cleanly: its accept loop notices within
-5 seconds, messages in progress finish, and `Milter.runmilter` returns.
+per process, so the process that loaded the keys forks one listener per address and
+supervises them. A unix socket is the default and the recommendation: libmilter sets no
+TCP_NODELAY, so over TCP every message stalls ~40 ms (Nagle + delayed ACK).
+
+Stopping: libmilter takes SIGTERM in its own signal thread, but its accept loop holds a lock
+while it polls with a 5 s timeout, so alone it notices a stop only up to 5 s later. The
+supervisor (no libmilter in it) forwards SIGTERM and then connects to each listener until it
+exits: every connection wakes the poll at once. Messages in progress finish.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import grp
 import logging
 import os
+import signal
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import Milter
 
@@ -29,6 +38,12 @@ MILTER_NAME = "postwarden-milterd"
 # Seconds libmilter waits on a silent MTA connection before dropping it.
 MTA_TIMEOUT = 600
 SOCKET_WAIT = 10.0
+# After SIGTERM: how long listeners may finish messages in progress before SIGKILL (systemd's
+# TimeoutStopSec is 30 s), and how often the supervisor wakes their accept loops meanwhile.
+STOP_GRACE = 25.0
+WAKE_INTERVAL = 0.1
+_SUPERVISED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class MilterdStartError(Exception):
@@ -62,13 +77,6 @@ def _socket_permissions(path: Path, mode: int, group: str | None) -> None:
 def run(config: Config) -> int:
     """Serve until stopped; returns the process exit code."""
     cfg = config.milterd
-    if len(cfg.listen) != 1:
-        raise MilterdStartError(
-            "milterd.listen: libmilter serves one socket per process; give exactly one "
-            f"(got {', '.join(str(a) for a in cfg.listen)})"
-        )
-    address = cfg.listen[0]
-    mode = int(cfg.socket_mode, 8)
     if cfg.socket_group is not None:
         try:
             grp.getgrnam(cfg.socket_group)
@@ -76,36 +84,139 @@ def run(config: Config) -> int:
             raise MilterdStartError(
                 f"milterd.socket_group: no group {cfg.socket_group!r}"
             ) from None
+    for address in cfg.listen:
+        if address.kind == "unix" and not Path(address.path).parent.is_dir():
+            parent = Path(address.path).parent
+            raise MilterdStartError(f"milterd.listen: directory {parent} does not exist")
+    # Once, before forking: every listener shares the parsed keys and the resolver.
     DkimMilter.engine = Engine(config)
     Milter.factory = DkimMilter
+    # Blocked before forking, so no signal slips in between; listeners keep TERM/INT/HUP
+    # blocked too, which is what libmilter's signal thread (sigwait) wants.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
+    children: dict[int, ListenAddress] = {}
+    supervisor = os.getpid()
+    for address in cfg.listen:
+        pid = os.fork()
+        if pid == 0:
+            _serve(config, address, supervisor)
+        children[pid] = address
+    return _supervise(children)
+
+
+def _supervise(children: dict[int, ListenAddress]) -> int:
+    """Wait for a signal or a listener's exit; on either, stop all and return the exit code."""
+    code = 0
+    stop_at: float | None = None
+    while children:
+        # SIGCHLD says a listener exited; the 1 s bound only guards against a missed one.
+        timeout = 1.0 if stop_at is None else WAKE_INTERVAL
+        info = signal.sigtimedwait(_SUPERVISED, timeout)
+        signo = info.si_signo if info is not None else None
+        if signo == signal.SIGHUP:
+            # Not forwarded: libmilter would end its listener on HUP, and keys load at start.
+            log.warning("SIGHUP ignored: restart milterd to load a changed config or keys")
+        elif signo in (signal.SIGTERM, signal.SIGINT) and stop_at is None:
+            log.info("milterd stopping (%s)", signal.Signals(signo).name)
+            stop_at = time.monotonic() + STOP_GRACE
+            _signal_all(children, signal.SIGTERM)
+        for pid, status in _reap(children):
+            address = children.pop(pid)
+            exit_code = os.waitstatus_to_exitcode(status)
+            if stop_at is None:
+                # A listener gone on its own: stop the rest so the service manager restarts all.
+                log.error("milterd listener on %s exited with %d; stopping", address, exit_code)
+                code = exit_code if exit_code > 0 else 1
+                stop_at = time.monotonic() + STOP_GRACE
+                _signal_all(children, signal.SIGTERM)
+        if stop_at is not None:
+            if time.monotonic() > stop_at:
+                log.error("milterd listeners did not stop within %.0fs; killing", STOP_GRACE)
+                _signal_all(children, signal.SIGKILL)
+            for address in children.values():
+                _wake(address)
+    log.info("milterd stopped")
+    return code
+
+
+def _reap(children: dict[int, ListenAddress]) -> list[tuple[int, int]]:
+    done = []
+    for pid in list(children):
+        waited, status = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            done.append((pid, status))
+    return done
+
+
+def _signal_all(children: dict[int, ListenAddress], signum: int) -> None:
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _wake(address: ListenAddress) -> None:
+    """Connect and close: libmilter's poll returns, and it then sees the stop."""
+    if address.kind == "unix":
+        family: int = socket.AF_UNIX
+        target: str | tuple[str, int] = address.path
+    else:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        target = (address.host, address.port)
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(WAKE_INTERVAL)
+        sock.connect(target)
+
+
+def _serve(config: Config, address: ListenAddress, supervisor: int) -> NoReturn:
+    """One listener process: libmilter on one address, until SIGTERM. Never returns."""
+    code = 0
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        _listen(config, address, supervisor)
+    except MilterdStartError as exc:
+        log.error("%s", exc)
+        code = 2
+    except BaseException as exc:  # noqa: BLE001 - a forked child must never return into the CLI
+        log.error("milterd listener on %s failed: %s: %s", address, type(exc).__name__, exc)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _listen(config: Config, address: ListenAddress, supervisor: int) -> None:
+    cfg = config.milterd
+    mode = int(cfg.socket_mode, 8)
     if address.kind == "unix":
         path = Path(address.path)
-        if not path.parent.is_dir():
-            raise MilterdStartError(f"milterd.listen: directory {path.parent} does not exist")
         # Umask and effective group make the socket born with the configured mode and group:
         # no window in which Postfix (in that group) is refused, or others are let in.
         os.umask(0o777 & ~mode)
         if cfg.socket_group is not None and os.geteuid() == 0:
             os.setegid(grp.getgrnam(cfg.socket_group).gr_gid)
         elif cfg.socket_group is not None:
-            # Not root: chgrp once the socket exists (to a group this user is in). The thread
-            # is short-lived: libmilter blocks SIGTERM only in threads started after it.
+            # Not root: chgrp once the socket exists (to a group this user is in).
             threading.Thread(
                 target=_socket_permissions, args=(path, mode, cfg.socket_group), daemon=True
             ).start()
-    keys = sum(len(k) for k in DkimMilter.engine.keys.values())
+    # A listener must not outlive its supervisor (it would hold the socket, unsupervised).
+    # Set after setegid, which clears it; then check the supervisor did not die before.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisor:
+        raise MilterdStartError("the supervising process is gone")
+    engine = DkimMilter.engine
+    keys = sum(len(k) for k in engine.keys.values())
     log.info(
         "milterd listening on %s (%d signing keys, sign=%s verify=%s, authserv-id %s)",
         address,
         keys,
-        config.dkim.sign,
-        config.dkim.verify,
-        DkimMilter.engine.server_id,
+        engine.sign_enabled,
+        engine.verify_enabled,
+        engine.server_id,
     )
     sys.stderr.flush()
     try:
         Milter.runmilter(MILTER_NAME, socket_spec(address), MTA_TIMEOUT)
     except Milter.milter.error as exc:
         raise MilterdStartError(f"cannot serve on {address}: {exc}") from None
-    log.info("milterd stopped")
-    return 0
+    log.info("milterd listener on %s stopped", address)

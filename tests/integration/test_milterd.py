@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import signal
+import socket
 import stat
 import subprocess
 import time
@@ -334,20 +336,70 @@ def test_tcp_listener_signs_too(milterd_daemon: StartMilterd, keys: Keys) -> Non
     assert _verify(keys, result.apply(MESSAGE)) == ["pass"]
 
 
-def test_more_than_one_listen_address_is_refused_at_start(tmp_path: Path) -> None:
-    config = tmp_path / "pw.toml"
-    config.write_text(
-        f'[milterd]\nlisten = ["unix:{tmp_path}/a.sock", "inet:127.0.0.1:{free_tcp_port()}"]\n'
-    )
-    done = subprocess.run(
-        [POSTWARDEN, "--config", str(config), "milterd"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert "libmilter serves one socket per process; give exactly one" in done.stderr
+def test_unix_and_tcp_at_once_and_a_prompt_stop(
+    tmp_path_factory: pytest.TempPathFactory, keys: Keys
+) -> None:
+    """One listener process per address, both signing; SIGTERM ends all well before the 5 s
+    libmilter's accept loop alone would take (nobody but milterd wakes it here)."""
+    directory = tmp_path_factory.mktemp("both")
+    port = free_tcp_port()
+    listen = [f"unix:{directory / 'milterd.sock'}", f"inet:127.0.0.1:{port}"]
+    config = _config(keys)
+    config["milterd"]["listen"] = listen
+    daemon = start_milterd(directory, config)  # returns once the unix socket answers
+    try:
+        deadline = time.monotonic() + 10
+        while not _tcp_answers(port):
+            assert time.monotonic() < deadline, daemon.logs()
+            time.sleep(0.05)
+        over_unix = daemon.session(MESSAGE, auth_authen="alice")
+        over_tcp = mc.run_session(
+            mc.MilterClient.tcp("127.0.0.1", port, 30.0), MESSAGE, auth_authen="alice"
+        )
+        for result in (over_unix, over_tcp):
+            assert _verify(keys, result.apply(MESSAGE)) == ["pass"]
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(10) == 0
+        assert time.monotonic() - started < 2.0, daemon.logs()
+    finally:
+        daemon.stop()
+    logs = daemon.logs()
+    assert logs.count("listening on") == 2 and logs.count("stopped") == 3, logs
+    assert "Traceback" not in logs
+
+
+def _tcp_answers(port: int) -> bool:
+    try:
+        with mc.MilterClient.tcp("127.0.0.1", port, 1.0) as client:
+            client.negotiate()
+        return True
+    except (OSError, mc.MilterProtocolError):
+        return False
+
+
+def test_a_listener_that_cannot_bind_stops_the_daemon(tmp_path: Path) -> None:
+    """A busy port: one clear log line and a non-zero exit; the other listener goes too."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "pw.toml"
+        config.write_text(
+            f'[mail]\nhostname = "mx.test"\n[store]\nurl = "sqlite://{tmp_path}/s.db"\n'
+            f'[milterd]\nlisten = ["unix:{tmp_path}/a.sock", "inet:127.0.0.1:{port}"]\n'
+        )
+        done = subprocess.run(
+            [POSTWARDEN, "--config", str(config), "milterd"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode != 0, done.stderr
+    assert f"cannot serve on inet:127.0.0.1:{port}" in done.stderr
+    assert f"listener on inet:127.0.0.1:{port} exited" in done.stderr
+    assert "listener on unix:" in done.stderr and "stopped" in done.stderr
     assert "Traceback" not in done.stderr
 
 
