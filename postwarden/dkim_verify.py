@@ -32,6 +32,9 @@ _dkimpy_log.setLevel(logging.CRITICAL)
 AR_HEADER = "Authentication-Results"
 # A reason quotes tag values from the message: bounded, one line, for the log and the header.
 REASON_LIMIT = 200
+# Each signature may cost one DNS lookup of up to dns.timeout: a bound on how many are checked
+# keeps a message with hundreds of signatures from holding a milter thread for minutes.
+MAX_SIGNATURES = 10
 DnsFunc = Callable[..., bytes | None]
 
 
@@ -47,7 +50,7 @@ class KeyNotFoundError(Exception):
 class DkimResult:
     """The outcome of one DKIM-Signature."""
 
-    result: str  # pass | fail | permerror | temperror | none
+    result: str  # pass | fail | permerror | temperror | policy | none
     domain: str = ""
     selector: str = ""
     algorithm: str = ""
@@ -95,7 +98,7 @@ def verify_message(message: bytes, dnsfunc: DnsFunc, *, timeout: float = 5.0) ->
         return [DkimResult("permerror", reason=reason)]
     count = sum(1 for name, _ in checker.headers if name.lower() == b"dkim-signature")
     results = []
-    for idx in range(count):
+    for idx in range(min(count, MAX_SIGNATURES)):
         checker.signature_fields = {}
         try:
             ok = checker.verify(idx=idx, dnsfunc=dnsfunc)
@@ -123,6 +126,10 @@ def verify_message(message: bytes, dnsfunc: DnsFunc, *, timeout: float = 5.0) ->
                 reason=sanitise(reason, REASON_LIMIT),
             )
         )
+    if count > MAX_SIGNATURES:
+        skipped = count - MAX_SIGNATURES
+        reason = f"{skipped} more signatures not checked (limit {MAX_SIGNATURES})"
+        results.append(DkimResult("policy", reason=reason))
     return results
 
 

@@ -24,7 +24,13 @@ from postwarden.dkim_signing import (
     sign,
     sign_headers_for,
 )
-from postwarden.dkim_verify import DnsFunc, KeyNotFoundError, results_header, verify_message
+from postwarden.dkim_verify import (
+    MAX_SIGNATURES,
+    DnsFunc,
+    KeyNotFoundError,
+    results_header,
+    verify_message,
+)
 
 NOW = 1_760_000_000
 
@@ -241,3 +247,22 @@ def test_a_hostile_reason_stays_one_quoted_ascii_line(rsa_key: rsa.RSAPrivateKey
     assert "\n" not in value and "\r" not in value and "\\" not in value
     (parsed,) = authres.AuthenticationResultsHeader.parse_value(value).results
     assert parsed.result == "permerror" and parsed.header_d == "example.com"
+
+
+def test_at_most_max_signatures_are_checked(rsa_key: rsa.RSAPrivateKey) -> None:
+    """Each check may wait for DNS: a flood of signatures is cut off, and says so."""
+    key = _signing_key(rsa_key)
+    headers, body = parse_message(MESSAGES["plain"])
+    signature = sign(headers, body, [key])[0].field
+    lookups: list[bytes] = []
+    zone = _dnsfunc(key)
+
+    def counting(name: bytes, timeout: float = 5.0) -> bytes | None:
+        lookups.append(name)
+        return zone(name, timeout)
+
+    results = verify_message(signature * (MAX_SIGNATURES + 3) + MESSAGES["plain"], counting)
+    assert [r.result for r in results] == ["pass"] * MAX_SIGNATURES + ["policy"]
+    assert "3 more signatures not checked" in results[-1].reason
+    assert len(lookups) == MAX_SIGNATURES
+    assert "dkim=policy" in results_header("mx.test", results)
