@@ -180,14 +180,21 @@ def check_mx(facts: DnsFacts) -> CheckResult:
 
 
 def check_ptr(facts: DnsFacts) -> CheckResult:
-    if facts.ip is None:
-        return _result("PTR", False, "no gateway IP known (give --ip or publish an A record)")
+    reverse = (
+        "<the gateway IP, reversed>.in-addr.arpa"
+        if facts.ip is None
+        else ipaddress.ip_address(facts.ip).reverse_pointer
+    )
     publish = [
-        f"{ipaddress.ip_address(facts.ip).reverse_pointer}. IN PTR {facts.hostname}."
+        f"{reverse}. IN PTR {facts.hostname}."
         "  (set by whoever owns the IP: ask your hosting provider)"
     ]
+    # Also when the gateway's own address could not be looked up: that is why no IP is known.
     if failed := _failed_lookup(facts, "PTR", publish):
         return failed
+    if facts.ip is None:
+        found = "no gateway IP known (give --ip or publish an A record)"
+        return _result("PTR", False, found, publish)
     if not facts.ptr_names:
         return _result("PTR", False, f"{facts.ip} has no PTR record", publish)
     confirmed = [n for n in facts.ptr_names if facts.ip in facts.ptr_addresses.get(n, ())]
@@ -220,7 +227,11 @@ def _spf_allows(record: str, facts: DnsFacts) -> bool | None:
                     return True
             except ValueError:
                 continue
-        if mech.startswith(("include:", "redirect=", "a:", "mx:", "exists:")):
+        # Mechanisms naming other hosts or prefixes ("a/24" covers the A record's network)
+        # need lookups this pure judge does not make: the record may allow the IP.
+        if mech == "ptr" or mech.startswith(
+            ("include:", "redirect=", "a:", "mx:", "a/", "mx/", "exists:", "ptr:")
+        ):
             maybe = True
     return None if maybe else False
 

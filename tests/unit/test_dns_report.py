@@ -86,7 +86,14 @@ def test_spf_failures(records: tuple[str, ...], why: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "record", ["v=spf1 ip4:192.0.2.0/24 ~all", "v=spf1 include:_spf.provider.example -all"]
+    "record",
+    [
+        "v=spf1 ip4:192.0.2.0/24 ~all",
+        "v=spf1 include:_spf.provider.example -all",
+        # The A record's /24 may hold the gateway: a network, not the address itself.
+        "v=spf1 a/24 -all",
+        "v=spf1 mx/24 -all",
+    ],
 )
 def test_spf_passes_by_network_or_possible_include(record: str) -> None:
     assert result(replace(READY, txt_records=(record,)), "SPF").passed
@@ -118,6 +125,17 @@ def test_ptr_must_resolve_back() -> None:
 def test_ptr_without_ip_fails_with_hint() -> None:
     check = result(replace(READY, ip=None), "PTR")
     assert not check.passed and "--ip" in check.found
+    assert check.publish == (
+        "<the gateway IP, reversed>.in-addr.arpa. IN PTR mx.example.com."
+        "  (set by whoever owns the IP: ask your hosting provider)",
+    )
+
+
+def test_ptr_without_ip_says_the_lookup_failed() -> None:
+    facts = replace(READY, ip=None, errors={"PTR": "A mx.example.com: timed out"})
+    check = result(facts, "PTR")
+    assert not check.passed
+    assert check.found == "lookup failed: A mx.example.com: timed out"
 
 
 def test_dkim_other_key_published_fails() -> None:
