@@ -14,8 +14,9 @@ from typing import Any
 import click
 import dns.exception
 import dns.resolver
+from pydantic import ValidationError
 
-from cli.context import EXIT_FAILURE, CliContext, pass_cli
+from cli.context import EXIT_FAILURE, EXIT_USAGE, CliContext, pass_cli
 from postwarden.config.model import DkimKey
 from postwarden.dkim_keys import (
     DEFAULT_RSA_BITS,
@@ -33,6 +34,7 @@ from postwarden.dkim_keys import (
     write_key,
 )
 from postwarden.dns_resolver import make_sync_resolver
+from postwarden.untrusted import sanitise
 
 
 @click.group("dkim")
@@ -81,7 +83,12 @@ def keygen(
     """Write a new private key (mode 0600) and print its DNS record and config entry."""
     from pathlib import Path
 
-    domain = normalise_domain(domain)
+    try:  # the config's own rules: the key file name and the DNS name are built from these
+        entry = DkimKey(domain=domain, selector=selector, key=Path("unused"))
+    except ValidationError as exc:
+        click.echo(f"dkim keygen: {exc.errors()[0]['msg']}", err=True)
+        raise SystemExit(EXIT_USAGE) from None
+    domain = entry.domain
     target_dir = Path(directory) if directory else cli_ctx.config().dkim.key_directory
     full_algorithm: Algorithm = "rsa-sha256" if algorithm == "rsa" else "ed25519-sha256"
     key = generate_key(full_algorithm, bits)
@@ -199,7 +206,8 @@ def check(cli_ctx: CliContext, domain: str, selector: str | None, as_json: bool)
             else:
                 status, detail = (
                     "mismatch",
-                    "DNS publishes a different key: " + "; ".join(published),
+                    # Text from DNS: no control characters reach the terminal.
+                    "DNS publishes a different key: " + sanitise("; ".join(published), 2000),
                 )
         results.append({"name": key.record_name, "status": status, "detail": detail})
     if as_json:

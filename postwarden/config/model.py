@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from postwarden.config.mail import MailConfig
+from postwarden.config.mail import MailConfig, check_domain
 from postwarden.config.types import Listen, ListenAddress, Network, Seconds, parse_network
 
 
@@ -184,11 +184,27 @@ class SpfConfig(Section):
     add_header: bool = True
 
 
+_SELECTOR_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+
+
 class DkimKey(Section):
     domain: str
     selector: str
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
     key: Path
+
+    @field_validator("domain")
+    @classmethod
+    def _valid_domain(cls, value: str) -> str:
+        return check_domain(value)
+
+    @field_validator("selector")
+    @classmethod
+    def _valid_selector(cls, value: str) -> str:
+        # s= and a DNS name (and keygen's file name): labels of letters, digits and '-'.
+        if not _SELECTOR_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a selector (letters, digits, '-', dots)")
+        return value
 
 
 class DkimConfig(Section):

@@ -78,6 +78,25 @@ def test_keygen_ed25519_and_bits(tmp_path: Path) -> None:
     assert bad.returncode == 2
 
 
+@pytest.mark.parametrize(
+    ("domain", "selector", "error"),
+    [
+        ("example.com", "../../etc/x", "is not a selector"),
+        ("example.com", "s 1", "is not a selector"),
+        ("../example.com", "s1", "is not a domain name"),
+    ],
+)
+def test_keygen_refuses_names_that_are_no_dns_names(
+    tmp_path: Path, domain: str, selector: str, error: str
+) -> None:
+    """Both become the key's file name and the TXT record's name: nothing else gets through."""
+    keys = tmp_path / "keys"
+    done = _run(None, "dkim", "keygen", domain, "--selector", selector, "--directory", str(keys))
+    assert done.returncode == 2, done.stdout
+    assert error in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no key written anywhere
+
+
 def test_dns_prints_opendkim_genkey_keys_as_opendkim_does(tmp_path: Path) -> None:
     subprocess.run(
         [
