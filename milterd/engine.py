@@ -121,6 +121,15 @@ class Engine:
                     log.error("%s; mail from %s gets milterd.on_error", exc, domain)
                     self.broken[domain] = exc
         self.keys = signing_keys([k for k in loaded if k.domain not in self.broken])
+        if self.sign_enabled:
+            self._warn_unsigned(config.mail.local_domains)
+
+    def _warn_unsigned(self, domains: Sequence[str]) -> None:
+        """Say at start which of our own mail domains would leave unsigned (no key at all)."""
+        for domain in domains:
+            covered = keys_for_domain(domain, self.keys, subdomains=self.subdomains)
+            if covered is None and domain not in self.broken:
+                log.warning("mail domain %s has no DKIM key: its mail leaves unsigned", domain)
 
     def is_outgoing(self, envelope: Envelope) -> bool:
         """SASL-authenticated, or from a trusted network, or injected locally (no client IP)."""

@@ -170,6 +170,31 @@ def test_a_missing_old_selector_does_not_stop_the_new_one(tmp_path: Path) -> Non
         rotated.process(Envelope("127.0.0.1"), [(b"From", b"a@x.p.test")], BODY)
 
 
+def test_main_and_additional_domains_each_signed_with_their_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for domain in ("main.test", "extra.test"):
+        write_key(generate_key("rsa-sha256"), tmp_path / f"{domain}.key")
+    keys = [
+        {"domain": d, "selector": "s1", "key": str(tmp_path / f"{d}.key")}
+        for d in ("main.test", "extra.test")
+    ]
+    mail = {
+        "hostname": "mx.main.test",
+        "main_domain": "main.test",
+        "additional_domains": ["extra.test", "nokey.test"],
+    }
+    config = Config.model_validate({"mail": mail, "dkim": {"keys": keys}})
+    engine = Engine(config, dnsfunc=lambda name, timeout=5.0: None)
+    for domain in ("main.test", "extra.test"):
+        changes = engine.process(Envelope(None, "alice"), [(b"From", f"a@{domain}".encode())], BODY)
+        assert len(changes.add) == 1 and f"d={domain};" in changes.add[0][1]
+    unsigned = engine.process(Envelope(None, "alice"), [(b"From", b"a@nokey.test")], BODY)
+    assert unsigned.add == []
+    assert "mail domain nokey.test has no DKIM key" in caplog.text
+    assert "main.test has no" not in caplog.text and "extra.test has no" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("listen", "spec"),
     [
