@@ -289,13 +289,15 @@ def send_test(
     message = build_message(sender, recipient, subject, hostname=cfg.mail.hostname)
     try:
         if server is None:
-            target = send_local(message, host, port or cfg.mail.smtp_port, timeout)
+            target = send_local(
+                message, host, port or cfg.mail.smtp_port, timeout, helo=cfg.mail.helo
+            )
         else:
             relay = next((r for r in cfg.mail.relays if r.name == server), None)
             if relay is None:
                 names = ", ".join(r.name for r in cfg.mail.relays) or "none configured"
                 _fail(f"send-test: no relay named {server!r} (relays: {names})", EXIT_USAGE)
-            target = send_via_relay(message, relay, cfg.mail.tls.ca, timeout)
+            target = send_via_relay(message, relay, cfg.mail.tls.ca, timeout, helo=cfg.mail.helo)
     except SendTestError as exc:
         _fail(f"send-test: not accepted: {exc}")
     click.echo(f"accepted by {target}: {message['Message-ID']}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import smtplib
-import socket
 import ssl
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -50,10 +49,10 @@ def _send(client: smtplib.SMTP, message: EmailMessage) -> None:
         raise SendTestError(_reply(code, text))
 
 
-def send_local(message: EmailMessage, host: str, port: int, timeout: float) -> str:
+def send_local(message: EmailMessage, host: str, port: int, timeout: float, *, helo: str) -> str:
     """Submit to the local Postfix (a trusted network: signed and sent on like users' mail)."""
     try:
-        with smtplib.SMTP(host, port, timeout=timeout) as client:
+        with smtplib.SMTP(host, port, timeout=timeout, local_hostname=helo) as client:
             client.ehlo()
             _send(client, message)
     except SendTestError:
@@ -73,25 +72,31 @@ def _tls_context(ca: Path | None) -> ssl.SSLContext:
 
 
 def send_via_relay(
-    message: EmailMessage, relay: RelayServer, ca: Path | None, timeout: float
+    message: EmailMessage, relay: RelayServer, ca: Path | None, timeout: float, *, helo: str
 ) -> str:
-    """Send straight to an outbound relay as Postfix would: its protocol, STARTTLS, login."""
+    """Send straight to an outbound relay as Postfix would: HELO name, protocol, TLS, login."""
     target = f"{relay.name} ({relay.host}:{relay.effective_port})"
     try:
         context = _tls_context(ca)
         client: smtplib.SMTP
         if relay.protocol == "smtps":
             client = smtplib.SMTP_SSL(
-                relay.host, relay.effective_port, timeout=timeout, context=context
+                relay.host,
+                relay.effective_port,
+                timeout=timeout,
+                context=context,
+                local_hostname=helo,
             )
         else:
-            client = smtplib.SMTP(relay.host, relay.effective_port, timeout=timeout)
+            client = smtplib.SMTP(
+                relay.host, relay.effective_port, timeout=timeout, local_hostname=helo
+            )
         with client:
-            client.ehlo(socket.getfqdn())
+            client.ehlo()
             if relay.protocol == "smtp" and relay.starttls != "disabled":
                 if client.has_extn("starttls"):
                     client.starttls(context=context)
-                    client.ehlo(socket.getfqdn())
+                    client.ehlo()
                 elif relay.starttls == "required":
                     raise SendTestError(f"{target} does not offer STARTTLS (starttls = required)")
             if relay.username is not None and relay.password_file is not None:

@@ -76,8 +76,11 @@ def test_through_named_relay_with_required_starttls(
     )
     assert done.returncode == 0, done.stderr
     assert "accepted by inside (127.0.0.1:" in done.stdout
-    system.wait_for_delivery("alice@example.test", "alice-secret")
+    (message,) = system.wait_for_delivery("alice@example.test", "alice-secret")
     assert "TLS connection established" in system.postfix_log
+    # It greeted the relay with the gateway's HELO name, as Postfix's own smtp client would.
+    received = [str(h) for h in message.get_all("Received", [])]
+    assert any(h.startswith("from client.example.test (") for h in received), received
 
 
 @contextmanager
