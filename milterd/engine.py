@@ -21,7 +21,13 @@ from postwarden.dkim_keys import (
     normalise_domain,
     signing_keys,
 )
-from postwarden.dkim_signing import SigningError, from_domain, keys_for_domain, sign
+from postwarden.dkim_signing import (
+    SigningError,
+    from_domain,
+    keys_for_domain,
+    sign,
+    signing_candidates,
+)
 from postwarden.dkim_verify import (
     AR_HEADER,
     DnsFunc,
@@ -155,7 +161,7 @@ class Engine:
         if domain is None:
             raise MessageFault("outgoing message without a single parsable From address")
         # The most specific domain with any configured key decides, as in keys_for_domain.
-        for candidate in [domain, *_parents(domain)] if self.subdomains else [domain]:
+        for candidate in signing_candidates(domain, subdomains=self.subdomains):
             if candidate in self.broken:
                 raise MessageFault(f"cannot sign for {domain}: {self.broken[candidate]}")
             if candidate in self.keys:
@@ -197,8 +203,3 @@ class Engine:
             remove_results=forged,
             summary=summary,
         )
-
-
-def _parents(domain: str) -> list[str]:
-    labels = domain.split(".")
-    return [".".join(labels[i:]) for i in range(1, len(labels) - 1)]

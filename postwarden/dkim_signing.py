@@ -120,15 +120,18 @@ def keys_for_domain(
     domain: str, keys: Mapping[str, Sequence[SigningKey]], *, subdomains: bool
 ) -> tuple[str, Sequence[SigningKey]] | None:
     """The signing domain (d=) and keys for a From domain, or None to leave it unsigned."""
-    if domain in keys:
-        return domain, keys[domain]
-    if subdomains:
-        labels = domain.split(".")
-        for i in range(1, len(labels) - 1):
-            parent = ".".join(labels[i:])
-            if parent in keys:
-                return parent, keys[parent]
+    for candidate in signing_candidates(domain, subdomains=subdomains):
+        if candidate in keys:
+            return candidate, keys[candidate]
     return None
+
+
+def signing_candidates(domain: str, *, subdomains: bool) -> list[str]:
+    """Domains whose key may sign for `domain`, most specific first (never a bare TLD)."""
+    if not subdomains:
+        return [domain]
+    labels = domain.split(".")
+    return [domain] + [".".join(labels[i:]) for i in range(1, len(labels) - 1)]
 
 
 def canonical_body(body: bytes) -> bytes:
