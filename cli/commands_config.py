@@ -124,6 +124,9 @@ def _tool(argv: list[str]) -> tuple[int, str]:
         )
     except FileNotFoundError:
         return 127, f"{argv[0]} is not installed"
+    except subprocess.TimeoutExpired:
+        # A hung status or reload is a failed reload: said in one line, not a traceback.
+        raise ApplyError(f"{' '.join(argv)} did not finish in {CHECK_TIMEOUT}s") from None
     return done.returncode, (done.stdout + done.stderr).strip()
 
 
