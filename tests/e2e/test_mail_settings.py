@@ -40,12 +40,17 @@ def test_connection_control_file_in_the_seed_format_refuses_listed_clients(
         "192.168.1.1\n192.168.2.0:255.255.255.0\n2001:db8::/32\n203.0.113.*\n",
         encoding="utf-8",
     )
-    mail = mail_system_factory({"mail": {"connection_control": {"addresses_file": str(listed)}}})
-    for client in ("192.168.2.200", "203.0.113.5", "192.168.1.1"):
+    # ipv6 = true: Postfix takes IPv6 client addresses (XCLIENT included) only then.
+    mail = mail_system_factory(
+        {"mail": {"ipv6": True, "connection_control": {"addresses_file": str(listed)}}}
+    )
+    # XCLIENT names an IPv6 client as IPV6:addr.
+    for client in ("192.168.2.200", "203.0.113.5", "192.168.1.1", "IPV6:2001:db8:1::7"):
         refused = mail.smtp_send("a@remote.test", ALICE, client_ip=client)
         assert (refused.stage, refused.code) == ("xclient", 554), (client, refused)
         assert "Connection refused by policy" in refused.text
-    assert mail.smtp_send("a@remote.test", ALICE, client_ip="192.168.3.1").accepted
+    for client in ("192.168.3.1", "IPV6:2001:db9::7"):
+        assert mail.smtp_send("a@remote.test", ALICE, client_ip=client).accepted, client
 
 
 def test_unknown_local_mailbox_is_refused_at_rcpt(mail_system_factory: MailSystemFactory) -> None:
