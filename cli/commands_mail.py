@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -197,9 +198,22 @@ def queue_list(postfix_config: Path | None, queue_name: str | None, as_json: boo
     click.echo(f"{len(messages)} message(s)")
 
 
-def _one_or_all(queue_id: str | None, all_: bool, command: str) -> None:
+def _one_or_all_argv(
+    command: str,
+    queue_id: str | None,
+    all_: bool,
+    build: Callable[[Path | None, str | None], list[str]],
+    postfix_config: Path | None,
+) -> list[str]:
+    """The postqueue/postsuper command line for one ID or --all; a bad choice or ID exits 2."""
+    from postwarden.mail_queue import QueueError
+
     if (queue_id is None) == (not all_):
         _fail(f"queue {command}: give a queue ID or --all (not both)", EXIT_USAGE)
+    try:
+        return build(postfix_config, queue_id)
+    except QueueError as exc:
+        _fail(f"queue {command}: {exc}", EXIT_USAGE)
 
 
 @queue.command("resend")
@@ -208,13 +222,9 @@ def _one_or_all(queue_id: str | None, all_: bool, command: str) -> None:
 @_postfix_config_option
 def queue_resend(queue_id: str | None, all_: bool, postfix_config: Path | None) -> None:
     """Try delivering QUEUE_ID (or --all) now."""
-    from postwarden.mail_queue import QueueError, resend_argv
+    from postwarden.mail_queue import resend_argv
 
-    _one_or_all(queue_id, all_, "resend")
-    try:
-        argv = resend_argv(postfix_config, queue_id)
-    except QueueError as exc:
-        _fail(f"queue resend: {exc}", EXIT_USAGE)
+    argv = _one_or_all_argv("resend", queue_id, all_, resend_argv, postfix_config)
     # `postqueue -i` exits 0 for an id it does not have: look first, so a typo is not "done".
     if queue_id is not None and queue_id not in {m.queue_id for m in _queued(postfix_config)}:
         _fail(f"queue resend: no message {queue_id} in the queue")
@@ -228,13 +238,9 @@ def queue_resend(queue_id: str | None, all_: bool, postfix_config: Path | None) 
 @_postfix_config_option
 def queue_delete(queue_id: str | None, all_: bool, postfix_config: Path | None) -> None:
     """Delete QUEUE_ID (or --all) from the queue, without bouncing it."""
-    from postwarden.mail_queue import QueueError, delete_argv, deleted_count
+    from postwarden.mail_queue import delete_argv, deleted_count
 
-    _one_or_all(queue_id, all_, "delete")
-    try:
-        argv = delete_argv(postfix_config, queue_id)
-    except QueueError as exc:
-        _fail(f"queue delete: {exc}", EXIT_USAGE)
+    argv = _one_or_all_argv("delete", queue_id, all_, delete_argv, postfix_config)
     count = deleted_count(_run_postfix(argv))
     if queue_id is not None and count == 0:
         _fail(f"queue delete: no message {queue_id} in the queue")
