@@ -17,7 +17,7 @@ itself, which is what makes the "copy" kind keep its own mail.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -109,31 +109,30 @@ def find_loop(existing: Mapping[str, Sequence[str]], rule: AliasRule) -> list[st
     """A forwarding cycle the new rule would close (a -> b -> a), or None.
 
     An address that lists itself (the "copy" kind) is not a loop: Postfix delivers it.
+    Depth-first with an explicit stack: a chain of thousands of aliases is no recursion.
     """
     aliases = {**existing, rule.address: list(rule.targets)}
-    path: list[str] = []
-    on_path: set[str] = set()
+    path: list[str] = [rule.address]
+    on_path: set[str] = {rule.address}
     done: set[str] = set()
-
-    def visit(address: str) -> list[str] | None:
-        if address in on_path:
-            return [*path[path.index(address) :], address]
-        if address in done or address not in aliases:
-            return None
-        path.append(address)
-        on_path.add(address)
-        for target in aliases[address]:
-            if target == address:
-                continue
-            found = visit(target)
-            if found is not None:
-                return found
-        path.pop()
-        on_path.discard(address)
-        done.add(address)
-        return None
-
-    return visit(rule.address)
+    # Per address on the path, the targets still to visit.
+    pending: list[Iterator[str]] = [iter(aliases[rule.address])]
+    while pending:
+        target = next(pending[-1], None)
+        if target is None:
+            finished = path.pop()
+            on_path.discard(finished)
+            done.add(finished)
+            pending.pop()
+            continue
+        if target == path[-1] or target in done or target not in aliases:
+            continue
+        if target in on_path:
+            return [*path[path.index(target) :], target]
+        path.append(target)
+        on_path.add(target)
+        pending.append(iter(aliases[target]))
+    return None
 
 
 def describe(rule: AliasRule, local_domains: Iterable[str]) -> str:

@@ -106,3 +106,13 @@ def test_vacation_copy_and_chains_are_not_loops() -> None:
     existing = {"manager@example.com": ["r.johnson@example.com"]}
     assert find_loop(existing, rule("r.johnson", "j.smith", "r.johnson")) is None
     assert find_loop(existing, rule("boss", "manager")) is None
+
+
+def test_loop_found_at_the_end_of_a_long_chain() -> None:
+    # Deeper than Python's recursion limit: the search must not recurse per alias.
+    existing = {f"a{i}@example.com": [f"a{i + 1}@example.com"] for i in range(3000)}
+    existing["a3000@example.com"] = ["boss@example.com"]
+    loop = find_loop(existing, rule("boss", "a0"))
+    assert loop is not None
+    assert loop[0] == loop[-1] == "boss@example.com" and len(loop) == 3003
+    assert find_loop(existing, rule("other", "a0")) is None
