@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import imaplib
 import os
+import poplib
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory
 
@@ -284,3 +287,41 @@ def test_starttls_towards_the_relay_follows_the_setting(
     smarthost.wait_for_delivery(DAVE, DAVE_PW)
     used_tls = "TLS connection established from localhost[127.0.0.1]" in smarthost.postfix_log
     assert used_tls == (starttls == "enabled"), smarthost.postfix_log
+
+
+# --- the operator's own certificate ----------------------------------------------------------
+
+
+def test_configured_certificate_is_served_on_smtp_imap_and_pop3(
+    mail_system_factory: MailSystemFactory, tmp_path: Path
+) -> None:
+    # The operator's CA, unknown to the fixture: a client trusting only it can connect, so the
+    # certificate presented is the configured one, not the install-time self-signed pair.
+    operator_ca = trustme.CA()
+    # Named for mail.hostname (config apply insists) and the address the tests dial.
+    issued = operator_ca.issue_cert("mx.example.test", HOST)
+    cert, key = tmp_path / "mx.crt", tmp_path / "mx.key"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    mail = mail_system_factory({"mail": {"tls": {"cert": str(cert), "key": str(key)}}})
+    ctx = ssl.create_default_context()
+    operator_ca.configure_trust(ctx)
+    with smtplib.SMTP(HOST, mail.ports["smtp_port"], timeout=10) as client:
+        client.ehlo("client.test")
+        code, _ = client.starttls(context=ctx)
+        assert code == 220
+    with imaplib.IMAP4_SSL(HOST, mail.ports["imaps_port"], ssl_context=ctx, timeout=10) as imap:
+        imap.login(ALICE, ALICE_PW)
+    pop = poplib.POP3_SSL(HOST, mail.ports["pop3s_port"], context=ctx, timeout=10)
+    try:
+        pop.user(ALICE)
+        pop.pass_(ALICE_PW)
+    finally:
+        pop.quit()
+    # The fixture's own CA (the self-signed pair's) is not what is served any more.
+    with (
+        smtplib.SMTP(HOST, mail.ports["smtp_port"], timeout=10) as client,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        client.ehlo("client.test")
+        client.starttls(context=mail.client_tls_context())
