@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pty
+import select
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -80,19 +83,59 @@ def render(cli_ctx: CliContext, target: Path, as_json: bool) -> None:
             click.echo(str(path))
 
 
+def _run_on_terminal(argv: list[str]) -> tuple[int, str]:
+    """Exit code and words of a Postfix command whose stderr is a pseudo-terminal.
+
+    Postfix commands print warnings and fatal errors only when stderr is a terminal, and
+    otherwise only to syslog (which containers often lack): a refusal would come with no
+    reason.
+    """
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    finally:
+        os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + CHECK_TIMEOUT
+    try:
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not select.select([master], [], [], remaining)[0]:
+                continue
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the command and its children closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        else:
+            proc.kill()
+            proc.wait()
+            raise subprocess.TimeoutExpired(argv, CHECK_TIMEOUT)
+    finally:
+        os.close(master)
+    code = proc.wait(timeout=CHECK_TIMEOUT)
+    return code, b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+
+
 def _run_check(argv: list[str]) -> None:
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, check=False, timeout=CHECK_TIMEOUT
-        )
+        if argv[0] == "postfix":
+            code, said = _run_on_terminal(argv)
+        else:
+            # doveconf -n prints the whole config on stdout; its complaints go to stderr.
+            done = subprocess.run(
+                argv, capture_output=True, text=True, check=False, timeout=CHECK_TIMEOUT
+            )
+            code, said = done.returncode, done.stderr
     except FileNotFoundError:
         raise ApplyError(f"{argv[0]} is not installed") from None
     except subprocess.TimeoutExpired:
         raise ApplyError(f"{' '.join(argv)} did not finish in {CHECK_TIMEOUT}s") from None
-    # `postfix check` exits 0 but prints warnings; treat "fatal"/"error" text as refusal too.
-    output = (done.stdout + done.stderr).strip()
-    if done.returncode != 0 or "fatal:" in output or "Fatal:" in output:
-        raise ApplyError(f"{' '.join(argv)} refused the new configuration:\n{output}")
+    # `postfix check` may exit 0 after printing a fatal error; that is a refusal too.
+    said = said.strip()
+    if code != 0 or "fatal:" in said.lower():
+        raise ApplyError(f"{' '.join(argv)} refused the new configuration:\n{said}")
 
 
 def check_rendered(staging: Path) -> None:
