@@ -43,7 +43,6 @@ import ssl
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import dkim
 
@@ -55,6 +54,7 @@ cfg = load_config(config_path)
 mail = cfg.mail
 HOST = "127.0.0.1"
 DELIVERY_TIMEOUT = 60.0
+RETRY_TIMEOUT = 60.0
 
 
 def fail(message: str) -> None:
@@ -79,30 +79,41 @@ def message(tag: str, how: str) -> bytes:
     ).encode()
 
 
+def send(port: int, rcpt: str, tag: str, how: str, login: bool = False) -> None:
+    """One message in; a 4xx (a mailbox probe still running) is retried like an MTA would."""
+    deadline = time.monotonic() + RETRY_TIMEOUT
+    while True:
+        try:
+            with smtplib.SMTP(HOST, port, timeout=30) as smtp:
+                smtp.ehlo("smoke.localhost")
+                if login:
+                    smtp.starttls(context=tls_context())
+                    smtp.ehlo("smoke.localhost")
+                    smtp.login(user, password)
+                smtp.sendmail(user, [rcpt], message(tag, how))
+            return
+        except smtplib.SMTPRecipientsRefused as exc:
+            code, text = exc.recipients[rcpt]
+            if not 400 <= code < 500 or time.monotonic() > deadline:
+                fail(f"sending over {how}: {code} {text.decode(errors='replace')}")
+            print(f"smoke: {how}: {code}, retrying")
+            time.sleep(1)
+        except (OSError, smtplib.SMTPException) as exc:
+            fail(f"sending over {how}: {exc}")
+
+
 run = uuid.uuid4().hex[:12]
 sent: dict[str, str] = {}
-try:
-    with smtplib.SMTP(HOST, mail.smtp_port, timeout=30) as smtp:
-        smtp.ehlo("smoke.localhost")
-        smtp.sendmail(user, [user], message(f"{run}-smtp", f"SMTP port {mail.smtp_port}"))
-    sent[f"{run}-smtp"] = f"SMTP :{mail.smtp_port}"
-    print(f"smoke: sent over SMTP port {mail.smtp_port}")
-    with smtplib.SMTP(HOST, mail.smtp_port, timeout=30) as smtp:
-        smtp.ehlo("smoke.localhost")
-        smtp.sendmail(user, [alias], message(f"{run}-alias", f"SMTP to the alias {alias}"))
-    sent[f"{run}-alias"] = f"alias {alias}"
-    print(f"smoke: sent to the forwarding alias {alias}")
-    if mail.submission:
-        with smtplib.SMTP(HOST, mail.submission_port, timeout=30) as smtp:
-            smtp.ehlo("smoke.localhost")
-            smtp.starttls(context=tls_context())
-            smtp.ehlo("smoke.localhost")
-            smtp.login(user, password)
-            smtp.sendmail(user, [user], message(f"{run}-587", "submission with login"))
-        sent[f"{run}-587"] = f"submission :{mail.submission_port}"
-        print(f"smoke: sent over submission port {mail.submission_port} (STARTTLS, login)")
-except (OSError, smtplib.SMTPException) as exc:
-    fail(f"sending: {exc}")
+send(mail.smtp_port, user, f"{run}-smtp", f"SMTP port {mail.smtp_port}")
+sent[f"{run}-smtp"] = f"SMTP :{mail.smtp_port}"
+print(f"smoke: sent over SMTP port {mail.smtp_port}")
+send(mail.smtp_port, alias, f"{run}-alias", f"SMTP to the alias {alias}")
+sent[f"{run}-alias"] = f"alias {alias}"
+print(f"smoke: sent to the forwarding alias {alias}")
+if mail.submission:
+    send(mail.submission_port, user, f"{run}-587", "submission with login", login=True)
+    sent[f"{run}-587"] = f"submission :{mail.submission_port}"
+    print(f"smoke: sent over submission port {mail.submission_port} (STARTTLS, login)")
 
 keys = {(k.domain, k.selector): dkim_record(k.key.read_bytes()) for k in cfg.dkim.keys}
 
