@@ -119,21 +119,8 @@ def _run_on_terminal(argv: list[str]) -> tuple[int, str]:
 
 
 def _run_check(argv: list[str]) -> None:
-    try:
-        if argv[0] == "postfix":
-            code, said = _run_on_terminal(argv)
-        else:
-            # doveconf -n prints the whole config on stdout; its complaints go to stderr.
-            done = subprocess.run(
-                argv, capture_output=True, text=True, check=False, timeout=CHECK_TIMEOUT
-            )
-            code, said = done.returncode, done.stderr
-    except FileNotFoundError:
-        raise ApplyError(f"{argv[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise ApplyError(f"{' '.join(argv)} did not finish in {CHECK_TIMEOUT}s") from None
+    code, said = _tool(argv)
     # `postfix check` may exit 0 after printing a fatal error; that is a refusal too.
-    said = said.strip()
     if code != 0 or "fatal:" in said.lower():
         raise ApplyError(f"{' '.join(argv)} refused the new configuration:\n{said}")
 
@@ -161,16 +148,24 @@ def install_rendered(files: dict[str, str], staging: Path, layout: Layout) -> li
 
 
 def _tool(argv: list[str]) -> tuple[int, str]:
+    """Exit code and diagnostics of a Postfix or Dovecot command (never doveconf's dump).
+
+    Not installed, or hung: ApplyError, in one line.
+    """
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, check=False, timeout=CHECK_TIMEOUT
-        )
+        if argv[0] == "postfix":
+            code, said = _run_on_terminal(argv)
+        else:
+            # doveconf -n prints the whole config on stdout; complaints go to stderr.
+            done = subprocess.run(
+                argv, capture_output=True, text=True, check=False, timeout=CHECK_TIMEOUT
+            )
+            code, said = done.returncode, done.stderr
     except FileNotFoundError:
-        return 127, f"{argv[0]} is not installed"
+        raise ApplyError(f"{argv[0]} is not installed") from None
     except subprocess.TimeoutExpired:
-        # A hung status or reload is a failed reload: said in one line, not a traceback.
         raise ApplyError(f"{' '.join(argv)} did not finish in {CHECK_TIMEOUT}s") from None
-    return done.returncode, (done.stdout + done.stderr).strip()
+    return code, said.strip()
 
 
 def reload_postfix(layout: Layout) -> str:
