@@ -8,8 +8,10 @@ connection, on libmilter's thread for it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import socket
+import threading
 import time
 from typing import Any, ClassVar
 
@@ -28,11 +30,28 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
     """One SMTP connection's worth of state."""
 
     engine: ClassVar[Engine]
+    # Messages between MAIL FROM and their end, over all connections. In shared memory
+    # (set by the server), so the supervisor can let them finish before it ends the listener.
+    busy: ClassVar[ctypes.c_int64] = ctypes.c_int64(0)
+    _busy_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self) -> None:
         super().__init__()
         self.client_ip: str | None = None
+        self.in_message = False
         self._reset()
+
+    def _begin_message(self) -> None:
+        if not self.in_message:
+            self.in_message = True
+            with self._busy_lock:
+                DkimMilter.busy.value += 1
+
+    def _end_message(self) -> None:
+        if self.in_message:
+            self.in_message = False
+            with self._busy_lock:
+                DkimMilter.busy.value -= 1
 
     def _reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
@@ -48,6 +67,7 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
     @Milter.noreply  # type: ignore[untyped-decorator]
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self._reset()
+        self._begin_message()
         self.auth_authen = self.getsymval("{auth_authen}") or None
         if self.client_ip is None:
             self.client_ip = self.getsymval("{client_addr}") or None
@@ -80,6 +100,7 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
             return self._on_error(queue_id, f"internal error {type(exc).__name__}: {exc}")
         finally:
             self._reset()
+            self._end_message()
         log.debug(
             "%s: %s (%.1f ms)", queue_id, changes.summary, (time.monotonic() - started) * 1000
         )
@@ -87,6 +108,11 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
 
     def abort(self) -> int:
         self._reset()
+        self._end_message()
+        return CONTINUE
+
+    def close(self) -> int:
+        self._end_message()  # the MTA went away mid-message
         return CONTINUE
 
     def _apply(self, changes: Changes) -> None:

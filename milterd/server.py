@@ -8,7 +8,10 @@ TCP_NODELAY, so over TCP every message stalls ~40 ms (Nagle + delayed ACK).
 Stopping: libmilter takes SIGTERM in its own signal thread, but its accept loop holds a lock
 while it polls with a 5 s timeout, so alone it notices a stop only up to 5 s later. The
 supervisor (no libmilter in it) forwards SIGTERM and then connects to each listener until it
-exits: every connection wakes the poll at once. Messages in progress finish.
+exits: every connection wakes the poll at once. Once libmilter has a SIGTERM it serves no
+further command of any session, so a listener gets it only when its messages in progress
+are done (bounded by DRAIN_TIMEOUT); what is cut, Postfix defers (tempfail). Under systemd
+this needs KillMode=mixed, or every process gets the SIGTERM at once.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import contextlib
 import ctypes
 import grp
 import logging
+import mmap
 import os
 import signal
 import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -41,6 +46,8 @@ SOCKET_WAIT = 10.0
 # After SIGTERM: how long listeners may finish messages in progress before SIGKILL (systemd's
 # TimeoutStopSec is 30 s), and how often the supervisor wakes their accept loops meanwhile.
 STOP_GRACE = 25.0
+# Messages in progress at a stop may finish for this long before their listener gets SIGTERM.
+DRAIN_TIMEOUT = 10.0
 WAKE_INTERVAL = 0.1
 _SUPERVISED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -94,52 +101,75 @@ def run(config: Config) -> int:
     # Blocked before forking, so no signal slips in between; listeners keep TERM/INT/HUP
     # blocked too, which is what libmilter's signal thread (sigwait) wants.
     signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
-    children: dict[int, ListenAddress] = {}
+    children: dict[int, Listener] = {}
     supervisor = os.getpid()
-    for address in cfg.listen:
+    shared = mmap.mmap(-1, 8 * len(cfg.listen))  # anonymous, shared with the children
+    for index, address in enumerate(cfg.listen):
+        busy = ctypes.c_int64.from_buffer(shared, 8 * index)
         pid = os.fork()
         if pid == 0:
+            DkimMilter.busy = busy
             _serve(config, address, supervisor)
-        children[pid] = address
+        children[pid] = Listener(address, busy)
     return _supervise(children)
 
 
-def _supervise(children: dict[int, ListenAddress]) -> int:
+@dataclass
+class Listener:
+    """One listener process as the supervisor sees it."""
+
+    address: ListenAddress
+    busy: ctypes.c_int64  # its messages in progress, in shared memory
+    stopping: bool = False  # SIGTERM sent
+
+
+def _supervise(children: dict[int, Listener]) -> int:
     """Wait for a signal or a listener's exit; on either, stop all and return the exit code."""
     code = 0
-    stop_at: float | None = None
+    started: float | None = None  # when the stop began
     while children:
         # SIGCHLD says a listener exited; the 1 s bound only guards against a missed one.
-        timeout = 1.0 if stop_at is None else WAKE_INTERVAL
+        timeout = 1.0 if started is None else WAKE_INTERVAL
         info = signal.sigtimedwait(_SUPERVISED, timeout)
         signo = info.si_signo if info is not None else None
         if signo == signal.SIGHUP:
             # Not forwarded: libmilter would end its listener on HUP, and keys load at start.
             log.warning("SIGHUP ignored: restart milterd to load a changed config or keys")
-        elif signo in (signal.SIGTERM, signal.SIGINT) and stop_at is None:
+        elif signo in (signal.SIGTERM, signal.SIGINT) and started is None:
             log.info("milterd stopping (%s)", signal.Signals(signo).name)
-            stop_at = time.monotonic() + STOP_GRACE
-            _signal_all(children, signal.SIGTERM)
+            started = time.monotonic()
         for pid, status in _reap(children):
-            address = children.pop(pid)
+            address = children.pop(pid).address
             exit_code = os.waitstatus_to_exitcode(status)
-            if stop_at is None:
+            if started is None:
                 # A listener gone on its own: stop the rest so the service manager restarts all.
                 log.error("milterd listener on %s exited with %d; stopping", address, exit_code)
                 code = exit_code if exit_code > 0 else 1
-                stop_at = time.monotonic() + STOP_GRACE
-                _signal_all(children, signal.SIGTERM)
-        if stop_at is not None:
-            if time.monotonic() > stop_at:
-                log.error("milterd listeners did not stop within %.0fs; killing", STOP_GRACE)
-                _signal_all(children, signal.SIGKILL)
-            for address in children.values():
-                _wake(address)
+                started = time.monotonic()
+        if started is not None:
+            _stop_step(children, time.monotonic() - started)
     log.info("milterd stopped")
     return code
 
 
-def _reap(children: dict[int, ListenAddress]) -> list[tuple[int, int]]:
+def _stop_step(children: dict[int, Listener], elapsed: float) -> None:
+    """One round of stopping: drain, SIGTERM, wake the accept loop; SIGKILL when overdue.
+
+    Once libmilter has the SIGTERM it hands no further command to a session, so a listener
+    gets it only when it has no message in progress (or DRAIN_TIMEOUT has passed).
+    """
+    for pid, listener in children.items():
+        if elapsed > STOP_GRACE:
+            log.error("milterd listener on %s did not stop; killing", listener.address)
+            _signal(pid, signal.SIGKILL)
+        elif not listener.stopping and (listener.busy.value <= 0 or elapsed > DRAIN_TIMEOUT):
+            listener.stopping = True
+            _signal(pid, signal.SIGTERM)
+        if listener.stopping:
+            _wake(listener.address)
+
+
+def _reap(children: dict[int, Listener]) -> list[tuple[int, int]]:
     done = []
     for pid in list(children):
         waited, status = os.waitpid(pid, os.WNOHANG)
@@ -148,10 +178,9 @@ def _reap(children: dict[int, ListenAddress]) -> list[tuple[int, int]]:
     return done
 
 
-def _signal_all(children: dict[int, ListenAddress], signum: int) -> None:
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
 
 
 def _wake(address: ListenAddress) -> None:
@@ -219,4 +248,8 @@ def _listen(config: Config, address: ListenAddress, supervisor: int) -> None:
         Milter.runmilter(MILTER_NAME, socket_spec(address), MTA_TIMEOUT)
     except Milter.milter.error as exc:
         raise MilterdStartError(f"cannot serve on {address}: {exc}") from None
+    # pymilter runs no callback once runmilter has returned: what is still in progress is cut,
+    # and Postfix defers it (milter_default_action = tempfail).
+    if DkimMilter.busy.value > 0:
+        log.warning("%d messages cut by the stop; Postfix defers them", DkimMilter.busy.value)
     log.info("milterd listener on %s stopped", address)

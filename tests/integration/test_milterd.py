@@ -369,6 +369,34 @@ def test_unix_and_tcp_at_once_and_a_prompt_stop(
     assert "Traceback" not in logs
 
 
+def test_a_message_in_progress_at_sigterm_gets_its_answer(
+    milterd_daemon: StartMilterd, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop is prompt for the accept loop, not for a message Postfix is handing over."""
+    daemon = milterd_daemon(_config(keys))
+    real_packet = mc._packet
+
+    def sigterm_before_end_of_message(command: bytes, data: bytes = b"") -> bytes:
+        if command == b"E":
+            daemon.process.send_signal(signal.SIGTERM)
+            daemon.wait_for_log("milterd stopping (SIGTERM)")
+            time.sleep(0.3)  # an idle listener would have been stopped by now
+        return real_packet(command, data)
+
+    with daemon.client() as client:
+        client.negotiate()
+        client.connect("127.0.0.1")
+        monkeypatch.setattr(mc, "_packet", sigterm_before_end_of_message)
+        result = client.message(MESSAGE, auth_authen="alice")
+    answered = time.monotonic()
+    assert result.action == "accept"
+    assert len(result.headers_named("DKIM-Signature")) == 1
+    assert daemon.process.wait(10) == 0
+    assert time.monotonic() - answered < 2.0, daemon.logs()  # then it stops at once
+    assert _verify(keys, result.apply(MESSAGE)) == ["pass"]
+    assert "cut by the stop" not in daemon.logs()
+
+
 def _tcp_answers(port: int) -> bool:
     try:
         with mc.MilterClient.tcp("127.0.0.1", port, 1.0) as client:
