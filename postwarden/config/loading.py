@@ -52,6 +52,10 @@ def _describe(error: Any) -> str:
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     given = error.get("input")
+    if isinstance(given, dict | list):
+        # A check across several keys of a table: the message names them; the table itself
+        # would only bury it.
+        return f"{key}: {msg}"
     return f"{key} = {given!r}: {msg}"
 
 

@@ -135,3 +135,10 @@ def test_config_is_frozen() -> None:
     cfg = parse_config({})
     with pytest.raises(ValueError, match="frozen"):
         cfg.greylisting.delay = 1  # type: ignore[misc]
+
+
+def test_check_across_keys_names_them_without_dumping_the_table(tmp_path: Path) -> None:
+    path = write(tmp_path, "[mail]\nsubmission_port = 25\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: mail: submission_port = 25 is already used by smtp_port"
