@@ -8,15 +8,29 @@ most `busy_timeout` and then fail with StoreError (the caller answers its defaul
 Two files: the URL's file holds the lists and aliases, `<name>.greylist<.ext>` next to
 it the greylist state. SQLite locks whole files, so a million-entry import (seconds in
 one transaction) never makes the daemon's per-request greylist writes wait.
+
+Write-behind (`enable_write_behind()`, used by policyd): a greylist update goes into an
+in-memory overlay that this process's lookups consult first, and the overlay is written
+in one transaction every FLUSH_INTERVAL (or at FLUSH_BATCH pending records) instead of
+one autocommit per request. An autocommit costs more CPU than the rest of a request, and
+with several workers each one queues on the file's write lock, inside a blocking call
+that stalls the event loop. The batch takes the lock without waiting (busy timeout 0)
+and retries later if another process holds it. close() (SIGTERM) writes what is left;
+a crash loses at most the last few ms of greylist state, so those senders are greylisted
+once more — harmless. A `greylist pass` by the CLI within those ms of a daemon's own
+update to the same triplet may be overwritten by it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -32,7 +46,15 @@ from postwarden.store.base import (
     TripletRecord,
 )
 
+log = logging.getLogger("postwarden.store")
+
 SCHEMA_VERSION = 1
+FLUSH_INTERVAL = 0.005  # seconds a write-behind update waits for company before its commit
+FLUSH_BATCH = 512  # pending records that make a commit happen at once
+# Beyond this many pending records (the file locked for a long time), updates write
+# through with the normal busy timeout, and fail with StoreError if it runs out.
+MAX_PENDING = 100_000
+FLUSH_ERROR_LOG_INTERVAL = 60.0
 DEFAULT_CHANGE_LOG_LIMIT = 100_000
 _LIST_NAMES = frozenset(name.value for name in ListName)
 _LIST_BY_NAME = {name.value: name for name in ListName}
@@ -158,12 +180,19 @@ class SqliteStore(Store):
         self._lists_db: sqlite3.Connection | None = None
         self._greylist_db: sqlite3.Connection | None = None
         self._inherited: list[sqlite3.Connection | None] = []
-        self._pid = os.getpid()
         self._errors = _Errors(self)
         self._closed = False
         self.purge_slice = 5000  # rows per purge transaction (a few ms of write lock)
+        self._write_behind = False
+        # Pending greylist writes: key -> the row's values after the key.
+        self._pending_triplets: dict[str, tuple[float, float, int, float]] = {}
+        self._pending_networks: dict[str, tuple[int, float, float]] = {}
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_error_logged = 0.0
         with self._errors:
             self._open()
+        _OPEN_STORES.add(self)
 
     def _open(self) -> None:
         try:
@@ -235,30 +264,45 @@ class SqliteStore(Store):
         version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
         return None if version is None else int(version)
 
+    def _after_fork(self) -> None:
+        # A connection must not cross fork(): a worker forked after open gets its own
+        # (opened on first use). The parent's are kept, untouched: even closing them in
+        # the child could disturb the parent's locks (SQLite: never use a connection
+        # across fork). Pending writes are the parent's to commit, not the child's.
+        self._inherited += (self._lists_db, self._greylist_db)
+        self._lists_db = self._greylist_db = None
+        self._pending_triplets = {}
+        self._pending_networks = {}
+        self._flush_handle = None
+        self._flush_loop = None
+
     def _reopen(self) -> None:
         if self._closed:
             raise StoreError(f"sqlite store {self.path}: closed")
-        # A connection must not cross fork(): a worker forked after open gets its own.
-        # The parent's are kept, untouched: even closing them in the child could
-        # disturb the parent's locks (SQLite: never use a connection across fork).
-        self._inherited += (self._lists_db, self._greylist_db)
+        for conn in (self._lists_db, self._greylist_db):
+            if conn is not None:
+                conn.close()
         self._lists_db = self._greylist_db = None
-        self._pid = os.getpid()
         self._open()
 
     @property
     def _lists(self) -> sqlite3.Connection:
-        if self._lists_db is None or self._pid != os.getpid():
+        # No getpid() per access: the fork hook clears the connections in a child.
+        if self._lists_db is None:
             self._reopen()
         assert self._lists_db is not None
         return self._lists_db
 
     @property
     def _greylist(self) -> sqlite3.Connection:
-        if self._greylist_db is None or self._pid != os.getpid():
+        if self._greylist_db is None:
             self._reopen()
         assert self._greylist_db is not None
         return self._greylist_db
+
+    def enable_write_behind(self) -> None:
+        """Batch greylist updates in memory and commit them every few ms (see the module)."""
+        self._write_behind = True
 
     # --- permitted / forbidden lists -------------------------------------------------
     async def add_list_entries(self, entries: Sequence[ListEntry]) -> int:
@@ -366,10 +410,18 @@ class SqliteStore(Store):
         self, triplet: str, client_network: str
     ) -> tuple[TripletRecord | None, ClientNetworkRecord | None]:
         now = self._clock()
+        # A pending write is newer than anything in the file: it decides alone.
+        pt = self._pending_triplets.get(triplet)
+        pn = self._pending_networks.get(client_network)
         with self._errors:
-            conn = self._greylist
-            t = conn.execute(_LOOKUP_TRIPLET, (triplet, now)).fetchone()
-            n = conn.execute(_LOOKUP_NETWORK, (client_network, now)).fetchone()
+            if pt is None:
+                t = self._greylist.execute(_LOOKUP_TRIPLET, (triplet, now)).fetchone()
+            else:
+                t = pt if pt[3] > now else None
+            if pn is None:
+                n = self._greylist.execute(_LOOKUP_NETWORK, (client_network, now)).fetchone()
+            else:
+                n = pn if pn[2] > now else None
         return (
             None if t is None else TripletRecord(t[0], t[1], t[2]),
             None if n is None else ClientNetworkRecord(n[0], n[1]),
@@ -386,6 +438,22 @@ class SqliteStore(Store):
         if record is None and network_record is None:
             return
         expires_at = self._clock() + ttl
+        if self._write_behind:
+            if record is not None:
+                self._pending_triplets[triplet] = (
+                    record.first_seen,
+                    record.last_seen,
+                    record.passes,
+                    expires_at,
+                )
+            if network_record is not None:
+                self._pending_networks[client_network] = (
+                    network_record.passes,
+                    network_record.last_seen,
+                    expires_at,
+                )
+            self._schedule_flush()
+            return
         with self._errors:
             conn = self._greylist
             both = record is not None and network_record is not None
@@ -404,8 +472,85 @@ class SqliteStore(Store):
             if both:
                 conn.execute("COMMIT")
 
+    def _schedule_flush(self) -> None:
+        pending = len(self._pending_triplets) + len(self._pending_networks)
+        if pending >= MAX_PENDING:
+            self._flush(wait=True)  # StoreError if the file stays locked: the default answer
+            return
+        if pending >= FLUSH_BATCH and self._flush(wait=False):
+            return
+        loop = asyncio.get_running_loop()
+        if self._flush_handle is None or self._flush_loop is not loop:
+            self._flush_loop = loop
+            self._flush_handle = loop.call_later(FLUSH_INTERVAL, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._flush_handle = None
+        if not self._flush(wait=False) and self._flush_loop is not None:
+            # Locked by another process, or failing: pending records stay, retry later.
+            self._flush_handle = self._flush_loop.call_later(FLUSH_INTERVAL, self._flush_due)
+
+    def _flush(self, *, wait: bool) -> bool:
+        """Commit pending greylist writes in one transaction; return whether they are in.
+
+        wait=False never blocks on another process's lock (the event loop must not stall);
+        wait=True waits up to the busy timeout and raises StoreError on failure.
+        """
+        if not self._pending_triplets and not self._pending_networks:
+            return True
+        if self._closed and self._greylist_db is None:
+            return False
+        conn = self._greylist
+        try:
+            if not wait:
+                conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                if not wait:
+                    conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+            if self._pending_triplets:
+                conn.executemany(
+                    _UPSERT_TRIPLET,
+                    [(key, *row) for key, row in self._pending_triplets.items()],
+                )
+            if self._pending_networks:
+                conn.executemany(
+                    _UPSERT_NETWORK,
+                    [(key, *row) for key, row in self._pending_networks.items()],
+                )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.rollback()
+            if wait:
+                raise StoreError(f"sqlite store {self.greylist_path}: {exc}") from exc
+            if not _is_busy(exc):
+                self._log_flush_error(exc)
+            return False
+        self._pending_triplets.clear()
+        self._pending_networks.clear()
+        return True
+
+    def _log_flush_error(self, exc: sqlite3.Error) -> None:
+        now = time.monotonic()
+        if now - self._flush_error_logged >= FLUSH_ERROR_LOG_INTERVAL:
+            self._flush_error_logged = now
+            log.error(
+                "sqlite store %s: greylist write failed, kept in memory and retried: %s",
+                self.greylist_path,
+                exc,
+            )
+
+    def _flush_now(self) -> None:
+        """Before reading or deleting greylist state in bulk: the file must be current."""
+        if self._pending_triplets or self._pending_networks:
+            self._flush(wait=True)
+
     async def greylist_triplets(self, limit: int = 1000) -> list[tuple[str, TripletRecord]]:
         with self._errors:
+            self._flush_now()
             rows = self._greylist.execute(
                 "SELECT triplet, first_seen, last_seen, passes FROM greylist_triplets"
                 " WHERE expires_at > ? ORDER BY last_seen DESC, triplet LIMIT ?",
@@ -419,6 +564,7 @@ class SqliteStore(Store):
         self, limit: int = 1000
     ) -> list[tuple[str, ClientNetworkRecord]]:
         with self._errors:
+            self._flush_now()
             rows = self._greylist.execute(
                 "SELECT network, passes, last_seen FROM greylist_networks"
                 " WHERE expires_at > ? ORDER BY last_seen DESC, network LIMIT ?",
@@ -428,6 +574,7 @@ class SqliteStore(Store):
 
     async def greylist_delete(self, triplet_prefix: str = "") -> int:
         with self._errors:
+            self._flush_now()
             if not triplet_prefix:
                 return self._greylist.execute("DELETE FROM greylist_triplets").rowcount
             # A key range, not LIKE/GLOB: the prefix matches literally (% _ * included)
@@ -450,6 +597,7 @@ class SqliteStore(Store):
         cutoff = now - expiry
         deleted = 0
         with self._errors:
+            self._flush_now()
             conn = self._greylist
             for table in _GREYLIST_KEYS:
                 deleted += self._purge_table(conn, table, cutoff, now)
@@ -485,13 +633,39 @@ class SqliteStore(Store):
 
     # --- lifecycle -------------------------------------------------------------------
     async def close(self) -> None:
-        self._closed = True
-        connections = (self._lists_db, self._greylist_db)
-        self._lists_db = self._greylist_db = None
-        with self._errors:
-            for conn in connections:
-                if conn is not None:
-                    conn.close()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        try:
+            if not self._closed:
+                self._flush_now()  # SIGTERM: pending greylist writes are not lost
+        finally:
+            self._closed = True
+            connections = (self._lists_db, self._greylist_db)
+            self._lists_db = self._greylist_db = None
+            _OPEN_STORES.discard(self)
+            with self._errors:
+                for conn in connections:
+                    if conn is not None:
+                        conn.close()
+
+
+_OPEN_STORES: weakref.WeakSet[SqliteStore] = weakref.WeakSet()
+
+
+def _forget_parent_connections() -> None:
+    for store in list(_OPEN_STORES):
+        store._after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_parent_connections)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _split_script(script: str) -> Iterator[str]:

@@ -31,7 +31,7 @@ from postwarden.store import (
     open_store,
 )
 from postwarden.store.redis import open_redis_store
-from postwarden.store.sqlite import SqliteStore
+from postwarden.store.sqlite import FLUSH_INTERVAL, SqliteStore
 from tests.fixtures.redis_server import RedisServer, free_port
 
 P, F = ListName.PERMITTED, ListName.FORBIDDEN
@@ -62,18 +62,20 @@ class Backend:
 
 
 def make_backend(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    if name == "sqlite":
+    if name in ("sqlite", "sqlite-write-behind"):
         clock = FakeClock()
         path = tmp_path / "state" / "postwarden.db"
 
         async def advance_clock(seconds: float) -> None:
             clock.now += seconds
 
-        return Backend(
-            name,
-            lambda limit: SqliteStore(path, timeout=0.5, change_log_limit=limit, clock=clock),
-            advance_clock,
-        )
+        def open_sqlite(limit: int) -> Store:
+            store = SqliteStore(path, timeout=0.5, change_log_limit=limit, clock=clock)
+            if name == "sqlite-write-behind":
+                store.enable_write_behind()  # as policyd uses it: same contract
+            return store
+
+        return Backend(name, open_sqlite, advance_clock)
     # Plain Redis, a Cluster (keys that one script touches must share a slot) and a
     # Sentinel (the client asks it for the master): the URL is all that differs.
     url = request.getfixturevalue(
@@ -86,7 +88,9 @@ def make_backend(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> B
     )
 
 
-@pytest.fixture(params=["sqlite", "redis", "redis-cluster", "redis-sentinel"])
+@pytest.fixture(
+    params=["sqlite", "sqlite-write-behind", "redis", "redis-cluster", "redis-sentinel"]
+)
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     result = make_backend(request.param, request, tmp_path)
     yield result
@@ -458,6 +462,10 @@ async def test_two_stores_on_one_backend_see_each_others_changes(backend: Backen
     )
     record = TripletRecord(T0, T0, 0)
     await host_a.greylist_update(TRIPLET, record, NETWORK, None, ttl=3600)
+    if backend.name == "sqlite-write-behind":
+        # Another process sees a write-behind update once its batch is committed.
+        assert await host_b.greylist_lookup(TRIPLET, NETWORK) == (None, None)
+        await asyncio.sleep(FLUSH_INTERVAL * 20)
     assert await host_b.greylist_lookup(TRIPLET, NETWORK) == (record, None)
     await host_b.set_alias("a@example.com", ["b@example.com"])
     assert await host_a.get_alias("a@example.com") == ["b@example.com"]
@@ -726,3 +734,41 @@ def test_sqlite_store_opened_before_fork_works_in_the_child(tmp_path: Path) -> N
     assert os.waitstatus_to_exitcode(status) == 0
     assert asyncio.run(store.list_entries()) == entries(P, "child.test", "parent.test")
     asyncio.run(store.close())
+
+
+async def test_sqlite_write_behind_commits_pending_updates_on_close(tmp_path: Path) -> None:
+    daemon = SqliteStore(tmp_path / "state.db")
+    daemon.enable_write_behind()
+    cli = SqliteStore(tmp_path / "state.db")
+    try:
+        record, network = TripletRecord(T0, T0, 0), ClientNetworkRecord(1, T0)
+        await daemon.greylist_update(TRIPLET, record, NETWORK, network, ttl=3600)
+        assert await daemon.greylist_lookup(TRIPLET, NETWORK) == (record, network)
+        assert await cli.greylist_lookup(TRIPLET, NETWORK) == (None, None)  # not yet due
+        await daemon.close()  # what SIGTERM does: nothing pending is lost
+        assert await cli.greylist_lookup(TRIPLET, NETWORK) == (record, network)
+    finally:
+        await daemon.close()
+        await cli.close()
+
+
+async def test_sqlite_write_behind_never_waits_for_a_locked_file(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state.db", timeout=0.5)
+    store.enable_write_behind()
+    locker = sqlite3.connect(store.greylist_path, isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        record = TripletRecord(T0, T0, 0)
+        started = time.monotonic()
+        await store.greylist_update(TRIPLET, record, NETWORK, None, ttl=3600)
+        await asyncio.sleep(FLUSH_INTERVAL * 10)  # several flush attempts fail meanwhile
+        # Each attempt gives up at once: waiting the 0.5 s busy timeout would stall here.
+        assert time.monotonic() - started < 0.4
+        assert (await store.greylist_lookup(TRIPLET, NETWORK))[0] == record
+        locker.execute("COMMIT")
+        await asyncio.sleep(FLUSH_INTERVAL * 20)
+        row = locker.execute("SELECT first_seen FROM greylist_triplets").fetchall()
+        assert row == [(T0,)]  # retried and committed once the lock was free
+    finally:
+        locker.close()
+        await store.close()
