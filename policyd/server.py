@@ -55,6 +55,12 @@ READ_SIZE = 65536
 PARTIAL_REQUEST_TIMEOUT = 10.0
 # A client that does not read its answers is dropped after this long.
 WRITE_TIMEOUT = 10.0
+# How often one housekeeping task flushes buffered log lines and closes idle or stalled
+# connections (instead of a timeout around every read: ~12 µs a request each).
+HOUSEKEEPING_INTERVAL = 0.1
+# Buffered log lines are written at least this often, and at once from WARNING up.
+LOG_FLUSH_INTERVAL = 0.1
+LOG_BUFFER_LINES = 256
 # Extra time, after request_timeout, that shutdown waits for in-flight requests.
 SHUTDOWN_GRACE = 2.0
 LISTEN_BACKLOG = 1024
@@ -88,12 +94,100 @@ def _log_level(name: str) -> int:
     )
 
 
+class _LineFormatter(logging.Formatter):
+    """`%(asctime)s %(levelname)s %(name)s[pid]: %(message)s`, cheaply.
+
+    The date is formatted once per second, and the pid comes from a variable that a fork
+    hook updates, not from os.getpid() per record (logging.logProcesses is off).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._date = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        line = (
+            f"{self._date},{int(record.msecs):03d} {record.levelname} {record.name}"
+            f"[{_pid}]: {record.getMessage()}"
+        )
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}"
+        if record.stack_info:
+            line = f"{line}\n{self.formatStack(record.stack_info)}"
+        return line
+
+
+class BufferedStderrHandler(logging.Handler):
+    """Log lines to stderr in batches: one write() per LOG_FLUSH_INTERVAL, not per line.
+
+    The per-decision INFO line is the hot path; a write syscall each costs as much as the
+    rest of the line. WARNING and above are written at once; the server's housekeeping
+    task flushes every HOUSEKEEPING_INTERVAL, and logging.shutdown() and fork() flush.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lines: list[str] = []
+        self._flushed = time.time()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record))
+        except Exception:  # noqa: BLE001 - logging's own contract: never raise from emit
+            self.handleError(record)
+            return
+        if (
+            record.levelno >= logging.WARNING
+            or len(self._lines) >= LOG_BUFFER_LINES
+            or record.created - self._flushed >= LOG_FLUSH_INTERVAL
+        ):
+            self._write()
+
+    def flush(self) -> None:
+        if self._lines:
+            with self.lock or contextlib.nullcontext():
+                self._write()
+
+    def _write(self) -> None:
+        lines, self._lines = self._lines, []
+        self._flushed = time.time()
+        if not lines:
+            return
+        # sys.stderr looked up each time: tests and daemons may replace it.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write("\n".join(lines) + "\n")
+            sys.stderr.flush()
+
+
+_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _pid  # the one process-wide fact the log format needs
+    _pid = os.getpid()
+
+
+def _flush_log_handlers() -> None:
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+
+
+# Lines buffered before a fork are written once, by the parent, not again by each child.
+os.register_at_fork(before=_flush_log_handlers, after_in_child=_after_fork_in_child)
+
+
 def setup_logging(level: str) -> None:
     """Timestamped lines on stderr (journald keeps them; `journalctl -t` greps them)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    )
+    handler = BufferedStderrHandler()
+    handler.setFormatter(_LineFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_log_level(level))
@@ -102,6 +196,7 @@ def setup_logging(level: str) -> None:
     logging._srcfile = None  # no caller frame lookup
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.logProcesses = False  # the formatter knows the pid
 
 
 # --- sockets -----------------------------------------------------------------------------
@@ -186,11 +281,17 @@ def close_listeners(listeners: Sequence[Listener]) -> None:
 def open_store_for(cfg: Config) -> Store:
     """The store, opened in the process that uses it (after any fork)."""
     from postwarden.store import open_store
+    from postwarden.store.sqlite import SqliteStore
 
     try:
-        return open_store(cfg.store.url, timeout=cfg.store.timeout)
+        store = open_store(cfg.store.url, timeout=cfg.store.timeout)
     except (StoreError, ValueError) as exc:
         raise StartupError(str(exc)) from None
+    if isinstance(store, SqliteStore):
+        # Greylist writes batched every few ms: an autocommit per request cost more CPU
+        # than the rest of the request, and workers queued on the file's write lock.
+        store.enable_write_behind()
+    return store
 
 
 Checkers = tuple[DnsblChecker | None, SpfChecker | None, LargeSenders]
@@ -218,11 +319,13 @@ def build_checkers(cfg: Config) -> Checkers:
 
 
 class _Connection:
-    __slots__ = ("busy", "task")
+    __slots__ = ("busy", "decoder", "last_read", "task")
 
-    def __init__(self, task: asyncio.Task[None] | None) -> None:
+    def __init__(self, task: asyncio.Task[None] | None, now: float) -> None:
         self.task = task
         self.busy = False
+        self.decoder = RequestDecoder()
+        self.last_read = now  # loop.time() of the last data (housekeeping judges idleness)
 
 
 class PolicyServer:
@@ -263,6 +366,7 @@ class PolicyServer:
         self._refresher = asyncio.create_task(
             keep_lists_fresh(lists, self.store, self.cfg.store.refresh_interval)
         )
+        self._housekeeper = asyncio.create_task(self._housekeeping())
         if self._stopped is None:
             self._stopped = asyncio.Event()
         self._apply_log_level(self.cfg)
@@ -322,9 +426,10 @@ class PolicyServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
-        self._refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._refresher
+        for task in (self._refresher, self._housekeeper):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self.pipeline is not None and self.pipeline.spf is not None:
             self.pipeline.spf.close()
         if self.store is not None:
@@ -382,7 +487,7 @@ class PolicyServer:
             self._refuse_connection()
             writer.close()
             return
-        conn = _Connection(asyncio.current_task())
+        conn = _Connection(asyncio.current_task(), asyncio.get_running_loop().time())
         key = id(conn)
         self._connections[key] = conn
         try:
@@ -400,23 +505,19 @@ class PolicyServer:
     async def _converse(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Connection
     ) -> None:
-        decoder = RequestDecoder()
-        idle_timeout = self.cfg.policyd.idle_timeout
-        partial_timeout = min(idle_timeout, PARTIAL_REQUEST_TIMEOUT)
+        # Idle and stalled clients are closed by _housekeeping (it cancels this task).
+        decoder = conn.decoder
         pipeline = self.pipeline
         assert pipeline is not None
         loop = asyncio.get_running_loop()
+        transport = writer.transport
+        # perf_counter, not loop.time(): uvloop's clock has millisecond resolution.
+        clock = time.perf_counter
         while not self._stopping:
-            try:
-                async with asyncio.timeout(partial_timeout if decoder.pending else idle_timeout):
-                    data = await reader.read(READ_SIZE)
-            except TimeoutError:
-                if decoder.pending:
-                    log.warning("policyd: client stalled mid-request, closing the connection")
-                    self.metrics.error("stalled")
-                return
+            data = await reader.read(READ_SIZE)
             if not data:
                 return
+            conn.last_read = loop.time()
             results = decoder.feed(data)
             if not results:
                 continue
@@ -425,9 +526,9 @@ class PolicyServer:
             close = False
             for result in results:
                 if isinstance(result, PolicyRequest):
-                    started = loop.time()
+                    started = clock()
                     verdict = await pipeline.evaluate(result)
-                    elapsed = loop.time() - started
+                    elapsed = clock() - started
                     replies.append(encode_verdict(verdict))
                     self.metrics.decision(verdict, elapsed)
                     if self._log_decisions:
@@ -439,15 +540,37 @@ class PolicyServer:
                     replies.append(_BAD_REQUEST_REPLY)
             if replies:
                 writer.write(b"".join(replies))
-                try:
-                    async with asyncio.timeout(WRITE_TIMEOUT):
-                        await writer.drain()
-                except TimeoutError:
-                    log.warning("policyd: client does not read its answers, closing")
-                    return
+                # Usually the kernel took it all at once: nothing to wait for.
+                if transport.get_write_buffer_size():
+                    try:
+                        async with asyncio.timeout(WRITE_TIMEOUT):
+                            await writer.drain()
+                    except TimeoutError:
+                        log.warning("policyd: client does not read its answers, closing")
+                        return
             conn.busy = False
             if close:
                 return
+
+    async def _housekeeping(self) -> None:
+        """Flush buffered log lines; close idle connections and clients stalled mid-request."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            _flush_log_handlers()
+            idle_timeout = self.cfg.policyd.idle_timeout
+            partial_timeout = min(idle_timeout, PARTIAL_REQUEST_TIMEOUT)
+            now = loop.time()
+            for conn in list(self._connections.values()):
+                if conn.busy or conn.task is None:
+                    continue  # a request in progress is bounded by request_timeout
+                stalled = conn.decoder.pending
+                if now - conn.last_read < (partial_timeout if stalled else idle_timeout):
+                    continue
+                if stalled:
+                    log.warning("policyd: client stalled mid-request, closing the connection")
+                    self.metrics.error("stalled")
+                conn.task.cancel()
 
     def _protocol_error(self, error: ProtocolViolation) -> bool:
         """Log a bad request; return True when the connection must be closed."""
