@@ -160,3 +160,24 @@ def test_removed_alias_no_longer_forwards_without_reload(gateway: Gateway) -> No
             time.sleep(0.2)
         assert "status=bounced" in outcome, gateway.mail.postfix_log
     assert gateway.subjects(ALICE, ALICE_PW, 1) == ["before removal"]
+
+
+def test_external_alias_is_accepted_at_once_while_the_outside_server_is_down(
+    gateway: Gateway,
+) -> None:
+    # Recipient verification probes only our own mailboxes: an alias that forwards outside
+    # is accepted at RCPT without asking the outside server, and waits in our queue for it.
+    gateway.outside.stop()
+    gateway.cli("aliases", "add", "ceo", OUTSIDE)
+    started = time.monotonic()
+    result = gateway.mail.smtp_send("sender@example.test", "ceo@example.test", subject="queued")
+    assert result.accepted, (result, gateway.mail.postfix_log)
+    assert time.monotonic() - started < 5
+    deadline = time.monotonic() + QUEUE_TIMEOUT
+    while time.monotonic() < deadline and not any(
+        OUTSIDE in str(message.get("recipients")) for message in gateway.mail.queue()
+    ):
+        time.sleep(0.2)
+    assert any(OUTSIDE in str(m.get("recipients")) for m in gateway.mail.queue()), (
+        gateway.mail.postfix_log
+    )
