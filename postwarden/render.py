@@ -189,9 +189,10 @@ def _read_password(relay: RelayServer) -> str:
 
 
 def _relay_service(relay: RelayServer, chroot: str, ca: Path | None) -> str:
+    level = relay.tls_level_with_ca(ca)
     opts = [
         f"syslog_name=postfix/relay-{relay.name}",
-        f"smtp_tls_security_level={relay.tls_level}",
+        f"smtp_tls_security_level={level}",
         f"smtp_tls_wrappermode={'yes' if relay.protocol == 'smtps' else 'no'}",
         f"smtp_connect_timeout={relay.timeout}s",
         f"smtp_helo_timeout={relay.timeout}s",

@@ -139,7 +139,12 @@ class TlsConfig(_Table):
     # install (for mail.hostname) is used.
     cert: Path | None = None
     key: Path | None = None
-    # CA bundle for verifying outbound TLS peers (relays); unset means the system store.
+    # CA bundle (PEM) for outbound TLS to the configured relays. When set, a relay whose TLS
+    # is mandatory (starttls = "required", or protocol = "smtps") must present a certificate
+    # signed by this CA that names the relay's `host` (Postfix level "verify"); otherwise the
+    # mail stays deferred, with the verification failure as its reason. Unset, such relays
+    # encrypt without checking the certificate (level "encrypt"). Relays with
+    # starttls = "enabled" stay opportunistic either way.
     ca: Path | None = None
     # Outbound TLS to ordinary destinations (not configured relays): "may" = opportunistic.
     outbound_level: Literal["none", "may", "encrypt"] = "may"
@@ -204,10 +209,22 @@ class RelayServer(_Table):
 
     @property
     def tls_level(self) -> str:
-        """Postfix smtp_tls_security_level for this relay."""
+        """Postfix smtp_tls_security_level for this relay, without a CA to verify against."""
         if self.protocol == "smtps":
             return "encrypt"
         return {"disabled": "none", "enabled": "may", "required": "encrypt"}[self.starttls]
+
+    def tls_level_with_ca(self, ca: Path | None) -> str:
+        """The level once mail.tls.ca is known: mandatory TLS becomes verified TLS.
+
+        "verify", not "secure": "verify" checks the chain and that the certificate names the
+        host we connect to (smtp_tls_verify_cert_match = hostname, i.e. the relay's `host`,
+        an IP address included), which is what "this relay's certificate" means. "secure"
+        matches the next-hop *domain* patterns (nexthop, dot-nexthop), meant for MX-based
+        delivery to a domain, not for a relay named by a bracketed host or IP."""
+        if ca is not None and self.tls_level == "encrypt":
+            return "verify"
+        return self.tls_level
 
 
 def parse_client_patterns_file(text: str, source: str) -> list[IPNetwork]:

@@ -111,6 +111,13 @@ def test_rendered_postfix_passes_postfix_check_without_warnings(tmp_path: Path, 
     if rich:
         assert "relay_isp" in services.stdout and "relay_secure" in services.stdout
         assert "message_size_limit = 10485760" in shown.stdout
+        # Host-named next hops (lan.example.com|mx.lan) may come from /etc/hosts too.
+        assert "smtp_host_lookup = dns, native" in shown.stdout
+        # With mail.tls.ca, the mandatory-TLS relays (STARTTLS required, smtps) verify.
+        per_service = run(["postconf", "-c", str(staging / "postfix"), "-P"])
+        assert per_service.returncode == 0 and per_service.stderr == "", per_service.stderr
+        for relay in ("relay_isp", "relay_secure"):
+            assert f"{relay}/unix/smtp_tls_security_level = verify" in per_service.stdout
         # Postfix's own cidr lookup finds a client listed only in the imported file.
         table = f"cidr:{staging / 'postfix' / 'client_access'}"
         found = run(["postmap", "-q", "172.16.9.9", table])

@@ -314,6 +314,37 @@ def test_outbound_relays_by_sender_domain(tmp_path: Path) -> None:
     assert "smtp_tls_security_level=none" in plain
 
 
+def _relay_blocks(config: Config) -> dict[str, str]:
+    return {b.split()[0]: b for b in re.split(r"\n(?=\S)", master_cf(config)) if b.strip()}
+
+
+def test_tls_ca_makes_mandatory_tls_relays_verify(tmp_path: Path) -> None:
+    relays = _relays(tmp_path).mail.relays
+    with_ca = cfg(relays=[r.model_dump() for r in relays], tls={"ca": "/etc/ssl/relay-ca.pem"})
+    blocks = _relay_blocks(with_ca)
+    # STARTTLS required and smtps: the certificate must chain to the CA (and name the host).
+    for name in ("relay_isp", "relay_secure"):
+        assert "smtp_tls_security_level=verify" in blocks[name], blocks[name]
+        assert "smtp_tls_CAfile=/etc/ssl/relay-ca.pem" in blocks[name], blocks[name]
+    # STARTTLS off stays off; "enabled" stays opportunistic (verifying would bounce on "may").
+    assert "smtp_tls_security_level=none" in blocks["relay_plain"]
+    enabled = cfg(relays=[{"name": "o", "host": "h.example"}], tls={"ca": "/c.pem"})
+    assert "smtp_tls_security_level=may" in _relay_blocks(enabled)["relay_o"]
+    # Without a CA, mandatory TLS encrypts without checking the certificate.
+    blocks = _relay_blocks(_relays(tmp_path))
+    for name in ("relay_isp", "relay_secure"):
+        assert "smtp_tls_security_level=encrypt" in blocks[name], blocks[name]
+        assert "smtp_tls_CAfile" not in blocks[name]
+
+
+def test_next_hop_names_are_also_looked_up_in_the_hosts_file() -> None:
+    params = main_cf(cfg(relay_domains=["corp.example|inside-mx:2525"]))
+    assert params["smtp_host_lookup"] == "dns, native"
+    # Brackets: the named host itself, no MX lookup for corp.example.
+    out = files(cfg(relay_domains=["corp.example|inside-mx:2525"]))
+    assert out["postfix/transport"] == "corp.example relay:[inside-mx]:2525\n"
+
+
 def test_relay_password_never_in_main_or_master(tmp_path: Path) -> None:
     out = files(_relays(tmp_path))
     assert "s3cret" not in out["postfix/main.cf"] + out["postfix/master.cf"]
