@@ -14,11 +14,12 @@ in-memory overlay that this process's lookups consult first, and the overlay is 
 in one transaction every FLUSH_INTERVAL (or at FLUSH_BATCH pending records) instead of
 one autocommit per request. An autocommit costs more CPU than the rest of a request, and
 with several workers each one queues on the file's write lock, inside a blocking call
-that stalls the event loop. The batch takes the lock without waiting (busy timeout 0)
-and retries later if another process holds it. close() (SIGTERM) writes what is left;
-a crash loses at most the last few ms of greylist state, so those senders are greylisted
-once more — harmless. A `greylist pass` by the CLI within those ms of a daemon's own
-update to the same triplet may be overwritten by it.
+that stalls the event loop. The batch is committed by a writer thread on its own
+connection (sqlite3 releases the GIL), so neither the lock wait nor a WAL checkpoint's
+fsync (tens of ms) stalls the loop; a failed batch is kept and retried. close()
+(SIGTERM) writes what is left; a crash loses at most the last few ms of greylist state,
+so those senders are greylisted once more, which is harmless. A `greylist pass` by the
+CLI within those ms of a daemon's own update to the same triplet may be overwritten.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import sqlite3
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -189,6 +191,15 @@ class SqliteStore(Store):
         self._pending_networks: dict[str, tuple[int, float, float]] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._flush_loop: asyncio.AbstractEventLoop | None = None
+        # The batch the writer thread is committing (lookups consult it too), on the
+        # writer's own connection.
+        self._batch: (
+            tuple[dict[str, tuple[float, float, int, float]], dict[str, tuple[int, float, float]]]
+            | None
+        ) = None
+        self._batch_future: Future[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._writer_db: sqlite3.Connection | None = None
         self._flush_error_logged = 0.0
         with self._errors:
             self._open()
@@ -269,12 +280,14 @@ class SqliteStore(Store):
         # (opened on first use). The parent's are kept, untouched: even closing them in
         # the child could disturb the parent's locks (SQLite: never use a connection
         # across fork). Pending writes are the parent's to commit, not the child's.
-        self._inherited += (self._lists_db, self._greylist_db)
-        self._lists_db = self._greylist_db = None
+        self._inherited += (self._lists_db, self._greylist_db, self._writer_db)
+        self._lists_db = self._greylist_db = self._writer_db = None
         self._pending_triplets = {}
         self._pending_networks = {}
         self._flush_handle = None
         self._flush_loop = None
+        self._batch = self._batch_future = None
+        self._executor = None  # its thread does not exist in the child
 
     def _reopen(self) -> None:
         if self._closed:
@@ -413,6 +426,11 @@ class SqliteStore(Store):
         # A pending write is newer than anything in the file: it decides alone.
         pt = self._pending_triplets.get(triplet)
         pn = self._pending_networks.get(client_network)
+        if self._batch is not None:
+            if pt is None:
+                pt = self._batch[0].get(triplet)
+            if pn is None:
+                pn = self._batch[1].get(client_network)
         with self._errors:
             if pt is None:
                 t = self._greylist.execute(_LOOKUP_TRIPLET, (triplet, now)).fetchone()
@@ -475,65 +493,80 @@ class SqliteStore(Store):
     def _schedule_flush(self) -> None:
         pending = len(self._pending_triplets) + len(self._pending_networks)
         if pending >= MAX_PENDING:
-            self._flush(wait=True)  # StoreError if the file stays locked: the default answer
-            return
-        if pending >= FLUSH_BATCH and self._flush(wait=False):
+            self._flush_now()  # StoreError if the file stays locked: the default answer
             return
         loop = asyncio.get_running_loop()
-        if self._flush_handle is None or self._flush_loop is not loop:
+        if self._flush_loop is not loop:  # first use, or a new loop (tests): start over
             self._flush_loop = loop
-            self._flush_handle = loop.call_later(FLUSH_INTERVAL, self._flush_due)
+            self._flush_handle = None
+        if self._flush_handle is None and self._batch is None:
+            delay = 0.0 if pending >= FLUSH_BATCH else FLUSH_INTERVAL
+            self._flush_handle = loop.call_later(delay, self._flush_due)
 
     def _flush_due(self) -> None:
+        """Hand the pending records to the writer thread as one batch."""
         self._flush_handle = None
-        if not self._flush(wait=False) and self._flush_loop is not None:
-            # Locked by another process, or failing: pending records stay, retry later.
-            self._flush_handle = self._flush_loop.call_later(FLUSH_INTERVAL, self._flush_due)
-
-    def _flush(self, *, wait: bool) -> bool:
-        """Commit pending greylist writes in one transaction; return whether they are in.
-
-        wait=False never blocks on another process's lock (the event loop must not stall);
-        wait=True waits up to the busy timeout and raises StoreError on failure.
-        """
+        if self._batch is not None or self._flush_loop is None or self._closed:
+            return  # the batch in flight re-arms the timer when it is done
         if not self._pending_triplets and not self._pending_networks:
-            return True
-        if self._closed and self._greylist_db is None:
-            return False
-        conn = self._greylist
+            return
+        loop = self._flush_loop
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="greylist-writer")
+        batch = (self._pending_triplets, self._pending_networks)
+        self._batch = batch
+        self._pending_triplets, self._pending_networks = {}, {}
+        future = self._executor.submit(self._write_batch, *batch)
+        self._batch_future = future
+        future.add_done_callback(
+            lambda done: (
+                loop.call_soon_threadsafe(self._batch_done, done) if not loop.is_closed() else None
+            )
+        )
+
+    def _write_batch(
+        self,
+        triplets: dict[str, tuple[float, float, int, float]],
+        networks: dict[str, tuple[int, float, float]],
+    ) -> None:
+        """One transaction, in the writer thread: sqlite3 releases the GIL while it works,
+        so the commit and any checkpoint (an fsync) never stall the event loop."""
+        if self._writer_db is None:
+            self._writer_db = self._connect(self.greylist_path, _GREYLIST_SCHEMA)
+        conn = self._writer_db
         try:
-            if not wait:
-                conn.execute("PRAGMA busy_timeout = 0")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            finally:
-                if not wait:
-                    conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
-            if self._pending_triplets:
-                conn.executemany(
-                    _UPSERT_TRIPLET,
-                    [(key, *row) for key, row in self._pending_triplets.items()],
-                )
-            if self._pending_networks:
-                conn.executemany(
-                    _UPSERT_NETWORK,
-                    [(key, *row) for key, row in self._pending_networks.items()],
-                )
+            conn.execute("BEGIN IMMEDIATE")
+            if triplets:
+                conn.executemany(_UPSERT_TRIPLET, [(k, *row) for k, row in triplets.items()])
+            if networks:
+                conn.executemany(_UPSERT_NETWORK, [(k, *row) for k, row in networks.items()])
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except BaseException:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.rollback()
-            if wait:
-                raise StoreError(f"sqlite store {self.greylist_path}: {exc}") from exc
-            if not _is_busy(exc):
-                self._log_flush_error(exc)
-            return False
-        self._pending_triplets.clear()
-        self._pending_networks.clear()
-        return True
+            raise
 
-    def _log_flush_error(self, exc: sqlite3.Error) -> None:
+    def _batch_done(self, future: Future[None]) -> None:
+        """In the loop: forget a written batch, or take a failed one back for a retry."""
+        if future is not self._batch_future or self._batch is None:
+            return  # already handled by _flush_now
+        triplets, networks = self._batch
+        self._batch = self._batch_future = None
+        exc = future.exception()
+        if exc is not None:
+            # Records written since are newer: they win over the failed batch's.
+            triplets.update(self._pending_triplets)
+            networks.update(self._pending_networks)
+            self._pending_triplets, self._pending_networks = triplets, networks
+            if not isinstance(exc, sqlite3.Error) or not _is_busy(exc):
+                self._log_flush_error(exc)
+        if (self._pending_triplets or self._pending_networks) and not self._closed:
+            loop = self._flush_loop
+            if loop is not None and self._flush_handle is None and not loop.is_closed():
+                self._flush_handle = loop.call_later(FLUSH_INTERVAL, self._flush_due)
+
+    def _log_flush_error(self, exc: BaseException) -> None:
         now = time.monotonic()
         if now - self._flush_error_logged >= FLUSH_ERROR_LOG_INTERVAL:
             self._flush_error_logged = now
@@ -544,9 +577,27 @@ class SqliteStore(Store):
             )
 
     def _flush_now(self) -> None:
-        """Before reading or deleting greylist state in bulk: the file must be current."""
-        if self._pending_triplets or self._pending_networks:
-            self._flush(wait=True)
+        """Write every pending record before returning (waits; StoreError on failure).
+
+        Before reading or deleting greylist state in bulk, at close, and when too much
+        is pending: the file must be current.
+        """
+        future = self._batch_future
+        if future is not None:
+            with contextlib.suppress(BaseException):
+                future.result()
+            self._batch_done(future)
+        if not self._pending_triplets and not self._pending_networks:
+            return
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        batch = (self._pending_triplets, self._pending_networks)
+        try:
+            self._write_batch(*batch)  # no batch in flight: the writer connection is free
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite store {self.greylist_path}: {exc}") from exc
+        self._pending_triplets, self._pending_networks = {}, {}
 
     async def greylist_triplets(self, limit: int = 1000) -> list[tuple[str, TripletRecord]]:
         with self._errors:
@@ -641,8 +692,11 @@ class SqliteStore(Store):
                 self._flush_now()  # SIGTERM: pending greylist writes are not lost
         finally:
             self._closed = True
-            connections = (self._lists_db, self._greylist_db)
-            self._lists_db = self._greylist_db = None
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            connections = (self._lists_db, self._greylist_db, self._writer_db)
+            self._lists_db = self._greylist_db = self._writer_db = None
             _OPEN_STORES.discard(self)
             with self._errors:
                 for conn in connections:
