@@ -118,6 +118,12 @@ _LOOKUP_TRIPLET = (
 _LOOKUP_NETWORK = (
     "SELECT passes, last_seen FROM greylist_networks WHERE network = ? AND expires_at > ?"
 )
+# LEFT JOINs on a one-row table: NULL columns where a record is missing.
+_LOOKUP_BOTH = (
+    "SELECT t.first_seen, t.last_seen, t.passes, n.passes, n.last_seen FROM (SELECT 1)"
+    " LEFT JOIN greylist_triplets AS t ON t.triplet = ? AND t.expires_at > ?"
+    " LEFT JOIN greylist_networks AS n ON n.network = ? AND n.expires_at > ?"
+)
 _UPSERT_TRIPLET = (
     "INSERT INTO greylist_triplets (triplet, first_seen, last_seen, passes, expires_at)"
     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (triplet) DO UPDATE SET"
@@ -162,6 +168,10 @@ class _Errors:
 
 class SqliteStore(Store):
     """The Store contract on SQLite (WAL): two files, one connection to each per process."""
+
+    # Every method answers without awaiting (lock waits are bounded by the busy timeout),
+    # so callers need no asyncio timeout around it (see Pipeline).
+    synchronous = True
 
     def __init__(
         self,
@@ -432,14 +442,22 @@ class SqliteStore(Store):
             if pn is None:
                 pn = self._batch[1].get(client_network)
         with self._errors:
-            if pt is None:
-                t = self._greylist.execute(_LOOKUP_TRIPLET, (triplet, now)).fetchone()
+            if pt is None and pn is None:
+                # Both in one statement: one read transaction instead of two.
+                row = self._greylist.execute(
+                    _LOOKUP_BOTH, (triplet, now, client_network, now)
+                ).fetchone()
+                t = None if row[0] is None else row[:3]
+                n = None if row[3] is None else row[3:]
             else:
-                t = pt if pt[3] > now else None
-            if pn is None:
-                n = self._greylist.execute(_LOOKUP_NETWORK, (client_network, now)).fetchone()
-            else:
-                n = pn if pn[2] > now else None
+                if pt is None:
+                    t = self._greylist.execute(_LOOKUP_TRIPLET, (triplet, now)).fetchone()
+                else:
+                    t = pt if pt[3] > now else None
+                if pn is None:
+                    n = self._greylist.execute(_LOOKUP_NETWORK, (client_network, now)).fetchone()
+                else:
+                    n = pn if pn[2] > now else None
         return (
             None if t is None else TripletRecord(t[0], t[1], t[2]),
             None if n is None else ClientNetworkRecord(n[0], n[1]),
