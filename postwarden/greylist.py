@@ -34,8 +34,17 @@ def client_network(ip: str | IPAddress, ipv4_prefix: int = 24, ipv6_prefix: int 
     address = parse_client_ip(ip) if isinstance(ip, str) else unmapped(ip)
     if address is None:
         raise InvalidClientAddress(f"not an IP address: {ip!r}")
-    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+    # Masking the integer, not ip_network("a/p", strict=False): that parses the text
+    # again, and this runs on every request. Same text as str(IPvXNetwork).
+    if address.version == 4:
+        net: IPAddress = ipaddress.IPv4Address(int(address) & _MASKS_V4[ipv4_prefix])
+        return f"{net}/{ipv4_prefix}"
+    net = ipaddress.IPv6Address(int(address) & _MASKS_V6[ipv6_prefix])
+    return f"{net}/{ipv6_prefix}"
+
+
+_MASKS_V4 = tuple(((1 << 32) - 1) ^ ((1 << (32 - p)) - 1) for p in range(33))
+_MASKS_V6 = tuple(((1 << 128) - 1) ^ ((1 << (128 - p)) - 1) for p in range(129))
 
 
 # SRS (Sender Rewriting Scheme, libsrs2): SRS0=HHH=TT=orig-domain=orig-local@forwarder and
