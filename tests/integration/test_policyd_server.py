@@ -195,12 +195,24 @@ async def test_stalled_client_does_not_block_others_and_is_dropped(
     for i in range(20):
         assert await ask(reader, writer, request(recipient=f"s{i}@example.com")) == DEFER
     assert loop.time() - started < 0.9  # answered while the stalled client still holds on
-    # The stalled connection is closed after the timeout; the busy one is not.
-    assert await closed_by_server(stalled_reader)
-    assert "client stalled mid-request" in daemon.logs()
-    assert await ask(reader, writer, request(recipient="after@example.com")) == DEFER
-    writer.close()
-    stalled_writer.close()
+    # The stalled connection is closed after the timeout; the busy one, which keeps asking
+    # (a silent one would rightly be closed as idle after the same 1 s), is not.
+    waiting = asyncio.create_task(closed_by_server(stalled_reader))
+    try:
+        asked = 0
+        while not waiting.done():
+            reply = await ask(reader, writer, request(recipient=f"k{asked}@example.com"))
+            assert reply == DEFER
+            asked += 1
+            await asyncio.sleep(0.2)
+        assert waiting.result()
+        assert asked >= 3  # the busy connection was served all through the stall timeout
+        assert "client stalled mid-request" in daemon.logs()
+        assert await ask(reader, writer, request(recipient="after@example.com")) == DEFER
+    finally:
+        waiting.cancel()
+        writer.close()
+        stalled_writer.close()
 
 
 async def test_idle_connection_is_closed_after_idle_timeout(policyd_daemon: StartPolicyd) -> None:
