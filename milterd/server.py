@@ -37,6 +37,7 @@ from milterd.engine import Engine
 from milterd.milter import DkimMilter
 from postwarden.config.model import Config
 from postwarden.config.types import ListenAddress
+from postwarden.socket_files import SocketInUseError, remove_stale_socket
 
 log = logging.getLogger("postwarden.milterd")
 MILTER_NAME = "postwarden-milterd"
@@ -95,6 +96,13 @@ def run(config: Config) -> int:
         if address.kind == "unix" and not Path(address.path).parent.is_dir():
             parent = Path(address.path).parent
             raise MilterdStartError(f"milterd.listen: directory {parent} does not exist")
+        if address.kind == "unix":
+            # Removed here, not by libmilter inside the listener: the non-root listener sets
+            # the group once its socket exists, and must not find (and fix) a leftover.
+            try:
+                remove_stale_socket(Path(address.path))
+            except SocketInUseError as exc:
+                raise MilterdStartError(f"milterd.listen: {exc}") from None
     # Once, before forking: every listener shares the parsed keys and the resolver.
     DkimMilter.engine = Engine(config)
     Milter.factory = DkimMilter

@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from postwarden.greylist import LargeSenders, LargeSendersError, load_large_send
 from postwarden.lists_sync import LiveLists, keep_lists_fresh
 from postwarden.pipeline import Pipeline
 from postwarden.request import PolicyRequest
+from postwarden.socket_files import SocketInUseError, remove_stale_socket
 from postwarden.spf_check import SpfChecker
 from postwarden.store.base import Store, StoreError
 from postwarden.untrusted import sanitise
@@ -205,21 +205,9 @@ def setup_logging(level: str) -> None:
 def _unix_socket(address: ListenAddress, mode: int, group: str | None) -> socket.socket:
     path = Path(address.path)
     try:
-        st = path.lstat()
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale: left by a daemon that did not exit cleanly
-        else:
-            raise StartupError(f"{path}: another server is already listening there")
-        finally:
-            probe.close()
+        remove_stale_socket(path)
+    except SocketInUseError as exc:
+        raise StartupError(str(exc)) from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(str(path))

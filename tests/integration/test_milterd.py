@@ -431,6 +431,64 @@ def test_a_listener_that_cannot_bind_stops_the_daemon(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def _run_milterd_on(path: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "second.toml"
+    config.write_text(
+        f'[mail]\nhostname = "mx.test"\n[store]\nurl = "sqlite://{tmp_path}/s.db"\n'
+        f'[milterd]\nlisten = ["unix:{path}"]\n'
+    )
+    return subprocess.run(
+        [POSTWARDEN, "--config", str(config), "milterd"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_second_daemon_on_a_live_socket_refuses_and_leaves_it(
+    milterd_daemon: StartMilterd, tmp_path: Path
+) -> None:
+    """libmilter alone would unlink a running milterd's socket and take the path over."""
+    first = milterd_daemon()
+    inode = first.socket_path.stat().st_ino
+    done = _run_milterd_on(first.socket_path, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "another server is already listening there" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert first.socket_path.stat().st_ino == inode
+    with first.client(timeout=5.0) as client:
+        client.negotiate()
+
+
+def test_a_file_that_is_not_a_socket_is_never_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "milterd.sock"
+    path.write_text("operator's file\n")
+    done = _run_milterd_on(path, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert f"{path} exists and is not a socket" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert path.read_text() == "operator's file\n"
+
+
+def test_stale_socket_is_replaced_with_configured_mode_and_group(
+    tmp_path_factory: pytest.TempPathFactory, keys: Keys
+) -> None:
+    """What a killed milterd leaves: a socket file nobody listens on."""
+    directory = tmp_path_factory.mktemp("stale")
+    stale = directory / "milterd.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as leftover:
+        leftover.bind(str(stale))
+    handle = start_milterd(directory, _config(keys, socket_mode="0660", socket_group=_a_group()))
+    try:
+        info = stale.stat()
+        assert stat.S_IMODE(info.st_mode) == 0o660
+        assert info.st_gid == _gid(_a_group())
+        assert handle.session(MESSAGE, auth_authen="alice").action == "accept"
+    finally:
+        assert handle.stop() == 0
+
+
 def test_negotiates_no_reply_and_skips_unused_steps(milterd: MilterdHandle) -> None:
     with milterd.client() as client:
         client.negotiate()
