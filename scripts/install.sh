@@ -64,14 +64,16 @@ if ! getent passwd vmail >/dev/null; then
     changed "created mail storage user vmail"
 fi
 
-ensure_dir() { # path owner group mode
-    local path=$1 owner=$2 group=$3 mode=$4
+ensure_dir() { # path owner group mode (0NNN: any setgid bit is fine, 2NNN: required)
+    local path=$1 owner=$2 group=$3 mode=$4 have
+    have=$(stat -c '%a' "$path" 2>/dev/null || true)
+    # With 0NNN only the permission bits count: a setgid bit inherited from the parent
+    # (/var/mail) is fine.
+    [[ $mode == 0* ]] && have=${have: -3} && mode=${mode: -3}
     if [[ ! -d $path ]]; then
-        install -d -o "$owner" -g "$group" -m "$mode" "$path"
+        install -d -o "$owner" -g "$group" -m "$4" "$path"
         changed "created $path"
-    # Only the permission bits: a setgid bit inherited from the parent (/var/mail) is fine.
-    elif [[ $(stat -c '%U:%G' "$path") != "$owner:$group" \
-        || $(stat -c '%a' "$path" | tail -c 4) != "${mode: -3}" ]]; then
+    elif [[ $(stat -c '%U:%G' "$path") != "$owner:$group" || $have != "$mode" ]]; then
         chown "$owner:$group" "$path"
         chmod "$mode" "$path"
         changed "fixed owner/mode of $path"
@@ -82,7 +84,9 @@ ensure_dir "$ETC" root "$USER_NAME" 0755
 ensure_dir "$ETC/dkim" "$USER_NAME" "$USER_NAME" 0700
 ensure_dir "$ETC/tls" root root 0755
 ensure_dir "$STATE" "$USER_NAME" "$USER_NAME" 0750
-ensure_dir "$SOCKETS" "$USER_NAME" postfix 0750
+# Setgid: the daemons' sockets are born in group postfix, so Postfix is never refused by
+# a socket that still has the daemon's own group (the unprivileged milter sets it after).
+ensure_dir "$SOCKETS" "$USER_NAME" postfix 2750
 ensure_dir "$LOGS" "$USER_NAME" adm 0750
 ensure_dir /var/mail/vhosts vmail vmail 0770
 
@@ -222,6 +226,27 @@ else
 fi
 
 # --- 7. services ------------------------------------------------------------------------------
+# Postfix must reach the daemons' sockets before it is handed mail: a socket file alone is
+# not enough (one left by a killed daemon is there before the new daemon listens), so
+# connect as user postfix, which also proves the group and mode let Postfix in.
+wait_until_postfix_reaches_daemons() { # hint for the error
+    local sock deadline=$((SECONDS + 15))
+    for sock in $("$VENV/bin/python" -c '
+import sys
+from postwarden.config import load_config
+c = load_config(sys.argv[1])
+for a in [*c.policyd.listen, c.policyd.aliases_listen, *c.milterd.listen]:
+    if a is not None and a.kind == "unix":
+        print(a.path)' "$CONFIG"); do
+        until runuser -u postfix -- "$PYTHON" -c \
+            'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' \
+            "$sock" 2>/dev/null; do
+            ((SECONDS < deadline)) || die "Postfix cannot connect to $sock; $1"
+            sleep 0.2
+        done
+    done
+}
+
 if [[ -d /run/systemd/system ]]; then
     say "service path: systemd (systemd is PID 1)"
     units_changed=0
@@ -253,6 +278,9 @@ if [[ -d /run/systemd/system ]]; then
             systemctl restart "$unit"
             changed "restarted $unit (new code, key, config or unit)"
         fi
+        if [[ $unit == postwarden-milterd ]]; then
+            wait_until_postfix_reaches_daemons "see journalctl -u postwarden-policyd -u $unit"
+        fi
     done
 else
     say "service path: no systemd (PID 1 is $(ps -o comm= -p 1)); Debian init scripts + start-stop-daemon"
@@ -269,15 +297,11 @@ else
             --startas "$BIN" -- --config "$CONFIG" "$d"
         changed "started $d as $USER_NAME (pid $(cat "$pidfile"), log $LOGS/$d.log)"
     done
-    # The daemons' sockets must be there before Postfix hands them mail.
-    for _ in $(seq 1 100); do
-        [[ -S $SOCKETS/policyd.sock && -S $SOCKETS/milterd.sock ]] && break
-        sleep 0.1
-    done
     for d in "${DAEMONS[@]}"; do
         start-stop-daemon --status --pidfile "$RUN/$d.pid" \
             || die "$d exited at start; see $LOGS/$d.log: $(tail -n 5 "$LOGS/$d.log")"
     done
+    wait_until_postfix_reaches_daemons "see $LOGS/<daemon>.log"
     # The daemons these start must not inherit our stdout/stderr (a caller's pipe would
     # never close), so their words go to a log that is shown when a start fails.
     if ! /etc/init.d/dovecot status >/dev/null 2>&1; then
