@@ -64,10 +64,18 @@ def send_local(message: EmailMessage, host: str, port: int, timeout: float, *, h
     return f"{host}:{port}"
 
 
-def _tls_context(ca: Path | None) -> ssl.SSLContext:
+def _tls_context(relay: RelayServer, ca: Path | None) -> ssl.SSLContext:
+    """TLS as the relay's Postfix transport does it (see `tls_level_with_ca`).
+
+    "verify" (mandatory TLS and mail.tls.ca set): the chain must lead to that CA, and that CA
+    alone (Postfix does not add the system's CAs), and the certificate must name the relay's
+    host. Any other level encrypts without checking the certificate, as Postfix does, so a
+    test passes or fails exactly where real mail would."""
+    if ca is not None and relay.tls_level_with_ca(ca) == "verify":
+        return ssl.create_default_context(cafile=str(ca))
     context = ssl.create_default_context()
-    if ca is not None:
-        context.load_verify_locations(cafile=str(ca))
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
     return context
 
 
@@ -77,7 +85,7 @@ def send_via_relay(
     """Send straight to an outbound relay as Postfix would: HELO name, protocol, TLS, login."""
     target = f"{relay.name} ({relay.host}:{relay.effective_port})"
     try:
-        context = _tls_context(ca)
+        context = _tls_context(relay, ca)
         client: smtplib.SMTP
         if relay.protocol == "smtps":
             client = smtplib.SMTP_SSL(

@@ -140,3 +140,28 @@ def test_relay_certificate_from_another_ca_keeps_the_mail_deferred(
     (entry,) = gateway.queue()
     assert entry["queue_name"] == "deferred"
     assert smarthost.imap_fetch(DAVE, DAVE_PW) == []
+
+
+def test_relay_certificate_from_the_ca_for_another_name_keeps_the_mail_deferred(
+    mail_system_factory: MailSystemFactory, tmp_path: Path
+) -> None:
+    """The right CA is not enough: the certificate must name the relay's host."""
+    smarthost = mail_system_factory(
+        {"mail": {"hostname": "mx.outside.test", "main_domain": "outside.test"}},
+        users={DAVE: DAVE_PW},
+        cert_names=["mx.elsewhere.test"],
+    )
+    ca = tmp_path / "relay-ca.pem"
+    smarthost.ca.cert_pem.write_to_path(str(ca))
+    gateway = mail_system_factory(
+        {"mail": {"relays": [_relay(smarthost, "smtp", tmp_path)], "tls": {"ca": str(ca)}}}
+    )
+    _submit(gateway, DAVE, "wrong name")
+    rcpt = _wait_deferred(gateway)
+    assert rcpt["address"] == DAVE
+    log = gateway.postfix_log
+    assert rcpt["delay_reason"] == "Server certificate not verified"
+    assert "certificate verification failed for localhost[127.0.0.1]" in log, log
+    assert "num=62:hostname mismatch" in log, log
+    (entry,) = gateway.queue()
+    assert entry["queue_name"] == "deferred"

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import trustme
+
 from tests.fixtures.mail_system import MailSystem, MailSystemFactory, free_port
 from tests.fixtures.policyd_daemon import POSTWARDEN
 
@@ -24,10 +26,19 @@ def send_test(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def relay_config(tmp_path: Path, system: MailSystem, **relay: object) -> Path:
-    """A postwarden.toml whose relays point at the private instance (and at nothing)."""
-    ca = tmp_path / "ca.pem"
-    system.ca.cert_pem.write_to_path(str(ca))
+SAME_CA = "the CA that signed the instance's certificate"
+
+
+def relay_config(
+    tmp_path: Path, system: MailSystem, ca: trustme.CA | str | None = SAME_CA, **relay: object
+) -> Path:
+    """A postwarden.toml whose relays point at the private instance (and at nothing);
+    mail.tls.ca is the instance's own CA, another one, or unset (None)."""
+    tls = ""
+    if ca is not None:
+        ca_file = tmp_path / "ca.pem"
+        (system.ca if ca == SAME_CA else ca).cert_pem.write_to_path(str(ca_file))
+        tls = f'[mail.tls]\nca = "{ca_file}"\n\n'
     fields = {"name": "inside", "host": "127.0.0.1", "port": system.ports["smtp_port"], **relay}
     body = "".join(
         f"{k} = {v!r}\n".replace("'", '"') if not isinstance(v, int) else f"{k} = {v}\n"
@@ -36,7 +47,7 @@ def relay_config(tmp_path: Path, system: MailSystem, **relay: object) -> Path:
     path = tmp_path / "postwarden.toml"
     path.write_text(
         '[mail]\nhostname = "client.example.test"\n\n'
-        f'[mail.tls]\nca = "{ca}"\n\n'
+        f"{tls}"
         f"[[mail.relays]]\n{body}\n"
         f'[[mail.relays]]\nname = "dead"\nhost = "127.0.0.1"\nport = {free_port()}\n'
         'sender_domains = ["dead.test"]\n'
@@ -81,6 +92,49 @@ def test_through_named_relay_with_required_starttls(
     # It greeted the relay with the gateway's HELO name, as Postfix's own smtp client would.
     received = [str(h) for h in message.get_all("Received", [])]
     assert any(h.startswith("from client.example.test (") for h in received), received
+
+
+def _send_to_inside(config: Path) -> subprocess.CompletedProcess[str]:
+    return send_test(
+        config, "--from", "bob@example.test", "--to", "alice@example.test", "--server", "inside"
+    )
+
+
+def test_without_a_ca_the_certificate_is_not_checked_as_postfix_does_not(
+    mail_system_factory: MailSystemFactory, tmp_path: Path
+) -> None:
+    """mail.tls.ca unset: Postfix encrypts to the relay without verifying (level encrypt),
+    so a certificate from a CA the system does not know must not fail the test either."""
+    system = mail_system_factory()
+    done = _send_to_inside(relay_config(tmp_path, system, ca=None, starttls="required"))
+    assert done.returncode == 0, done.stderr
+    assert len(system.wait_for_delivery("alice@example.test", "alice-secret")) == 1
+    assert "TLS connection established" in system.postfix_log
+
+
+def test_with_a_ca_a_certificate_from_another_ca_is_refused(
+    mail_system_factory: MailSystemFactory, tmp_path: Path
+) -> None:
+    system = mail_system_factory()
+    config = relay_config(tmp_path, system, ca=trustme.CA(), starttls="required")
+    done = _send_to_inside(config)
+    assert done.returncode == 1
+    assert "inside (127.0.0.1:" in done.stderr
+    assert "certificate verify failed: unable to get local issuer certificate" in done.stderr
+    assert system.imap_fetch("alice@example.test", "alice-secret") == []
+
+
+def test_with_a_ca_a_certificate_for_another_name_is_refused(
+    mail_system_factory: MailSystemFactory, tmp_path: Path
+) -> None:
+    """Signed by the configured CA, but not for the host the relay is reached by."""
+    system = mail_system_factory(cert_names=["mx.elsewhere.test"])
+    done = _send_to_inside(relay_config(tmp_path, system, starttls="required"))
+    assert done.returncode == 1
+    assert "certificate verify failed: IP address mismatch" in done.stderr
+    # Refused in the handshake: the instance never took a message (its IMAP certificate
+    # names nothing the test could verify, so its log says it instead).
+    assert "from=<bob@example.test>" not in system.postfix_log
 
 
 @contextmanager
