@@ -9,7 +9,7 @@ RUNTIME_PACKAGES=(
     openssl ca-certificates
 )
 # Real components the tests run privately on loopback, and the anchor tools of bench/.
-TEST_PACKAGES=(redis-server nsd swaks postgrey opendkim opendkim-tools dkimpy-milter faketime)
+TEST_PACKAGES=(redis-server nsd swaks postgrey opendkim opendkim-tools dkimpy-milter faketime iproute2)
 
 packages=("${RUNTIME_PACKAGES[@]}")
 [[ "${1:-}" == "--test" ]] && packages+=("${TEST_PACKAGES[@]}")

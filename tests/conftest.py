@@ -5,5 +5,6 @@ pytest_plugins = [
     "tests.fixtures.dns_server",
     "tests.fixtures.policyd_daemon",
     "tests.fixtures.milterd_daemon",
+    "tests.fixtures.netns",
     "tests.fixtures.mail_system",
 ]

@@ -13,7 +13,6 @@ import os
 import poplib
 import shutil
 import smtplib
-import socket
 import ssl
 import subprocess
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.fixtures import netns
 from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory
 
 pytestmark = pytest.mark.e2e
@@ -31,13 +31,6 @@ BOB, BOB_PW = "bob@example.test", "bob-secret"
 DAVE, DAVE_PW = "dave@outside.test", "outside-secret"
 FAKETIME = shutil.which("faketime") or "faketime"
 IMAP_BINARY = "/usr/lib/dovecot/imap"
-
-
-def _connects(address: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
-        return s.connect_ex((address, port)) == 0
 
 
 def _smarthost(factory: MailSystemFactory) -> MailSystem:
@@ -63,40 +56,66 @@ def _submit(mail: MailSystem, recipient: str, subject: str) -> None:
 # --- listening -------------------------------------------------------------------------------
 
 
-def test_loopback_with_ipv6_listens_on_127_0_0_1_and_the_ipv6_loopback(
-    mail_system_factory: MailSystemFactory,
-) -> None:
-    mail = mail_system_factory(
-        {"mail": {"listen": "loopback", "ipv6": True}}, listen_from_config=True
+# Each runs in a private network namespace (tests/fixtures/netns.py): "all" binds the
+# wildcard address, which there reaches only the namespace's loopback and its one other
+# interface (netns.OTHER_IPV4 / OTHER_IPV6), never the machine's own interfaces.
+MAIL_PORTS = ("smtp_port", "submission_port", "imap_port", "pop3_port")
+
+
+def _listening(
+    factory: MailSystemFactory, namespace: str, listen: str, ipv6: bool
+) -> tuple[dict[str, set[str]], str]:
+    """Start an instance with mail.listen/mail.ipv6: per port, the addresses that answer,
+    and Postfix's greeting over the ::1 (ipv6) or 127.0.0.1 loopback."""
+    mail = factory(
+        {"mail": {"listen": listen, "ipv6": ipv6}},
+        listen_from_config=True,
+        network_namespace=namespace,
     )
-    for key in ("smtp_port", "submission_port", "imap_port", "pop3_port"):
-        assert _connects("127.0.0.1", mail.ports[key]), key
-        assert _connects("::1", mail.ports[key]), key
-        # Loopback means the loopback address, not the whole 127/8 (nor any other interface).
-        assert not _connects("127.0.0.2", mail.ports[key]), key
-    with smtplib.SMTP("::1", mail.ports["smtp_port"], timeout=10) as client:
-        code, _ = client.ehlo("client.test")
-        assert code == 250
+    addresses = ("127.0.0.1", "127.0.0.2", "::1", netns.OTHER_IPV4, netns.OTHER_IPV6)
+    answering = {
+        key: {a for a in addresses if netns.connects(namespace, a, mail.ports[key])}
+        for key in MAIL_PORTS
+    }
+    loopback = "::1" if ipv6 else "127.0.0.1"
+    greeting = netns.greeting(namespace, loopback, mail.ports["smtp_port"]).decode()
+    return answering, greeting
+
+
+def test_loopback_with_ipv6_listens_on_127_0_0_1_and_the_ipv6_loopback_only(
+    mail_system_factory: MailSystemFactory, network_namespace: str
+) -> None:
+    found, greeting = _listening(mail_system_factory, network_namespace, "loopback", ipv6=True)
+    # Loopback means the loopback addresses: not the rest of 127/8, not another interface.
+    for key in MAIL_PORTS:
+        assert found[key] == {"127.0.0.1", "::1"}, key
+    assert greeting.startswith("220 mx.example.test ESMTP"), greeting
 
 
 def test_ipv6_off_does_not_listen_on_the_ipv6_loopback(
-    mail_system_factory: MailSystemFactory,
+    mail_system_factory: MailSystemFactory, network_namespace: str
 ) -> None:
-    mail = mail_system_factory(
-        {"mail": {"listen": "loopback", "ipv6": False}}, listen_from_config=True
-    )
-    for key in ("smtp_port", "imap_port", "pop3_port"):
-        assert _connects("127.0.0.1", mail.ports[key]), key
-        assert not _connects("::1", mail.ports[key]), key
+    found, _ = _listening(mail_system_factory, network_namespace, "loopback", ipv6=False)
+    for key in MAIL_PORTS:
+        assert found[key] == {"127.0.0.1"}, key
 
 
-def test_listen_all_accepts_on_every_ipv4_address(mail_system_factory: MailSystemFactory) -> None:
-    # The wildcard bind: 127.0.0.2 stands for "another interface" (the sandbox's only other
-    # local addresses may not exist; every 127/8 address is local and reaches 0.0.0.0).
-    mail = mail_system_factory({"mail": {"listen": "all", "ipv6": False}}, listen_from_config=True)
-    for key in ("smtp_port", "imap_port", "pop3_port"):
-        assert _connects("127.0.0.2", mail.ports[key]), key
-        assert not _connects("::1", mail.ports[key]), key
+def test_listen_all_without_ipv6_accepts_on_every_ipv4_address_only(
+    mail_system_factory: MailSystemFactory, network_namespace: str
+) -> None:
+    found, _ = _listening(mail_system_factory, network_namespace, "all", ipv6=False)
+    for key in MAIL_PORTS:
+        assert found[key] == {"127.0.0.1", "127.0.0.2", netns.OTHER_IPV4}, key
+
+
+def test_listen_all_with_ipv6_accepts_on_every_address_of_both_families(
+    mail_system_factory: MailSystemFactory, network_namespace: str
+) -> None:
+    found, greeting = _listening(mail_system_factory, network_namespace, "all", ipv6=True)
+    everything = {"127.0.0.1", "127.0.0.2", "::1", netns.OTHER_IPV4, netns.OTHER_IPV6}
+    for key in MAIL_PORTS:
+        assert found[key] == everything, key
+    assert greeting.startswith("220 mx.example.test ESMTP"), greeting
 
 
 # --- connection limit ------------------------------------------------------------------------
