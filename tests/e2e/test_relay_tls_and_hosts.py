@@ -1,4 +1,5 @@
-"""Relay next hops given by host name, and mail.tls.ca verifying the outbound relay.
+"""Relay next hops given by host name, mail.tls.ca verifying the outbound relay, and the
+relay's timeout.
 
 A second private Postfix + Dovecot stands for the inside server (relay domains) or the
 provider's smarthost (outbound relays); the gateway is rendered from the setting under test.
@@ -6,6 +7,9 @@ provider's smarthost (outbound relays); the gateway is rendered from the setting
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -164,4 +168,40 @@ def test_relay_certificate_from_the_ca_for_another_name_keeps_the_mail_deferred(
     assert "certificate verification failed for localhost[127.0.0.1]" in log, log
     assert "num=62:hostname mismatch" in log, log
     (entry,) = gateway.queue()
+    assert entry["queue_name"] == "deferred"
+
+
+# --- the relay's timeout ----------------------------------------------------------------------
+
+
+def test_a_relay_that_never_greets_is_given_up_after_its_timeout(
+    mail_system_factory: MailSystemFactory,
+) -> None:
+    """timeout = 3: Postfix's own default would wait 300 s for the greeting."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never says a word
+        held: list[socket.socket] = []
+        stop = threading.Event()
+
+        def hold() -> None:
+            silent.settimeout(0.2)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    held.append(silent.accept()[0])
+
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        relay = {"name": "mute", "host": "127.0.0.1", "port": silent.getsockname()[1]}
+        gateway = mail_system_factory({"mail": {"relays": [{**relay, "timeout": 3}]}})
+        try:
+            _submit(gateway, DAVE, "to a mute relay")
+            rcpt = _wait_deferred(gateway, timeout=20)
+        finally:
+            stop.set()
+            holder.join(timeout=5)
+            for conn in held:
+                conn.close()
+    assert rcpt["address"] == DAVE
+    assert "timed out while receiving the initial server greeting" in rcpt["delay_reason"]
+    assert held, "Postfix never connected to the relay"
+    (entry,) = gateway.queue()  # kept for a later try, not lost
     assert entry["queue_name"] == "deferred"
