@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.gateway import PolicydGateway
 from tests.fixtures.mail_system import MailSystem, MailSystemFactory
-from tests.fixtures.policyd_daemon import POSTWARDEN, PolicydHandle, start_policyd
+from tests.fixtures.policyd_daemon import start_policyd
 
 pytestmark = pytest.mark.e2e
 
@@ -32,22 +33,9 @@ RETRY_TIMEOUT = 20.0
 
 
 @dataclass
-class Gateway:
-    mail: MailSystem
-    policyd: PolicydHandle
+class Gateway(PolicydGateway):
     # The outbound relay: a second private Postfix + Dovecot holding OUTSIDE's mailbox.
     outside: MailSystem
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [POSTWARDEN, "--config", str(self.policyd.config_path), *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
-        assert done.returncode == 0, done.stderr
-        return done
 
     def send(self, recipient: str, subject: str) -> None:
         # From loopback, a trusted network: no greylisting in the way of the forwarding.

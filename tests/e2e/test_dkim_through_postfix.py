@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from postwarden.config.model import DnsConfig
-from postwarden.dkim_keys import SigningKey, generate_key, quoted_txt, txt_record, write_key
-from postwarden.dkim_signing import parse_message, sign
-from postwarden.dkim_verify import make_dnsfunc, verify_message
+from postwarden.dkim_keys import SigningKey
 from tests.fixtures.dns_server import DnsServer
+from tests.fixtures.gateway import dkim_results, publish_dkim_keys, raw_bytes, signed_remote_message
 from tests.fixtures.mail_system import MailSystem, MailSystemFactory, SmtpResult
 from tests.fixtures.milterd_daemon import MilterdHandle, start_milterd
 
@@ -43,8 +41,7 @@ class Gateway:
     nameserver: str
 
     def verify(self, raw: bytes) -> list[str]:
-        dnsfunc = make_dnsfunc(DnsConfig(nameservers=[self.nameserver], timeout=2.0))
-        return [r.result for r in verify_message(raw, dnsfunc)]
+        return dkim_results(raw, self.nameserver)
 
 
 @pytest.fixture
@@ -52,23 +49,12 @@ def gateway(mail_system_factory: MailSystemFactory, dns_server: DnsServer) -> It
     # World-traversable: Postfix's smtpd runs as `postfix` and must reach milterd's socket.
     directory = Path(tempfile.mkdtemp(prefix="pw-milterd-"))
     directory.chmod(0o755)
-    ours, theirs = generate_key("rsa-sha256"), generate_key("rsa-sha256")
-    write_key(ours, directory / "example.test.s1.key")
-    dns_server.set_zone("example.test", [f"s1._domainkey TXT ( {quoted_txt(txt_record(ours))} )"])
-    dns_server.set_zone(SENDER_ZONE, [f"rs._domainkey TXT ( {quoted_txt(txt_record(theirs))} )"])
+    dkim, remote_key = publish_dkim_keys(dns_server, directory, SENDER_ZONE)
     milterd = start_milterd(
         directory,
         {
             "milterd": {"socket_mode": "0660", "socket_group": "postfix", "log_level": "debug"},
-            "dkim": {
-                "keys": [
-                    {
-                        "domain": "example.test",
-                        "selector": "s1",
-                        "key": directory / "example.test.s1.key",
-                    }
-                ]
-            },
+            "dkim": dkim,
             "dns": {"nameservers": [dns_server.nameserver], "timeout": 2.0},
             "mail": {"hostname": "mx.example.test", "main_domain": "example.test"},
         },
@@ -77,7 +63,7 @@ def gateway(mail_system_factory: MailSystemFactory, dns_server: DnsServer) -> It
         None,  # type: ignore[arg-type]  # set below, once Postfix runs
         milterd,
         directory,
-        SigningKey(SENDER_ZONE, "rs", "rsa-sha256", directory / "unused", theirs),
+        remote_key,
         dns_server.nameserver,
     )
     try:
@@ -88,20 +74,8 @@ def gateway(mail_system_factory: MailSystemFactory, dns_server: DnsServer) -> It
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _raw(message: object) -> bytes:
-    data = message.as_bytes()  # type: ignore[attr-defined]
-    assert isinstance(data, bytes)
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
 def _remote_message(gateway: Gateway, subject: str, body: str) -> bytes:
-    message = (
-        f"From: Carol <carol@{SENDER_ZONE}>\r\nTo: <{BOB}>\r\nSubject: {subject}\r\n"
-        f"Message-ID: <{time.time_ns()}@{SENDER_ZONE}>\r\n\r\n{body}\r\n"
-    ).encode()
-    headers, body_bytes = parse_message(message)
-    (signature,) = sign(headers, body_bytes, [gateway.remote_key])
-    return signature.field + message
+    return signed_remote_message(gateway.remote_key, BOB, subject, body)
 
 
 def test_authenticated_submission_comes_out_signed_and_verifies(gateway: Gateway) -> None:
@@ -117,7 +91,7 @@ def test_authenticated_submission_comes_out_signed_and_verifies(gateway: Gateway
     (message,) = gateway.mail.wait_for_delivery(BOB, BOB_PW)
     assert "d=example.test" in str(message["DKIM-Signature"])
     assert "s=s1" in str(message["DKIM-Signature"])
-    assert gateway.verify(_raw(message)) == ["pass"]
+    assert gateway.verify(raw_bytes(message)) == ["pass"]
     assert message["Authentication-Results"] is None  # outgoing: signed, not verified
 
 

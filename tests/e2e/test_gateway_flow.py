@@ -9,24 +9,26 @@ are posed with XCLIENT; what the tests read is what Dovecot stored (IMAP and POP
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from postwarden.config.model import DnsConfig
-from postwarden.dkim_keys import SigningKey, generate_key, quoted_txt, txt_record, write_key
-from postwarden.dkim_signing import parse_message, sign
-from postwarden.dkim_verify import make_dnsfunc, verify_message
+from postwarden.dkim_keys import SigningKey
 from tests.fixtures.dns_server import DnsServer
-from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory, SmtpResult
+from tests.fixtures.gateway import (
+    PolicydGateway,
+    dkim_results,
+    publish_dkim_keys,
+    raw_bytes,
+    signed_remote_message,
+)
+from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory
 from tests.fixtures.milterd_daemon import MilterdHandle, start_milterd
-from tests.fixtures.policyd_daemon import POSTWARDEN, PolicydHandle, start_policyd
+from tests.fixtures.policyd_daemon import start_policyd
 
 pytestmark = pytest.mark.e2e
 
@@ -39,28 +41,14 @@ MAIL = {"hostname": "mx.example.test", "main_domain": "example.test"}
 
 
 @dataclass
-class Gateway:
-    mail: MailSystem
+class Gateway(PolicydGateway):
     relay: MailSystem
-    policyd: PolicydHandle
     milterd: MilterdHandle
     remote_key: SigningKey
     nameserver: str
 
-    def cli(self, *args: str) -> None:
-        """`postwarden ...` against policyd's config and store, as an operator would run it."""
-        done = subprocess.run(
-            [POSTWARDEN, "--config", str(self.policyd.config_path), *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
-        assert done.returncode == 0, done.stderr
-
     def dkim_results(self, raw: bytes) -> list[str]:
-        dnsfunc = make_dnsfunc(DnsConfig(nameservers=[self.nameserver], timeout=2.0))
-        return [r.result for r in verify_message(raw, dnsfunc)]
+        return dkim_results(raw, self.nameserver)
 
     def diagnostics(self) -> str:
         return f"{self.mail.logs()}\n--- policyd ---\n{self.policyd.logs()}"
@@ -71,10 +59,7 @@ def gateway(mail_system_factory: MailSystemFactory, dns_server: DnsServer) -> It
     # World-traversable: Postfix's smtpd runs as `postfix` and must reach both daemons' sockets.
     directory = Path(tempfile.mkdtemp(prefix="pw-flow-"))
     directory.chmod(0o755)
-    ours, theirs = generate_key("rsa-sha256"), generate_key("rsa-sha256")
-    write_key(ours, directory / "example.test.s1.key")
-    dns_server.set_zone("example.test", [f"s1._domainkey TXT ( {quoted_txt(txt_record(ours))} )"])
-    dns_server.set_zone(SENDER_ZONE, [f"rs._domainkey TXT ( {quoted_txt(txt_record(theirs))} )"])
+    dkim, remote_key = publish_dkim_keys(dns_server, directory, SENDER_ZONE)
     dns = {"nameservers": [dns_server.nameserver], "timeout": 2.0}
     policyd = start_policyd(
         directory / "p",
@@ -98,15 +83,7 @@ def gateway(mail_system_factory: MailSystemFactory, dns_server: DnsServer) -> It
             directory / "m",
             {
                 "milterd": {"socket_mode": "0660", "socket_group": "postfix"},
-                "dkim": {
-                    "keys": [
-                        {
-                            "domain": "example.test",
-                            "selector": "s1",
-                            "key": directory / "example.test.s1.key",
-                        }
-                    ]
-                },
+                "dkim": dkim,
                 "dns": dns,
                 "mail": MAIL,
             },
@@ -138,14 +115,7 @@ def gateway(mail_system_factory: MailSystemFactory, dns_server: DnsServer) -> It
             aliases_socket=str(directory / "p" / "aliases.sock"),
         )
         systems.append(mail)
-        yield Gateway(
-            mail,
-            relay,
-            policyd,
-            milterd,
-            SigningKey(SENDER_ZONE, "rs", "rsa-sha256", directory / "unused", theirs),
-            dns_server.nameserver,
-        )
+        yield Gateway(mail, policyd, relay, milterd, remote_key, dns_server.nameserver)
     finally:
         # Postfix first: its smtpd holds keep-alive connections that policyd would drain.
         for system in systems:
@@ -157,31 +127,7 @@ def gateway(mail_system_factory: MailSystemFactory, dns_server: DnsServer) -> It
 
 
 def _signed_remote_message(gateway: Gateway, subject: str) -> bytes:
-    message = (
-        f"From: Carol <carol@{SENDER_ZONE}>\r\nTo: <{BOB}>\r\nSubject: {subject}\r\n"
-        f"Message-ID: <{time.time_ns()}@{SENDER_ZONE}>\r\n\r\nHello Bob, from outside.\r\n"
-    ).encode()
-    headers, body = parse_message(message)
-    (signature,) = sign(headers, body, [gateway.remote_key])
-    return signature.field + message
-
-
-def _raw(message: object) -> bytes:
-    data = message.as_bytes()  # type: ignore[attr-defined]
-    assert isinstance(data, bytes)
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
-def _send_until(
-    gateway: Gateway, done: Callable[[SmtpResult], bool], *args: Any, **kwargs: Any
-) -> SmtpResult:
-    """Resend until `done(result)` (list edits reach policyd within ~1 s); bounded at 10 s."""
-    deadline = time.monotonic() + 10
-    while True:
-        result = gateway.mail.smtp_send(*args, **kwargs)
-        if done(result) or time.monotonic() > deadline:
-            return result
-        time.sleep(0.2)
+    return signed_remote_message(gateway.remote_key, BOB, subject, "Hello Bob, from outside.")
 
 
 def test_outside_message_is_greylisted_retried_and_delivered_with_results(
@@ -215,12 +161,12 @@ def test_outside_message_is_greylisted_retried_and_delivered_with_results(
 
 def test_forbidden_sender_is_refused(gateway: Gateway) -> None:
     gateway.cli("lists", "add", "forbidden", "spammer@bad.test")
-    refused = _send_until(
-        gateway,
+    refused = gateway.send_until(
         lambda r: r.stage == "rcpt" and r.code >= 500,
         "spammer@bad.test",
         BOB,
         client_ip="198.51.100.30",
+        timeout=10,  # list edits reach policyd within ~1 s
     )
     assert refused.stage == "rcpt" and 500 <= refused.code < 600, (refused, gateway.diagnostics())
     # Another sender from the same client is only greylisted: the refusal was the list entry.
@@ -242,7 +188,7 @@ def test_logged_in_users_mail_leaves_signed_through_the_outbound_relay(gateway: 
     signature = str(message["DKIM-Signature"])
     assert "d=example.test" in signature and "s=s1" in signature, message.as_string()
     # The signature made by milterd survives the relay hop and verifies against NSD's key.
-    assert gateway.dkim_results(_raw(message)) == ["pass"]
+    assert gateway.dkim_results(raw_bytes(message)) == ["pass"]
     # It went through the configured relay service (STARTTLS offered by the smarthost).
     assert "postfix/relay-isp" in gateway.mail.postfix_log
     assert "TLS connection established from localhost[127.0.0.1]" in gateway.relay.postfix_log
@@ -256,12 +202,12 @@ def test_relaying_for_an_unknown_domain_is_refused(gateway: Gateway) -> None:
     assert "Relay access denied" in refused.text
     # A sender on the permitted list does not change that.
     gateway.cli("lists", "add", "permitted", "someone@remote.test")
-    again = _send_until(
-        gateway,
+    again = gateway.send_until(
         lambda r: r.accepted,
         "someone@remote.test",
         BOB,
         client_ip="198.51.100.40",
+        timeout=10,  # list edits reach policyd within ~1 s
     )
     assert again.accepted, again  # the permitted entry is live ...
     still = gateway.mail.smtp_send(

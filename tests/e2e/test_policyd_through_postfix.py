@@ -13,12 +13,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.fixtures.mail_system import MailSystem, MailSystemFactory, SmtpResult
-from tests.fixtures.policyd_daemon import POSTWARDEN, PolicydHandle, start_policyd
+from tests.fixtures.gateway import PolicydGateway
+from tests.fixtures.mail_system import MailSystem, MailSystemFactory
+from tests.fixtures.policyd_daemon import start_policyd
 
 pytestmark = pytest.mark.e2e
 
@@ -27,34 +27,10 @@ GREYLIST_DELAY = 2.0
 
 
 @dataclass
-class Gateway:
-    mail: MailSystem
-    policyd: PolicydHandle
-
+class Gateway(PolicydGateway):
     def lists(self, *args: str) -> None:
         """Run `postwarden lists ...` against the daemon's store, as an operator would."""
         self.cli("lists", *args)
-
-    def cli(self, *args: str) -> None:
-        done = subprocess.run(
-            [POSTWARDEN, "--config", str(self.policyd.config_path), *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
-        assert done.returncode == 0, done.stderr
-
-    def send_until(
-        self, predicate: Any, *args: Any, timeout: float = 5.0, **kwargs: Any
-    ) -> SmtpResult:
-        """Resend until the outcome satisfies predicate (list changes land within ~1 s)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = self.mail.smtp_send(*args, **kwargs)
-            if predicate(result) or time.monotonic() > deadline:
-                return result
-            time.sleep(0.2)
 
 
 @pytest.fixture
