@@ -12,7 +12,7 @@ set -euo pipefail
 DRIVER=${1:-kvm}
 WORK=${POSTWARDEN_BOX_DIR:-/var/lib/postwarden-box}
 MIRROR=${POSTWARDEN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-KEY=$(find /usr/share /opt/vagrant -path '*/keys/vagrant.pub' 2>/dev/null | head -n 1)
+KEY=$(find /usr/share /opt/vagrant -path '*/keys/vagrant.pub' 2>/dev/null | head -n 1 || true)
 [[ $EUID -eq 0 ]] || { echo "offline-box: run as root" >&2; exit 1; }
 [[ -n $KEY ]] || { echo "offline-box: Vagrant's insecure key (keys/vagrant.pub) not found" >&2; exit 1; }
 
