@@ -23,6 +23,7 @@ cleanup() ( # a subshell: its `set +e` stays in it
     set +e
     mountpoint -q "$WORK/root" && umount -R "$WORK/root"
     [[ -n $loop ]] && losetup -d "$loop"
+    true # also run by the EXIT trap, where a failure would become the script's status
 )
 trap cleanup EXIT
 
