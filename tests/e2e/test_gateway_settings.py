@@ -22,6 +22,7 @@ import pytest
 import trustme
 
 from tests.fixtures import netns
+from tests.fixtures.gateway import submit_authenticated
 from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory
 
 pytestmark = pytest.mark.e2e
@@ -39,18 +40,6 @@ def _smarthost(factory: MailSystemFactory) -> MailSystem:
         {"mail": {"hostname": "smtp.outside.test", "main_domain": "outside.test"}},
         users={DAVE: DAVE_PW},
     )
-
-
-def _submit(mail: MailSystem, recipient: str, subject: str) -> None:
-    sent = mail.smtp_send(
-        ALICE,
-        recipient,
-        subject=subject,
-        port_key="submission_port",
-        starttls=True,
-        login=(ALICE, ALICE_PW),
-    )
-    assert sent.accepted, sent
 
 
 # --- listening -------------------------------------------------------------------------------
@@ -258,7 +247,7 @@ def test_copy_of_all_outgoing_mail(mail_system_factory: MailSystemFactory) -> No
     smarthost = _smarthost(mail_system_factory)
     relay = {"name": "isp", "host": HOST, "port": smarthost.ports["smtp_port"]}
     mail = mail_system_factory({"mail": {"relays": [relay], "copy_outgoing_to": BOB}})
-    _submit(mail, DAVE, "outgoing")
+    submit_authenticated(mail, (ALICE, ALICE_PW), DAVE, "outgoing")
     (sent,) = smarthost.wait_for_delivery(DAVE, DAVE_PW)
     (copy,) = mail.wait_for_delivery(BOB, BOB_PW)
     assert sent["Subject"] == copy["Subject"] == "outgoing"
@@ -287,7 +276,7 @@ def test_smtps_relay_with_credentials(
         "timeout": 10,
     }
     mail = mail_system_factory({"mail": {"relays": [relay]}})
-    _submit(mail, DAVE, "over smtps")
+    submit_authenticated(mail, (ALICE, ALICE_PW), DAVE, "over smtps")
     (message,) = smarthost.wait_for_delivery(DAVE, DAVE_PW)
     assert message["Subject"] == "over smtps"
     log = smarthost.postfix_log
@@ -302,7 +291,7 @@ def test_starttls_towards_the_relay_follows_the_setting(
     smarthost = _smarthost(mail_system_factory)  # offers STARTTLS
     relay = {"name": "isp", "host": HOST, "port": smarthost.ports["smtp_port"]}
     mail = mail_system_factory({"mail": {"relays": [{**relay, "starttls": starttls}]}})
-    _submit(mail, DAVE, f"starttls {starttls}")
+    submit_authenticated(mail, (ALICE, ALICE_PW), DAVE, f"starttls {starttls}")
     smarthost.wait_for_delivery(DAVE, DAVE_PW)
     used_tls = "TLS connection established from localhost[127.0.0.1]" in smarthost.postfix_log
     assert used_tls == (starttls == "enabled"), smarthost.postfix_log

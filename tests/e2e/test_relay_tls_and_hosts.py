@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import trustme
 
+from tests.fixtures.gateway import submit_authenticated
 from tests.fixtures.mail_system import MailSystem, MailSystemFactory
 
 pytestmark = pytest.mark.e2e
@@ -26,21 +27,13 @@ DAVE, DAVE_PW = "dave@outside.test", "outside-secret"
 DEFER_TIMEOUT = 30.0
 
 
-def _second_server(factory: MailSystemFactory, domain: str, user: str, pw: str) -> MailSystem:
+def _second_server(
+    factory: MailSystemFactory, domain: str, user: str, pw: str, **options: Any
+) -> MailSystem:
     """A second real Postfix + Dovecot holding `user`'s mailbox in `domain`."""
-    return factory({"mail": {"hostname": f"mx.{domain}", "main_domain": domain}}, users={user: pw})
-
-
-def _submit(mail: MailSystem, recipient: str, subject: str) -> None:
-    sent = mail.smtp_send(
-        ALICE,
-        recipient,
-        subject=subject,
-        port_key="submission_port",
-        starttls=True,
-        login=(ALICE, ALICE_PW),
+    return factory(
+        {"mail": {"hostname": f"mx.{domain}", "main_domain": domain}}, users={user: pw}, **options
     )
-    assert sent.accepted, sent
 
 
 def _wait_deferred(mail: MailSystem, timeout: float = DEFER_TIMEOUT) -> dict[str, Any]:
@@ -106,17 +99,24 @@ def _relay(smarthost: MailSystem, protocol: str, tmp_path: Path) -> dict[str, An
     }
 
 
+def _gateway_trusting(
+    factory: MailSystemFactory, ca: trustme.CA, smarthost: MailSystem, protocol: str, tmp: Path
+) -> MailSystem:
+    """A gateway relaying to `smarthost` over `protocol`, with mail.tls.ca = `ca`."""
+    ca_file = tmp / "relay-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    relay = _relay(smarthost, protocol, tmp)
+    return factory({"mail": {"relays": [relay], "tls": {"ca": str(ca_file)}}})
+
+
 @pytest.mark.parametrize("protocol", ["smtp", "smtps"])
 def test_relay_certificate_signed_by_the_configured_ca_is_accepted(
     mail_system_factory: MailSystemFactory, tmp_path: Path, protocol: str
 ) -> None:
     smarthost = _second_server(mail_system_factory, "outside.test", DAVE, DAVE_PW)
-    ca = tmp_path / "relay-ca.pem"
-    smarthost.ca.cert_pem.write_to_path(str(ca))  # the CA that signed the smarthost's cert
-    gateway = mail_system_factory(
-        {"mail": {"relays": [_relay(smarthost, protocol, tmp_path)], "tls": {"ca": str(ca)}}}
-    )
-    _submit(gateway, DAVE, f"verified {protocol}")
+    # The CA that signed the smarthost's certificate.
+    gateway = _gateway_trusting(mail_system_factory, smarthost.ca, smarthost, protocol, tmp_path)
+    submit_authenticated(gateway, (ALICE, ALICE_PW), DAVE, f"verified {protocol}")
     (message,) = smarthost.wait_for_delivery(DAVE, DAVE_PW)
     assert message["Subject"] == f"verified {protocol}"
     # Postfix says "Verified" only when the chain AND the name checked out.
@@ -129,12 +129,9 @@ def test_relay_certificate_from_another_ca_keeps_the_mail_deferred(
     mail_system_factory: MailSystemFactory, tmp_path: Path, protocol: str
 ) -> None:
     smarthost = _second_server(mail_system_factory, "outside.test", DAVE, DAVE_PW)
-    ca = tmp_path / "other-ca.pem"
-    trustme.CA().cert_pem.write_to_path(str(ca))  # did not sign the smarthost's cert
-    gateway = mail_system_factory(
-        {"mail": {"relays": [_relay(smarthost, protocol, tmp_path)], "tls": {"ca": str(ca)}}}
-    )
-    _submit(gateway, DAVE, f"unverified {protocol}")
+    other_ca = trustme.CA()  # did not sign the smarthost's certificate
+    gateway = _gateway_trusting(mail_system_factory, other_ca, smarthost, protocol, tmp_path)
+    submit_authenticated(gateway, (ALICE, ALICE_PW), DAVE, f"unverified {protocol}")
     rcpt = _wait_deferred(gateway)
     assert rcpt["address"] == DAVE
     reason = rcpt["delay_reason"]
@@ -150,17 +147,11 @@ def test_relay_certificate_from_the_ca_for_another_name_keeps_the_mail_deferred(
     mail_system_factory: MailSystemFactory, tmp_path: Path
 ) -> None:
     """The right CA is not enough: the certificate must name the relay's host."""
-    smarthost = mail_system_factory(
-        {"mail": {"hostname": "mx.outside.test", "main_domain": "outside.test"}},
-        users={DAVE: DAVE_PW},
-        cert_names=["mx.elsewhere.test"],
+    smarthost = _second_server(
+        mail_system_factory, "outside.test", DAVE, DAVE_PW, cert_names=["mx.elsewhere.test"]
     )
-    ca = tmp_path / "relay-ca.pem"
-    smarthost.ca.cert_pem.write_to_path(str(ca))
-    gateway = mail_system_factory(
-        {"mail": {"relays": [_relay(smarthost, "smtp", tmp_path)], "tls": {"ca": str(ca)}}}
-    )
-    _submit(gateway, DAVE, "wrong name")
+    gateway = _gateway_trusting(mail_system_factory, smarthost.ca, smarthost, "smtp", tmp_path)
+    submit_authenticated(gateway, (ALICE, ALICE_PW), DAVE, "wrong name")
     rcpt = _wait_deferred(gateway)
     assert rcpt["address"] == DAVE
     log = gateway.postfix_log
@@ -193,7 +184,7 @@ def test_a_relay_that_never_greets_is_given_up_after_its_timeout(
         relay = {"name": "mute", "host": "127.0.0.1", "port": silent.getsockname()[1]}
         gateway = mail_system_factory({"mail": {"relays": [{**relay, "timeout": 3}]}})
         try:
-            _submit(gateway, DAVE, "to a mute relay")
+            submit_authenticated(gateway, (ALICE, ALICE_PW), DAVE, "to a mute relay")
             rcpt = _wait_deferred(gateway, timeout=20)
         finally:
             stop.set()
