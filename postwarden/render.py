@@ -76,8 +76,14 @@ class Layout:
     virtual_alias_maps: str = ""
 
     @classmethod
-    def debian(cls) -> Layout:
-        """Debian 12's Postfix and Dovecot, as the appliance installs them."""
+    def debian(cls, *, systemd: bool | None = None) -> Layout:
+        """Debian 12's Postfix and Dovecot, as the appliance installs them.
+
+        Under systemd both log to syslog, which journald keeps. Without it (containers, CI)
+        nothing listens on /dev/log, so Postfix writes through its own postlogd and Dovecot
+        to a file, both under /var/log (logrotate rules ship with the appliance)."""
+        if systemd is None:
+            systemd = Path("/run/systemd/system").is_dir()
         queue = Path("/var/spool/postfix")
         return cls(
             postfix_dir=Path("/etc/postfix"),
@@ -91,6 +97,8 @@ class Layout:
             auth_socket=queue / "private" / "auth",
             self_signed_cert=Path("/etc/postwarden/tls/self-signed.crt"),
             self_signed_key=Path("/etc/postwarden/tls/self-signed.key"),
+            maillog_file=None if systemd else Path("/var/log/mail.log"),
+            dovecot_log_file=None if systemd else Path("/var/log/dovecot.log"),
         )
 
     def port(self, cfg: MailConfig, key: str) -> int:

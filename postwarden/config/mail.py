@@ -50,8 +50,19 @@ def _check_mailbox(value: str) -> str:
     return value
 
 
+def check_sender_grant(value: str) -> str:
+    """A grant: one address (`ceo@example.com`) or a whole domain (`@example.org`), lower-cased."""
+    text = value.strip().lower()
+    if text.startswith("@"):
+        return "@" + check_domain(text[1:])
+    local, _, domain = _check_mailbox(text).rpartition("@")
+    return f"{local}@{check_domain(domain)}"
+
+
 Domain = Annotated[str, PlainValidator(lambda v: check_domain(_text(v)))]
 Mailbox = Annotated[str, PlainValidator(lambda v: _check_mailbox(_text(v)))]
+SenderGrant = Annotated[str, PlainValidator(lambda v: check_sender_grant(_text(v)))]
+LoginName = Annotated[str, PlainValidator(lambda v: _check_mailbox(_text(v)).lower())]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -313,6 +324,25 @@ class MailConfig(_Table):
     copy_outgoing_to: Mailbox | None = None
 
     connection_control: ConnectionControl = ConnectionControl()
+
+    # --- hardening (README "Security") ---
+    # SMTP smuggling: a bare LF or CR in DATA and commands pipelined before the greeting are
+    # refused on every port (smtpd_forbid_bare_newline, smtpd_forbid_unauth_pipelining).
+    # Off only to accept a broken client that cannot be fixed; `config check` warns.
+    smuggling_protection: bool = True
+    # A logged-in user may send only as their own mailbox, the aliases that deliver to it,
+    # and what is granted here: login -> ["addr@example.com", "@whole-domain.example"].
+    sender_grants: dict[LoginName, list[SenderGrant]] = Field(default_factory=dict)
+    # Port 25, not logged in, not a trusted network, sender in one of our mail domains:
+    # refused (our own users send through 587/465), so nobody outside can pose as them.
+    reject_forged_local_senders: bool = True
+    # postmaster@ and abuse@ of every mail domain are delivered here (RFC 5321 4.5.1,
+    # RFC 2142); unset: postmaster@<main_domain>, which must then be a mailbox.
+    postmaster_address: Mailbox | None = None
+    # SMTP AUTH attempts per client per minute on 587/465 (Postfix anvil); 0 = unlimited.
+    auth_rate_limit: Annotated[int, Field(ge=0, le=10000)] = 10
+    # Install and enable a fail2ban jail for SMTP AUTH and IMAP/POP3 login failures.
+    fail2ban: bool = False
 
     @property
     def local_domains(self) -> list[str]:

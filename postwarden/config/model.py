@@ -70,6 +70,10 @@ class PolicydConfig(Section):
     # Forwarding aliases served to Postfix as a socketmap (virtual_alias_maps =
     # socketmap:<this>:aliases), so alias edits apply without a reload; unset: not served.
     aliases_listen: Listen | None = None
+    # Dovecot's LMTP socket, asked live (one RCPT probe, no cache) whether a mailbox exists:
+    # serves the `mailboxes` map (recipient validation at RCPT) and the `senders` map
+    # (sender bound to login) on aliases_listen. Unset: those maps are not served.
+    mailbox_lmtp: Listen | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("metrics_listen")
@@ -103,6 +107,10 @@ class MilterdConfig(Section):
     on_error: Literal["accept", "tempfail"] = "accept"
     # The authserv-id in Authentication-Results; defaults to mail.hostname.
     authserv_id: str | None = None
+    # A logged-in user's message whose From: domain that login may not use
+    # (postwarden.sender_identity): "reject" it (550 5.7.1 at end of data) or pass it on
+    # "unsigned" (logged). Mail from trusted networks without a login is signed as before.
+    from_mismatch: Literal["reject", "unsigned"] = "reject"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
