@@ -71,8 +71,8 @@ class PolicydConfig(Section):
     # socketmap:<this>:aliases), so alias edits apply without a reload; unset: not served.
     aliases_listen: Listen | None = None
     # Dovecot's LMTP socket, asked live (one RCPT probe, no cache) whether a mailbox exists:
-    # serves the `mailboxes` map (recipient validation at RCPT) and the `senders` map
-    # (sender bound to login) on aliases_listen. Unset: those maps are not served.
+    # serves the `mailboxes` socketmap on aliases_listen (Postfix's virtual_mailbox_maps, so
+    # an unknown or deleted user is refused at RCPT at once). Unset: that map is not served.
     mailbox_lmtp: Listen | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
