@@ -38,6 +38,7 @@ from postwarden.dns_resolver import make_resolver
 from postwarden.dnsbl import DnsblChecker
 from postwarden.greylist import LargeSenders, LargeSendersError, load_large_senders
 from postwarden.lists_sync import LiveLists, keep_lists_fresh
+from postwarden.mailbox_probe import MailboxProber
 from postwarden.pipeline import Pipeline
 from postwarden.request import PolicyRequest
 from postwarden.socket_files import SocketInUseError, remove_stale_socket
@@ -339,6 +340,7 @@ class PolicyServer:
         self._refused_logged = 0.0
         self._refused = 0
         self._log_decisions = True
+        self.mailbox_prober: MailboxProber | None = None
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -358,7 +360,10 @@ class PolicyServer:
         if self._stopped is None:
             self._stopped = asyncio.Event()
         self._apply_log_level(self.cfg)
-        aliases = socketmap_handler(self.store)
+        if self.cfg.policyd.mailbox_lmtp is not None:
+            # One prober (its own pooled LMTP connections) per worker, made after the fork.
+            self.mailbox_prober = MailboxProber(self.cfg.policyd.mailbox_lmtp)
+        aliases = socketmap_handler(self.store, self.mailbox_prober)
         for listener in self.listeners:
             handler = self._serve_connection if listener.role == "policy" else aliases
             # backlog again here: asyncio re-listens on the socket with its default of 100,
@@ -420,6 +425,8 @@ class PolicyServer:
                 await task
         if self.pipeline is not None and self.pipeline.spf is not None:
             self.pipeline.spf.close()
+        if self.mailbox_prober is not None:
+            await self.mailbox_prober.close()
         if self.store is not None:
             try:
                 await self.store.close()
@@ -445,6 +452,7 @@ class PolicyServer:
         restart_keys = (
             "listen",
             "aliases_listen",
+            "mailbox_lmtp",
             "workers",
             "metrics_listen",
             "socket_mode",

@@ -1,10 +1,14 @@
-"""Postfix's socketmap lookup protocol (socketmap_table(5)), serving forwarding aliases.
+"""Postfix's socketmap lookup protocol (socketmap_table(5)): forwarding aliases and mailboxes.
 
 Postfix asks `virtual_alias_maps = socketmap:unix:/path:aliases` at delivery time, so an
-alias changed in the store applies to the next message without a reload. Each request is
-a netstring `<len>:<name> <key>,`; each reply is a netstring `OK <data>`, `NOTFOUND `,
-`TEMP <reason>`, `TIMEOUT <reason>` or `PERM <reason>`. Postfix keeps the connection open
-and sends one request after the other.
+alias changed in the store applies to the next message without a reload. It asks
+`virtual_mailbox_maps = socketmap:unix:/path:mailboxes` at RCPT: each lookup asks Dovecot
+over LMTP (postwarden/mailbox_probe.py), so an unknown or deleted mailbox is refused at once
+and nothing is accepted that would bounce later.
+
+Each request is a netstring `<len>:<name> <key>,`; each reply is a netstring `OK <data>`,
+`NOTFOUND `, `TEMP <reason>`, `TIMEOUT <reason>` or `PERM <reason>`. Postfix keeps the
+connection open and sends one request after the other.
 
 The codec is sans-IO: `NetstringDecoder.feed()` returns complete requests (or one fatal
 `SocketmapViolation`) and keeps leftover bytes; replies are values with `encode()`.
@@ -19,6 +23,14 @@ extra listener.
 | request without "<name> <key>"          | `PERM` reply, connection stays in step         |
 | unknown map name                        | `PERM` reply                                   |
 | store unreachable / slow                | `TEMP` / `TIMEOUT`: Postfix defers, never bounces |
+| mailboxes: address Dovecot knows        | `OK <address>`                                 |
+| mailboxes: address Dovecot does not know | `NOTFOUND` (Postfix: 550 5.1.1 User unknown)  |
+| mailboxes: `@domain`, bare local part   | `NOTFOUND`, Dovecot is not asked               |
+| mailboxes: not a plain address (CR, LF, | `NOTFOUND`, Dovecot is not asked (nothing      |
+|   space, NUL, quotes, over 320 bytes)   |   untrusted reaches the LMTP stream)           |
+| mailboxes: Dovecot down, slow, 4xx      | `TEMP <reason>` (Postfix: 451 4.3.0), one log  |
+|   or garbage                            |   line per kind of failure                     |
+| mailboxes without policyd.mailbox_lmtp  | `PERM` (not served), logged once               |
 
 A closed connection makes Postfix log a lookup error and defer the message, so a broken
 client never loses mail.
@@ -29,10 +41,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from postwarden.mailbox_probe import MailboxStatus, ProbeResult, probe_address
 from postwarden.store.base import StoreError
 from postwarden.untrusted import sanitise
 
@@ -48,6 +62,10 @@ MAX_REASON = 200
 _MAX_LENGTH_DIGITS = len(str(MAX_REQUEST_LENGTH))
 # The map name Postfix is configured with: socketmap:unix:/path:aliases.
 ALIASES_MAP = "aliases"
+# The map for virtual_mailbox_maps = socketmap:unix:/path:mailboxes.
+MAILBOXES_MAP = "mailboxes"
+# A failure that goes on is logged again at most this often (with the count in between).
+REPEAT_LOG_INTERVAL = 300.0
 # A lookup that takes longer is answered TIMEOUT (Postfix defers the message and retries).
 LOOKUP_TIMEOUT = 5.0
 # Postfix closes idle socketmap connections itself; this only reaps clients that vanished.
@@ -191,12 +209,126 @@ def alias_reply(targets: list[str] | None) -> SocketmapReply:
     return SocketmapReply("OK", data)
 
 
+class MailboxProbe(Protocol):
+    """What the mailboxes map needs (postwarden.mailbox_probe.MailboxProber has it)."""
+
+    async def probe(self, address: str) -> ProbeResult: ...
+
+
+class FailureLog:
+    """One WARNING when a kind of failure starts and one INFO when lookups work again;
+    repeats in between are counted and logged again at most every REPEAT_LOG_INTERVAL."""
+
+    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.what = what
+        self._clock = clock
+        self._active: dict[str, list[float]] = {}  # kind -> [count, last logged]
+
+    def failed(self, kind: str, detail: str) -> None:
+        now = self._clock()
+        entry = self._active.get(kind)
+        if entry is None:
+            self._active[kind] = [1, now]
+            log.warning(
+                "socketmap: %s: %s: %s; answering TEMP (Postfix defers) until it works again",
+                self.what,
+                kind,
+                sanitise(detail, MAX_REASON),
+            )
+            return
+        entry[0] += 1
+        if now - entry[1] >= REPEAT_LOG_INTERVAL:
+            entry[1] = now
+            log.warning(
+                "socketmap: %s: still %s: %d lookups answered TEMP so far: %s",
+                self.what,
+                kind,
+                entry[0],
+                sanitise(detail, MAX_REASON),
+            )
+
+    def succeeded(self) -> None:
+        if self._active:
+            counts = ", ".join(f"{kind}: {int(e[0])}" for kind, e in self._active.items())
+            log.info("socketmap: %s: works again (lookups answered TEMP: %s)", self.what, counts)
+            self._active.clear()
+
+
+class MailboxMap:
+    """The `mailboxes` map: does this address have a mailbox? Asked of Dovecot each time.
+
+    No cache here: a deleted user is NOTFOUND, and a new one OK, as soon as Dovecot sees
+    the users file change (it re-checks the file at most once a second).
+    """
+
+    def __init__(
+        self, prober: MailboxProbe | None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.prober = prober
+        self.failures = FailureLog("mailboxes", clock)
+        self._clock = clock
+        self._unserved_logged = False
+        self._refused = 0
+        self._refused_logged = -REPEAT_LOG_INTERVAL
+
+    async def lookup(self, key: str) -> SocketmapReply:
+        if self.prober is None:
+            if not self._unserved_logged:
+                self._unserved_logged = True
+                log.warning(
+                    "socketmap: map %r asked for but policyd.mailbox_lmtp is not set: "
+                    "answering PERM (set it, or remove the map from virtual_mailbox_maps)",
+                    MAILBOXES_MAP,
+                )
+            return SocketmapReply("PERM", "mailboxes map not served: policyd.mailbox_lmtp unset")
+        # Postfix also asks "@domain" (catch-all) and, for some domains, the bare local
+        # part: neither is a mailbox. Anything else not plain is never written to Dovecot.
+        if key.startswith("@") or "@" not in key:
+            return NOT_FOUND
+        address = probe_address(key)
+        if address is None:
+            self._log_refused(key)
+            return NOT_FOUND
+        result = await self.prober.probe(address)
+        if result.status is MailboxStatus.TEMPORARY:
+            self.failures.failed(result.kind, result.detail)
+            return SocketmapReply("TEMP", f"mailbox lookup in Dovecot failed: {result.kind}")
+        self.failures.succeeded()
+        if result.status is MailboxStatus.EXISTS:
+            return SocketmapReply("OK", address)
+        return NOT_FOUND
+
+    def _log_refused(self, key: str) -> None:
+        self._refused += 1
+        now = self._clock()
+        if now - self._refused_logged >= REPEAT_LOG_INTERVAL:
+            self._refused_logged = now
+            log.info(
+                "socketmap: mailboxes: %d keys that are not plain addresses answered NOTFOUND "
+                "without asking Dovecot (latest %r)",
+                self._refused,
+                sanitise(key, MAX_REASON),
+            )
+            self._refused = 0
+
+
 async def answer(
-    request: DecodeResult, store: AliasSource, timeout: float = LOOKUP_TIMEOUT
+    request: DecodeResult,
+    store: AliasSource,
+    timeout: float = LOOKUP_TIMEOUT,
+    mailboxes: MailboxMap | None = None,
 ) -> SocketmapReply:
     """The reply to one request; store failures become TEMP/TIMEOUT so Postfix retries."""
     if isinstance(request, MalformedRequest):
         return SocketmapReply("PERM", "request is not '<map name> <key>'")
+    if request.name == MAILBOXES_MAP:
+        if mailboxes is None:
+            return SocketmapReply("PERM", "mailboxes map not served")
+        try:
+            return await asyncio.wait_for(mailboxes.lookup(request.key), timeout)
+        except TimeoutError:
+            mailboxes.failures.failed("timeout", f"lookup took over {timeout:.1f}s")
+            return SocketmapReply("TIMEOUT", "Dovecot did not answer in time")
     if request.name != ALIASES_MAP:
         return SocketmapReply("PERM", f"unknown map {request.name!r}")
     # Postfix folds the case of lookup keys; aliases are stored lower-cased.
@@ -219,6 +351,7 @@ async def handle_socketmap_connection(
     *,
     idle_timeout: float = IDLE_TIMEOUT,
     lookup_timeout: float = LOOKUP_TIMEOUT,
+    mailboxes: MailboxMap | None = None,
 ) -> None:
     """Serve socketmap requests on one connection until the client closes it."""
     decoder = NetstringDecoder()
@@ -236,7 +369,7 @@ async def handle_socketmap_connection(
                 log.warning("socketmap: closing connection: %s", exc)
                 return
             for request in requests:
-                reply = await answer(request, store, lookup_timeout)
+                reply = await answer(request, store, lookup_timeout, mailboxes)
                 writer.write(reply.encode())
             if requests:
                 await writer.drain()
@@ -252,11 +385,13 @@ async def handle_socketmap_connection(
 
 
 def socketmap_handler(
-    store: AliasSource,
+    store: AliasSource, mailboxes: MailboxProbe | None = None
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-    """A client_connected_cb for asyncio.start_unix_server / start_server."""
+    """A client_connected_cb for asyncio.start_unix_server / start_server; `mailboxes`
+    (a MailboxProber, or None when policyd.mailbox_lmtp is unset) serves that map."""
+    mailbox_map = MailboxMap(mailboxes)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await handle_socketmap_connection(reader, writer, store)
+        await handle_socketmap_connection(reader, writer, store, mailboxes=mailbox_map)
 
     return serve

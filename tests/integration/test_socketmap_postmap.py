@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from policyd.socketmap import socketmap_handler
+from postwarden.mailbox_probe import MailboxStatus, ProbeResult
 from postwarden.store.base import StoreError
 
 POSTMAP_TIMEOUT = 10.0
@@ -28,13 +29,30 @@ class MemoryAliases:
         return self.aliases.get(address)
 
 
+class MemoryMailboxes:
+    """Stands in for Dovecot's LMTP prober: a set of mailboxes, or one failure."""
+
+    def __init__(self) -> None:
+        self.mailboxes: set[str] = set()
+        self.failure: ProbeResult | None = None
+        self.asked: list[str] = []
+
+    async def probe(self, address: str) -> ProbeResult:
+        self.asked.append(address)
+        if self.failure is not None:
+            return self.failure
+        found = address in self.mailboxes
+        return ProbeResult(MailboxStatus.EXISTS if found else MailboxStatus.NO_SUCH_USER)
+
+
 @dataclass
 class Served:
     aliases: MemoryAliases
+    mailboxes: MemoryMailboxes
     table: str
     config_dir: Path
 
-    async def postmap(self, *keys: str) -> tuple[int, str]:
+    async def postmap(self, *keys: str, table: str | None = None) -> tuple[int, str]:
         """Run `postmap -q` (one key) or `postmap -q -` (keys on stdin, one connection)."""
         query = keys[0] if len(keys) == 1 else "-"
         proc = await asyncio.create_subprocess_exec(
@@ -43,7 +61,7 @@ class Served:
             str(self.config_dir),
             "-q",
             query,
-            self.table,
+            table or self.table,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -60,9 +78,10 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     (tmp_path / "main.cf").write_text("")
     sock = tmp_path / "aliases.sock"
     aliases = MemoryAliases()
-    server = await asyncio.start_unix_server(socketmap_handler(aliases), path=str(sock))
+    mailboxes = MemoryMailboxes()
+    server = await asyncio.start_unix_server(socketmap_handler(aliases, mailboxes), path=str(sock))
     try:
-        yield Served(aliases, f"socketmap:unix:{sock}:aliases", tmp_path)
+        yield Served(aliases, mailboxes, f"socketmap:unix:{sock}:aliases", tmp_path)
     finally:
         server.close()
         await server.wait_closed()
@@ -108,3 +127,28 @@ async def test_store_down_is_a_temporary_lookup_error_for_postfix(served: Served
     assert rc != 0
     assert "socketmap server temporary error: store unavailable" in out
     assert "query error" in out
+
+
+async def test_postfix_reads_the_mailboxes_map_beside_the_aliases(served: Served) -> None:
+    mailboxes = served.table.replace(":aliases", ":mailboxes")
+    served.mailboxes.mailboxes.add("alice@example.test")
+    served.aliases.aliases["sales@example.test"] = ["alice@example.test"]
+    assert await served.postmap("alice@example.test", table=mailboxes) == (
+        0,
+        "alice@example.test\n",
+    )
+    assert await served.postmap("nobody@example.test", table=mailboxes) == (1, "")
+    # Postfix's catch-all lookup is answered without asking Dovecot.
+    assert await served.postmap("@example.test", table=mailboxes) == (1, "")
+    assert served.mailboxes.asked == ["alice@example.test", "nobody@example.test"]
+    # The same socket still serves the aliases.
+    assert await served.postmap("sales@example.test") == (0, "alice@example.test\n")
+
+
+async def test_dovecot_failure_is_a_temporary_lookup_error_for_postfix(served: Served) -> None:
+    served.mailboxes.failure = ProbeResult.temporary("timeout", "no answer")
+    rc, out = await served.postmap(
+        "alice@example.test", table=served.table.replace(":aliases", ":mailboxes")
+    )
+    assert rc != 0
+    assert "socketmap server temporary error: mailbox lookup in Dovecot failed: timeout" in out
