@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -22,10 +23,14 @@ from postwarden.dkim_keys import (
     signing_keys,
 )
 from postwarden.dkim_signing import (
+    LINE_LIMIT,
     SigningError,
+    break_long_lines,
+    fold_header,
     from_domain,
     keys_for_domain,
     sign,
+    sign_headers_for,
     signing_candidates,
 )
 from postwarden.dkim_verify import (
@@ -38,8 +43,13 @@ from postwarden.dkim_verify import (
     results_header,
     verify_message,
 )
+from postwarden.sender_identity import may_use_from_domain
+from postwarden.untrusted import sanitise
 
 log = logging.getLogger("postwarden.milterd")
+# Sender-chosen text (a From domain) in a log line or SMTP reply: one line, bounded.
+LOG_LIMIT = 255
+_DOMAIN_TEXT = re.compile(r"[a-z0-9_.-]{1,253}")
 
 
 class MessageFault(Exception):
@@ -48,10 +58,18 @@ class MessageFault(Exception):
 
 @dataclass
 class Changes:
-    """Header edits for the MTA: fields to put at the top (in order) and A-R fields to remove."""
+    """What the MTA is to do with the message, in the order the adapter applies it.
 
-    add: list[tuple[str, str]] = field(default_factory=list)
+    Header values are as the milter API holds them: no leading space, folds as LF.
+    """
+
+    add: list[tuple[str, str]] = field(default_factory=list)  # fields to put at the top
     remove_results: list[int] = field(default_factory=list)  # 1-based among A-R fields
+    # Signed headers refolded to what Postfix will deliver: (name, 1-based index among the
+    # fields of that name, new value).
+    refold: list[tuple[str, int, str]] = field(default_factory=list)
+    body: bytes | None = None  # the new body, when long lines had to be broken
+    reject: str | None = None  # "550 5.7.1 <this text>" instead of delivery
     summary: str = ""
 
 
@@ -148,16 +166,45 @@ class Engine:
     def process(
         self, envelope: Envelope, headers: Sequence[tuple[bytes, bytes]], body: bytes
     ) -> Changes:
-        """Sign outgoing or verify inbound mail; raises MessageFault."""
-        if self.is_outgoing(envelope):
-            return self._sign(envelope, headers, body) if self.sign_enabled else Changes()
-        return self._verify(envelope, headers, body) if self.verify_enabled else Changes()
+        """Sign outgoing or verify inbound mail; raises MessageFault.
 
-    def _sign(
+        On every path, signed or not, Authentication-Results claiming our authserv-id are
+        removed: only the one we add may carry it.
+        """
+        forged = self.forged(headers)
+        if self.is_outgoing(envelope):
+            changes = self._outgoing(envelope, headers, body)
+        elif self.verify_enabled:
+            changes = self._verify(envelope, headers, body)
+        else:
+            changes = Changes(summary=f"{_from_text(headers)}, not verified: dkim.verify is off")
+        if forged and changes.reject is None:
+            changes.remove_results = forged
+            changes.summary += f"; removed {len(forged)} forged {AR_HEADER}"
+        return changes
+
+    def forged(self, headers: Sequence[tuple[bytes, bytes]]) -> list[int]:
+        """Indexes (1-based, among A-R fields) of the Authentication-Results claiming our id."""
+        return forged_results(headers, self.server_id)
+
+    def _outgoing(
         self, envelope: Envelope, headers: Sequence[tuple[bytes, bytes]], body: bytes
     ) -> Changes:
         dkim_headers = [[name, _header_value(value)] for name, value in headers]
         domain = from_domain(dkim_headers)
+        shown = _from_text(headers, domain)
+        login = envelope.auth_authen
+        if login and (domain is None or not self._may_use(login, domain)):
+            what = (
+                "From: must hold exactly one address"
+                if domain is None
+                else f"From: domain {_reply_domain(domain)} is not one this login may use"
+            )
+            if self.config.milterd.from_mismatch == "reject":
+                return Changes(reject=what, summary=f"{shown}, rejected: {what}")
+            return Changes(summary=f"{shown}, not signed: {what} (from_mismatch=unsigned)")
+        if not self.sign_enabled:
+            return Changes(summary=f"{shown}, not signed: dkim.sign is off")
         if domain is None:
             raise MessageFault("outgoing message without a single parsable From address")
         # The most specific domain with any configured key decides, as in keys_for_domain.
@@ -168,15 +215,32 @@ class Engine:
                 break
         chosen = keys_for_domain(domain, self.keys, subdomains=self.subdomains)
         if chosen is None:
-            return Changes(summary=f"not signed: no key for {domain}")
+            return Changes(summary=f"{shown}, not signed: no key for {sanitise(domain, LOG_LIMIT)}")
         signing_domain, keys = chosen
+        include = sign_headers_for(dkim_headers)
+        refold = _refold(headers, frozenset(include))
+        for position, new_value in refold.items():
+            dkim_headers[position][1] = _header_value(new_value)
+        new_body = break_long_lines(body)
         try:
-            signatures = sign(dkim_headers, body, keys)
+            signed_body = body if new_body is None else new_body
+            signatures = sign(dkim_headers, signed_body, keys, include_headers=include)
         except SigningError as exc:
             raise MessageFault(str(exc)) from None
         add = [("DKIM-Signature", _milter_value(sig.value)) for sig in signatures]
         selectors = ",".join(f"{s.selector}/{s.algorithm}" for s in signatures)
-        return Changes(add=add, summary=f"signed d={signing_domain} s={selectors}")
+        summary = f"{shown}, signed d={signing_domain} s={selectors}"
+        if refold or new_body is not None:
+            summary += " (lines over 998 octets broken as Postfix would)"
+        return Changes(
+            add=add,
+            refold=_by_name(headers, refold),
+            body=new_body,
+            summary=summary,
+        )
+
+    def _may_use(self, login: str, domain: str) -> bool:
+        return may_use_from_domain(login, domain, self.config.mail.sender_grants)
 
     def _verify(
         self, envelope: Envelope, headers: Sequence[tuple[bytes, bytes]], body: bytes
@@ -191,15 +255,55 @@ class Engine:
                     raise MessageFault(f"d={item.domain} s={item.selector}: {item.reason}")
         log_results(results, envelope.queue_id)
         value = results_header(self.server_id, results)
-        forged = forged_results(headers, self.server_id)
-        summary = " ".join(
-            f"dkim={r.result}" + (f" d={r.domain}" if r.domain else "") for r in results
+        verdicts = " ".join(
+            f"dkim={r.result}" + (f" d={sanitise(r.domain, LOG_LIMIT)}" if r.domain else "")
+            for r in results
         )
-        summary = summary or "dkim=none"
-        if forged:
-            summary += f"; removed {len(forged)} forged {AR_HEADER}"
         return Changes(
             add=[(AR_HEADER, value)],
-            remove_results=forged,
-            summary=summary,
+            summary=f"{_from_text(headers)}, verified: {verdicts or 'dkim=none'}",
         )
+
+
+def _from_text(headers: Sequence[tuple[bytes, bytes]], domain: str | None = None) -> str:
+    """`from_domain=...` for the log line (sanitised: the sender chose it)."""
+    if domain is None:
+        domain = from_domain([[name, _header_value(value)] for name, value in headers])
+    return f"from_domain={sanitise(domain, LOG_LIMIT) if domain else '(none)'}"
+
+
+def _reply_domain(domain: str) -> str:
+    # An SMTP reply carries it: a plain domain name, or nothing of what the sender wrote.
+    return domain if _DOMAIN_TEXT.fullmatch(domain) else "(not a domain name)"
+
+
+def _refold(headers: Sequence[tuple[bytes, bytes]], signed: frozenset[bytes]) -> dict[int, bytes]:
+    """Positions and new values of the signed header fields Postfix would cut (> 998 octets)."""
+    refold: dict[int, bytes] = {}
+    for position, (name, value) in enumerate(headers):
+        if name.lower() not in signed or len(name) + len(value) + 2 <= LINE_LIMIT:
+            continue  # the common case, without looking at the lines
+        new_value = fold_header(name, value)
+        if new_value is None:
+            continue
+        try:
+            new_value.decode("utf-8")
+        except UnicodeDecodeError:
+            # The milter API takes text: a field that is not UTF-8 cannot be rewritten.
+            raise MessageFault(
+                f"cannot fold the {sanitise(name, 80)} field (over {LINE_LIMIT} octets, not UTF-8)"
+            ) from None
+        refold[position] = new_value
+    return refold
+
+
+def _by_name(
+    headers: Sequence[tuple[bytes, bytes]], refold: dict[int, bytes]
+) -> list[tuple[str, int, str]]:
+    """(name, index among the fields of that name, value): how the milter API names a field."""
+    out = []
+    for position, new_value in sorted(refold.items()):
+        name = headers[position][0]
+        index = sum(1 for n, _ in headers[: position + 1] if n.lower() == name.lower())
+        out.append((name.decode("ascii", "replace"), index, new_value.decode("utf-8")))
+    return out

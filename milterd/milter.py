@@ -18,12 +18,17 @@ from typing import Any, ClassVar
 import Milter
 
 from milterd.engine import Changes, Engine, Envelope, MessageFault
+from postwarden.dkim_verify import AR_HEADER
+from postwarden.untrusted import sanitise
 
 log = logging.getLogger("postwarden.milterd")
 # pymilter is untyped: name its reply codes once, typed.
 CONTINUE: int = Milter.CONTINUE
 ACCEPT: int = Milter.ACCEPT
 TEMPFAIL: int = Milter.TEMPFAIL
+REJECT: int = Milter.REJECT
+# libmilter sends a replacement body in pieces of at most this (MILTER_CHUNK_SIZE).
+BODY_CHUNK = 65535
 
 
 class DkimMilter(Milter.Base):  # type: ignore[misc]
@@ -93,7 +98,8 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
         started = time.monotonic()
         try:
             changes = self.engine.process(envelope, self.headers, body)
-            self._apply(changes)
+            if changes.reject is None:
+                self._apply(changes)
         except MessageFault as exc:
             return self._on_error(queue_id, str(exc))
         except Exception as exc:  # noqa: BLE001 - never crash or lose a message; say what and go on
@@ -101,9 +107,14 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
         finally:
             self._reset()
             self._end_message()
-        log.debug(
-            "%s: %s (%.1f ms)", queue_id, changes.summary, (time.monotonic() - started) * 1000
-        )
+        # One line per message, in Postfix's style (queue id first, key=value).
+        client = self.client_ip or "local"
+        login = f", login={sanitise(envelope.auth_authen, 255)}" if envelope.auth_authen else ""
+        elapsed = (time.monotonic() - started) * 1000
+        log.info("%s: client=%s%s, %s (%.1f ms)", queue_id, client, login, changes.summary, elapsed)
+        if changes.reject is not None:
+            self.setreply("550", "5.7.1", changes.reject)
+            return REJECT
         return ACCEPT
 
     def abort(self) -> int:
@@ -119,9 +130,15 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
         # Highest index first, so removing one does not renumber those still to remove.
         for index in sorted(changes.remove_results, reverse=True):
             self.chgheader("Authentication-Results", index, "")
+        for name, index, value in changes.refold:
+            self.chgheader(name, index, value)
         # Insert at the top; reversed so the first field of `add` ends up topmost.
         for name, value in reversed(changes.add):
             self.addheader(name, value, 0)
+        # Last and in one run: Postfix ends a body replacement at the next other request.
+        if changes.body is not None:
+            for start in range(0, len(changes.body), BODY_CHUNK):
+                self.replacebody(changes.body[start : start + BODY_CHUNK])
 
     def _on_error(self, queue_id: str, reason: str) -> int:
         action = self.engine.config.milterd.on_error
@@ -129,4 +146,9 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
         if action == "tempfail":
             self.setreply("451", "4.7.1", "Message cannot be processed now, try again later")
             return TEMPFAIL
+        # Accepted as it is, but never with an Authentication-Results claiming to be ours.
+        try:
+            self._apply(Changes(remove_results=self.engine.forged(self.headers)))
+        except Exception as exc:  # noqa: BLE001 - the message still goes through; say why
+            log.warning("%s: cannot remove forged %s: %s", queue_id, AR_HEADER, exc)
         return ACCEPT

@@ -1,10 +1,11 @@
-"""DKIM verification of inbound mail (dkimpy) and its `Authentication-Results:` header (authres).
+"""DKIM verification of inbound mail (dkimpy) and its `Authentication-Results:` header.
 
 Every DKIM-Signature of a message is checked; keys are fetched with dnspython from the
 configured `[dns]` nameservers within `dns.timeout`. The outcome of each signature maps to
 RFC 8601 results: pass, fail (the signature or body hash does not match), permerror (no key,
-malformed signature or key) and temperror (DNS timed out or failed). Also finds
-`Authentication-Results:` fields that claim to come from us: the milter removes them.
+malformed signature or key) and temperror (DNS timed out or failed). The header is written
+here, every sender-controlled value quoted or left out (authres parses it back in the tests).
+Also finds `Authentication-Results:` fields that claim to come from us: the milter removes them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import authres
 import dkim
 import dns.exception
 import dns.rdatatype
@@ -137,40 +137,98 @@ def authserv_id(config: Config) -> str:
     return (config.milterd.authserv_id or config.mail.hostname).lower()
 
 
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9.@_+=-]+$")
+# What may stand unquoted in a property. Everything here is sender-controlled (the tags of a
+# DKIM-Signature): a value that is not exactly this shape is left out, never passed through.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PROPERTY_SHAPES = {
+    "header.d": re.compile(_DOMAIN),
+    "header.s": re.compile(_DOMAIN),  # a selector is dot-separated labels too (RFC 6376 3.1)
+    # [dot-atom local-part] "@" domain: atext holds no blank, ";", "(", quote or backslash.
+    "header.i": re.compile(rf"(?:{_ATOM}(?:\.{_ATOM})*)?@{_DOMAIN}"),
+    "header.a": re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*"),
+}
+# A header longer than this is folded between its results (Postfix would cut it at 998).
+_FOLD_AT = 900
 
 
-def _clean(value: str) -> str | None:
-    # authres writes values verbatim: keep only what is a plain token.
-    return value if value and _SAFE_VALUE.match(value) else None
+def _property(name: str, value: str) -> str | None:
+    return f"{name}={value}" if value and _PROPERTY_SHAPES[name].fullmatch(value) else None
+
+
+def quoted_string(text: str) -> str:
+    """A quoted-string of printable ASCII that nothing can end early: no quote or backslash
+    (they become ' and /, which naive parsers of quoted-pairs cannot get wrong either)."""
+    text = sanitise(text, REASON_LIMIT).replace('"', "'").replace("\\", "/")
+    return f'"{text}"'
 
 
 def results_header(server_id: str, results: Sequence[DkimResult]) -> str:
-    """The `Authentication-Results:` value (without the field name)."""
-    clauses: list[authres.DKIMAuthenticationResult] = []
+    """The `Authentication-Results:` value (without the field name), RFC 8601.
+
+    Built here rather than by authres, whose writer leaves any value containing "@"
+    unquoted: a DNS error text as reason (unparsable header) or a sender-chosen selector
+    `x@y dkim=pass header.d=paypal.com` (a second, forged result in our own header).
+    The reason is always a quoted-string; properties only ever hold a well-formed domain,
+    selector, identity or algorithm, and are left out otherwise.
+    """
+    clauses = []
     for item in results or [DkimResult("none")]:
-        clauses.append(
-            authres.DKIMAuthenticationResult(
-                result=item.result,
-                # Inside a quoted-string: no quote or backslash may end it early.
-                reason=item.reason.replace('"', "'").replace("\\", "/") or None,
-                header_d=_clean(item.domain),
-                header_i=_clean(item.identity),
-                header_a=_clean(item.algorithm),
-                header_s=_clean(item.selector),
-            )
-        )
-    header = authres.AuthenticationResultsHeader(authserv_id=server_id, results=clauses)
-    return str(header.header_value())
+        parts = [f"dkim={item.result}"]
+        if item.reason:
+            parts.append(f"reason={quoted_string(item.reason)}")
+        for name, value in (
+            ("header.d", item.domain),
+            ("header.i", item.identity),
+            ("header.a", item.algorithm),
+            ("header.s", item.selector),
+        ):
+            prop = _property(name, value)
+            if prop is not None:
+                parts.append(prop)
+        clauses.append(" ".join(parts))
+    value = "; ".join([server_id, *clauses])
+    if len(AR_HEADER) + 2 + len(value) > _FOLD_AT:
+        value = ";\n\t".join([server_id, *clauses])  # the milter API folds with LF
+    return value
 
 
-_AUTHSERV = re.compile(rb"^\s*(?:\([^)]*\)\s*)*([^\s;()]+)")
+def _skip_cfws(text: bytes, pos: int) -> int:
+    """Past blanks and (nested) comments with quoted-pairs, as RFC 5322 CFWS."""
+    depth = 0
+    while pos < len(text):
+        ch = text[pos : pos + 1]
+        if depth and ch == b"\\":
+            pos += 2
+            continue
+        if ch == b"(":
+            depth += 1
+        elif ch == b")" and depth:
+            depth -= 1
+        elif not depth and ch not in (b" ", b"\t", b"\r", b"\n"):
+            return pos
+        pos += 1
+    return pos
 
 
 def header_authserv_id(value: bytes) -> str | None:
-    """The authserv-id an Authentication-Results value starts with (comments skipped)."""
-    m = _AUTHSERV.match(value)
-    return m.group(1).decode("ascii", "replace").lower() if m else None
+    """The authserv-id an Authentication-Results value starts with: a token or a
+    quoted-string, after any comments (RFC 8601 2.2), lower-cased."""
+    pos = _skip_cfws(value, 0)
+    if value[pos : pos + 1] == b'"':
+        out = bytearray()
+        pos += 1
+        while pos < len(value) and value[pos : pos + 1] != b'"':
+            if value[pos : pos + 1] == b"\\":
+                pos += 1
+            out += value[pos : pos + 1]
+            pos += 1
+        ident = bytes(out).strip()
+    else:
+        m = re.compile(rb"[^\s;()\"]+").match(value, pos)
+        ident = m.group(0) if m else b""
+    return ident.decode("ascii", "replace").lower() or None
 
 
 def forged_results(headers: Sequence[tuple[bytes, bytes]], server_id: str) -> list[int]:
@@ -178,7 +236,7 @@ def forged_results(headers: Sequence[tuple[bytes, bytes]], server_id: str) -> li
     forged = []
     index = 0
     for name, value in headers:
-        if name.lower() == AR_HEADER.lower().encode():
+        if name.strip().lower() == AR_HEADER.lower().encode():
             index += 1
             if header_authserv_id(value) == server_id.lower():
                 forged.append(index)

@@ -7,6 +7,7 @@ loopback NSD. What the tests read is what Dovecot stored, fetched over IMAP.
 
 from __future__ import annotations
 
+import email.utils
 import shutil
 import tempfile
 import time
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from postwarden.dkim_keys import SigningKey
+from postwarden.dkim_signing import parse_message, sign
 from tests.fixtures.dns_server import DnsServer
-from tests.fixtures.gateway import dkim_results, publish_dkim_keys, raw_bytes, signed_remote_message
+from tests.fixtures.gateway import dkim_results, publish_dkim_keys, raw_bytes
 from tests.fixtures.mail_system import MailSystem, MailSystemFactory, SmtpResult
 from tests.fixtures.milterd_daemon import MilterdHandle, start_milterd
 
@@ -75,7 +77,17 @@ def gateway(mail_system_factory: MailSystemFactory, dns_server: DnsServer) -> It
 
 
 def _remote_message(gateway: Gateway, subject: str, body: str) -> bytes:
-    return signed_remote_message(gateway.remote_key, BOB, subject, body)
+    """From carol at the remote domain, signed there; with a Date, as a real MUA writes it
+    (Date is oversigned even when absent: a receiver adding one must break the signature)."""
+    key = gateway.remote_key
+    message = (
+        f"From: Carol <carol@{key.domain}>\r\nTo: <{BOB}>\r\nSubject: {subject}\r\n"
+        f"Date: {email.utils.formatdate()}\r\n"
+        f"Message-ID: <{time.time_ns()}@{key.domain}>\r\n\r\n{body}\r\n"
+    ).encode()
+    headers, body_bytes = parse_message(message)
+    (signature,) = sign(headers, body_bytes, [key])
+    return signature.field + message
 
 
 def test_authenticated_submission_comes_out_signed_and_verifies(gateway: Gateway) -> None:

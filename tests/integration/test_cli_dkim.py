@@ -193,7 +193,7 @@ def test_key_rotation_new_selector_beside_the_old(
         {"dkim": {"keys": keys}, "dns": {"nameservers": [dns_server.nameserver], "timeout": 2.0}}
     )
     message = f"From: a@{ZONE}\r\nTo: b@example.net\r\nSubject: rotated\r\n\r\nhi\r\n".encode()
-    result = daemon.session(message, auth_authen="a")
+    result = daemon.session(message, auth_authen=f"a@{ZONE}")
     (signature,) = result.headers_named("DKIM-Signature")
     assert b"s=2026;" in signature
     dnsfunc = make_dnsfunc(DnsConfig(nameservers=[dns_server.nameserver], timeout=2.0))

@@ -34,6 +34,7 @@ from tests.fixtures.policyd_daemon import POSTWARDEN, free_tcp_port
 
 ZONE = "milterd.test"
 AUTHSERV = "mx.postwarden.test"
+ALICE = "alice@milterd.test"  # the login that may use milterd.test
 MESSAGE = (
     b"From: Alice <alice@milterd.test>\r\n"
     b"To: Bob <bob@example.net>\r\n"
@@ -105,7 +106,7 @@ def milterd(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[Mi
 def test_authenticated_mail_is_signed_and_verifies_against_dns(
     milterd: MilterdHandle, keys: Keys
 ) -> None:
-    result = milterd.session(MESSAGE, client_ip="198.51.100.7", auth_authen="alice")
+    result = milterd.session(MESSAGE, client_ip="198.51.100.7", auth_authen=ALICE)
     assert result.action == "accept"
     signatures = result.headers_named("DKIM-Signature")
     assert len(signatures) == 2  # RSA and Ed25519 side by side
@@ -135,11 +136,15 @@ def test_trusted_network_mail_is_signed_untrusted_is_verified(
 
 def test_other_domains_pass_unsigned(milterd: MilterdHandle) -> None:
     message = MESSAGE.replace(b"alice@milterd.test", b"alice@elsewhere.test")
-    result = milterd.session(message, auth_authen="alice")
+    result = milterd.session(message, client_ip="127.0.0.1")  # trusted network, no login
     assert result.action == "accept"
     assert result.inserted == [] and result.changed == []
     sub = MESSAGE.replace(b"alice@milterd.test", b"alice@sub.milterd.test")
-    assert milterd.session(sub, auth_authen="alice").inserted == []  # sign_subdomains is off
+    assert milterd.session(sub, client_ip="127.0.0.1").inserted == []  # sign_subdomains is off
+    milterd.wait_for_log(
+        "4ABCDEF: client=127.0.0.1, from_domain=elsewhere.test, "
+        "not signed: no key for elsewhere.test ("
+    )
 
 
 def test_subdomains_signed_when_enabled(milterd_daemon: StartMilterd, keys: Keys) -> None:
@@ -147,14 +152,14 @@ def test_subdomains_signed_when_enabled(milterd_daemon: StartMilterd, keys: Keys
     config["dkim"]["sign_subdomains"] = True
     daemon = milterd_daemon(config)
     sub = MESSAGE.replace(b"alice@milterd.test", b"alice@sub.milterd.test")
-    result = daemon.session(sub, auth_authen="alice")
+    result = daemon.session(sub, client_ip="127.0.0.1")
     (signature,) = result.headers_named("DKIM-Signature")
     assert b"d=milterd.test" in signature
     assert _verify(keys, result.apply(sub)) == ["pass"]
 
 
 def test_tampered_message_fails(milterd: MilterdHandle, keys: Keys) -> None:
-    signed = milterd.session(MESSAGE, auth_authen="alice").apply(MESSAGE)
+    signed = milterd.session(MESSAGE, auth_authen=ALICE).apply(MESSAGE)
     tampered = signed.replace(b"See you Monday.", b"See you Friday.", 1)
     ar = _results(milterd.session(tampered, client_ip="203.0.113.9"))
     assert ar.count(b"dkim=fail") == 2
@@ -188,7 +193,7 @@ def test_many_concurrent_connections(milterd: MilterdHandle, keys: Keys) -> None
             client.connect("198.51.100.7")
             for i in range(4):  # several messages per connection, as Postfix reuses them
                 message = MESSAGE.replace(b"<q1@", f"<c{n}-{i}@".encode())
-                result = client.message(message, auth_authen="alice")
+                result = client.message(message, auth_authen=ALICE)
                 delivered.append(result.apply(message))
         return delivered
 
@@ -208,13 +213,14 @@ def test_outgoing_message_without_from(
     milterd_daemon: StartMilterd, keys: Keys, on_error: str
 ) -> None:
     daemon = milterd_daemon(_config(keys, on_error=on_error))
-    result = daemon.session(b"To: bob@example.net\r\nSubject: x\r\n\r\nhi\r\n", auth_authen="a")
+    no_from = b"To: bob@example.net\r\nSubject: x\r\n\r\nhi\r\n"
+    result = daemon.session(no_from, client_ip="127.0.0.1")  # trusted, no login to bind to
     assert result.action == on_error
     assert result.inserted == []
     if on_error == "tempfail":
         assert result.reply.startswith(b"451 4.7.1")
     daemon.wait_for_log("without a single parsable From address; on_error=" + on_error)
-    assert len(daemon.session(MESSAGE, auth_authen="alice").headers_named("DKIM-Signature")) == 1
+    assert len(daemon.session(MESSAGE, auth_authen=ALICE).headers_named("DKIM-Signature")) == 1
 
 
 @pytest.mark.parametrize("on_error", ["accept", "tempfail"])
@@ -228,11 +234,16 @@ def test_missing_key_file(
     daemon = milterd_daemon(config)  # starts anyway: other domains still get signed
     daemon.wait_for_log(f"DKIM key {tmp_path / 'nonexistent.key'}: file not found")
     broken = MESSAGE.replace(b"alice@milterd.test", b"alice@broken.test")
-    result = daemon.session(broken, auth_authen="alice")
+    result = daemon.session(broken, auth_authen="alice@broken.test")
     assert result.action == on_error
     assert result.inserted == []
     daemon.wait_for_log("cannot sign for broken.test")
-    assert len(daemon.session(MESSAGE, auth_authen="alice").headers_named("DKIM-Signature")) == 1
+    assert len(daemon.session(MESSAGE, auth_authen=ALICE).headers_named("DKIM-Signature")) == 1
+    if on_error == "accept":  # passed on unsigned, but not with results claiming to be ours
+        forged = b"Authentication-Results: mx.postwarden.test; dkim=pass\r\n" + broken
+        unsigned = daemon.session(forged, auth_authen="alice@broken.test")
+        assert unsigned.action == "accept"
+        assert unsigned.changed == [(1, "Authentication-Results", b"")]
 
 
 @pytest.mark.parametrize("on_error", ["accept", "tempfail"])
@@ -243,7 +254,7 @@ def test_dns_timeout_on_inbound(
     dns_server: DnsServer,
     on_error: str,
 ) -> None:
-    signed = milterd.session(MESSAGE, auth_authen="alice").apply(MESSAGE)
+    signed = milterd.session(MESSAGE, auth_authen=ALICE).apply(MESSAGE)
     config = _config(keys, on_error=on_error)
     config["dns"] = {"nameservers": [dns_server.blackhole_nameserver], "timeout": 0.5}
     daemon = milterd_daemon(config)
@@ -264,12 +275,12 @@ def test_malformed_messages_are_answered_and_the_daemon_keeps_serving(
     bare = MESSAGE.replace(b"See you Monday.\r\n", b"bare\rCR and bare\nLF\r\n", 1)
     eight_bit = MESSAGE.replace(b"Subject: quarterly numbers", b"Subject: caf\xc3\xa9 \xff\xfe")
     for message in (bare, eight_bit):
-        out = milterd.session(message, auth_authen="alice")
+        out = milterd.session(message, auth_authen=ALICE)
         assert out.action == "accept"
         assert len(out.headers_named("DKIM-Signature")) == 2
         inbound = milterd.session(message, client_ip="203.0.113.9")
         assert inbound.action == "accept"
-    delivered = milterd.session(eight_bit, auth_authen="alice").apply(eight_bit)
+    delivered = milterd.session(eight_bit, auth_authen=ALICE).apply(eight_bit)
     assert _verify(keys, delivered) == ["pass", "pass"]
     garbage = b"From: a@milterd.test\r\nDKIM-Signature: v=1; garbage\r\n\r\nbody\r\n"
     assert b"dkim=permerror" in _results(milterd.session(garbage, client_ip="203.0.113.9"))
@@ -280,7 +291,7 @@ def test_fifty_megabyte_body(milterd: MilterdHandle) -> None:
     # What a 50 MB message mostly is: a base64 attachment, 76-character lines.
     line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0\r\n"
     big = MESSAGE + line * (50 * 1024 * 1024 // len(line))
-    result = milterd.session(big, auth_authen="alice")
+    result = milterd.session(big, auth_authen=ALICE)
     assert result.action == "accept"
     # The body hash covers all 50 MB (canonical_body is proven equal to dkimpy's in the unit
     # tests; a full dkimpy verification of 50 MB would take seconds per signature).
@@ -290,7 +301,7 @@ def test_fifty_megabyte_body(milterd: MilterdHandle) -> None:
     assert len(signatures) == 2
     for signature in signatures:
         assert b"bh=" + expected + b";" in b"".join(signature.split())
-    assert len(milterd.session(MESSAGE, auth_authen="alice").headers_named("DKIM-Signature")) == 2
+    assert len(milterd.session(MESSAGE, auth_authen=ALICE).headers_named("DKIM-Signature")) == 2
 
 
 def test_socket_mode_and_clean_stop_on_sigterm(milterd_daemon: StartMilterd, keys: Keys) -> None:
@@ -332,7 +343,7 @@ def test_tcp_listener_signs_too(milterd_daemon: StartMilterd, keys: Keys) -> Non
     """TCP works; unix sockets stay the default (libmilter sets no TCP_NODELAY)."""
     daemon = milterd_daemon(_config(keys), tcp=True)
     assert daemon.tcp_port is not None
-    result = daemon.session(MESSAGE, auth_authen="alice")
+    result = daemon.session(MESSAGE, auth_authen=ALICE)
     assert _verify(keys, result.apply(MESSAGE)) == ["pass"]
 
 
@@ -352,9 +363,9 @@ def test_unix_and_tcp_at_once_and_a_prompt_stop(
         while not _tcp_answers(port):
             assert time.monotonic() < deadline, daemon.logs()
             time.sleep(0.05)
-        over_unix = daemon.session(MESSAGE, auth_authen="alice")
+        over_unix = daemon.session(MESSAGE, auth_authen=ALICE)
         over_tcp = mc.run_session(
-            mc.MilterClient.tcp("127.0.0.1", port, 30.0), MESSAGE, auth_authen="alice"
+            mc.MilterClient.tcp("127.0.0.1", port, 30.0), MESSAGE, auth_authen=ALICE
         )
         for result in (over_unix, over_tcp):
             assert _verify(keys, result.apply(MESSAGE)) == ["pass"]
@@ -387,7 +398,7 @@ def test_a_message_in_progress_at_sigterm_gets_its_answer(
         client.negotiate()
         client.connect("127.0.0.1")
         monkeypatch.setattr(mc, "_packet", sigterm_before_end_of_message)
-        result = client.message(MESSAGE, auth_authen="alice")
+        result = client.message(MESSAGE, auth_authen=ALICE)
     answered = time.monotonic()
     assert result.action == "accept"
     assert len(result.headers_named("DKIM-Signature")) == 1
@@ -484,7 +495,7 @@ def test_stale_socket_is_replaced_with_configured_mode_and_group(
         info = stale.stat()
         assert stat.S_IMODE(info.st_mode) == 0o660
         assert info.st_gid == _gid(_a_group())
-        assert handle.session(MESSAGE, auth_authen="alice").action == "accept"
+        assert handle.session(MESSAGE, auth_authen=ALICE).action == "accept"
     finally:
         assert handle.stop() == 0
 
@@ -498,3 +509,66 @@ def test_negotiates_no_reply_and_skips_unused_steps(milterd: MilterdHandle) -> N
     for skipped in (mc.NOHELO, mc.NORCPT, mc.NODATA, mc.NOEOH, mc.NOUNKNOWN):
         assert protocol & skipped, hex(protocol)
     assert not protocol & (mc.NOCONNECT | mc.NOMAIL | mc.NOHDRS | mc.NOBODY)
+
+
+# --- what is signed is what is delivered; who may be signed for ------------------------------
+
+LONG = (
+    b"From: Alice <alice@milterd.test>\r\n"
+    b"To: Bob <bob@example.net>\r\n"
+    b"Subject: " + b"quarterly " * 120 + b"\r\n"  # 1,200 octets, breakable at blanks
+    b"Date: Tue, 01 Jan 2030 00:00:00 +0000\r\n"
+    b"\r\n" + b"short line\r\n" + b"L" * 1000 + b"\r\n" + b"end\r\n"
+)
+
+
+def test_long_lines_are_broken_before_signing_and_the_result_verifies(
+    milterd: MilterdHandle, keys: Keys
+) -> None:
+    result = milterd.session(LONG, auth_authen=ALICE)
+    assert result.action == "accept"
+    assert result.body is not None  # the body came back through SMFIR_REPLBODY
+    assert result.body.split(b"\r\n")[1:3] == [b"L" * 998, b" LL"]
+    ((index, name, value),) = result.changed
+    assert (index, name) == (1, "Subject")
+    assert all(len(line) <= 998 for line in (b"Subject: " + value).split(b"\n"))
+    delivered = result.apply(LONG)
+    assert max(len(line) for line in delivered.split(b"\r\n")) <= 998
+    assert _verify(keys, delivered) == ["pass", "pass"]
+    milterd.wait_for_log("(lines over 998 octets broken as Postfix would)")
+
+
+def test_forged_results_are_removed_from_signed_mail(milterd: MilterdHandle) -> None:
+    forged = b"Authentication-Results: mx.postwarden.test; dkim=pass header.d=bank.test\r\n"
+    result = milterd.session(forged + MESSAGE, auth_authen=ALICE)
+    assert result.changed == [(1, "Authentication-Results", b"")]
+    delivered = result.apply(forged + MESSAGE)
+    assert b"Authentication-Results" not in delivered
+    assert len(result.headers_named("DKIM-Signature")) == 2
+
+
+@pytest.mark.parametrize("mode", ["reject", "unsigned"])
+def test_a_login_cannot_get_a_signature_for_someone_elses_domain(
+    milterd_daemon: StartMilterd, keys: Keys, mode: str
+) -> None:
+    daemon = milterd_daemon(_config(keys, from_mismatch=mode))
+    # mallory logged in, From: our domain (we hold its key): must not be signed for it.
+    result = daemon.session(MESSAGE, client_ip="198.51.100.7", auth_authen="mallory@else.test")
+    assert result.inserted == []
+    if mode == "reject":
+        assert result.action == "reject"
+        assert result.reply == (
+            b"550 5.7.1 From: domain milterd.test is not one this login may use"
+        )
+    else:
+        assert result.action == "accept"
+    daemon.wait_for_log(
+        "4ABCDEF: client=198.51.100.7, login=mallory@else.test, from_domain=milterd.test, "
+        + ("rejected: " if mode == "reject" else "not signed: ")
+    )
+    # The owner of the domain still gets the signature, on the same daemon.
+    assert len(daemon.session(MESSAGE, auth_authen=ALICE).headers_named("DKIM-Signature")) == 1
+    daemon.wait_for_log(
+        "4ABCDEF: client=192.0.2.10, login=alice@milterd.test, from_domain=milterd.test, "
+        "signed d=milterd.test s=s1/rsa-sha256 ("
+    )

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from postwarden.dkim_keys import Algorithm, PrivateKey, SigningKey, generate_key, key_pem
 from postwarden.dkim_signing import (
+    OVERSIGNED,
     SigningError,
     canonical_body,
     from_domain,
@@ -123,15 +124,24 @@ def test_signature_is_byte_identical_to_dkimpys(
     assert ours == theirs
 
 
-def test_default_header_list_matches_dkimpys_recommendation_plus_list_headers() -> None:
+def test_default_header_list_is_dkimpys_recommendation_then_every_oversigned_name() -> None:
     headers, _ = parse_message(MESSAGES["list-and-8bit"])
     with mock.patch("time.time", return_value=float(NOW)):
         checker = dkim.DKIM(MESSAGES["list-and-8bit"])
+        checker.frozen_sign = set()  # dkimpy's choice of present headers, none signed twice
         recommended = [h.lower() for h in checker.default_sign_headers()]
-    assert list(sign_headers_for(headers)) == recommended  # dkimpy's choice, From oversigned
+    ours = list(sign_headers_for(headers))
+    # The present headers in message order (dkimpy's list), then each oversigned name once,
+    # present or not, as OpenDKIM's OversignHeaders does.
+    assert ours == recommended + list(OVERSIGNED)
+    for name in (b"from", b"subject", b"to", b"cc", b"date", b"reply-to", b"message-id"):
+        assert name in OVERSIGNED
+    for name in (b"mime-version", b"content-type", b"content-transfer-encoding"):
+        assert name in OVERSIGNED
     plain, _ = parse_message(MESSAGES["folded-and-spaced"])
     assert b"received" not in sign_headers_for(plain)
     assert sign_headers_for(plain).count(b"from") == 2
+    assert sign_headers_for(plain).count(b"reply-to") == 1  # absent: signed as absent
 
 
 def test_rsa_signing_is_done_by_openssl_not_pure_python(rsa_key: rsa.RSAPrivateKey) -> None:

@@ -187,9 +187,10 @@ def test_main_and_additional_domains_each_signed_with_their_key(
     config = Config.model_validate({"mail": mail, "dkim": {"keys": keys}})
     engine = Engine(config, dnsfunc=lambda name, timeout=5.0: None)
     for domain in ("main.test", "extra.test"):
-        changes = engine.process(Envelope(None, "alice"), [(b"From", f"a@{domain}".encode())], BODY)
+        login = Envelope(None, f"a@{domain}")
+        changes = engine.process(login, [(b"From", f"a@{domain}".encode())], BODY)
         assert len(changes.add) == 1 and f"d={domain};" in changes.add[0][1]
-    unsigned = engine.process(Envelope(None, "alice"), [(b"From", b"a@nokey.test")], BODY)
+    unsigned = engine.process(Envelope(None, "a@nokey.test"), [(b"From", b"a@nokey.test")], BODY)
     assert unsigned.add == []
     assert "mail domain nokey.test has no DKIM key" in caplog.text
     assert "main.test has no" not in caplog.text and "extra.test has no" not in caplog.text
@@ -205,3 +206,76 @@ def test_main_and_additional_domains_each_signed_with_their_key(
 )
 def test_libmilter_socket_specs(listen: str, spec: str) -> None:
     assert socket_spec(parse_listen_address(listen)) == spec
+
+
+def test_forged_results_are_removed_on_the_signing_path_too(key: SigningKey) -> None:
+    """Authenticated mail to a local mailbox is signed, not verified: a forged A-R carrying
+    our authserv-id must not reach the mailbox that way either."""
+    headers = [
+        (b"Authentication-Results", b"mx.example.org; dkim=pass header.d=bank.test"),
+        (b"Authentication-Results", b"other.example; dkim=pass"),
+        *HEADERS,
+    ]
+    signed = _engine(key).process(Envelope("127.0.0.1", "alice@example.com"), headers, BODY)
+    assert signed.remove_results == [1]
+    assert [name for name, _ in signed.add] == ["DKIM-Signature"]
+    for sections in ({"dkim": {"sign": False}}, {"dkim": {"verify": False}}):
+        engine = _engine(key, **sections)
+        assert engine.process(Envelope("127.0.0.1"), headers, BODY).remove_results == [1]
+        assert engine.process(Envelope("203.0.113.9"), headers, BODY).remove_results == [1]
+    unsigned = [(b"From", b"x@example.net"), *headers[:2], *HEADERS[1:]]
+    assert _engine(key).process(Envelope("127.0.0.1"), unsigned, BODY).remove_results == [1]
+
+
+MISMATCH = [(b"From", b"CEO <ceo@bigbank.example>"), *HEADERS[1:]]
+
+
+def test_a_login_gets_no_signature_for_a_from_domain_it_may_not_use(key: SigningKey) -> None:
+    engine = _engine(key)  # from_mismatch = "reject" by default
+    rejected = engine.process(Envelope("203.0.113.9", "alice@example.com"), MISMATCH, BODY)
+    assert rejected.reject == "From: domain bigbank.example is not one this login may use"
+    assert rejected.add == [] and rejected.body is None
+    # Even a domain we hold a key for: mallory may not sign as example.com.
+    other = engine.process(Envelope("203.0.113.9", "mallory@example.net"), HEADERS, BODY)
+    assert other.reject is not None and other.add == []
+    assert "rejected" in other.summary and "from_domain=example.com" in other.summary
+    # A From that names no single address cannot be bound to the login either.
+    two = [(b"From", b"alice@example.com, ceo@bigbank.example"), *HEADERS[1:]]
+    assert engine.process(Envelope(None, "alice@example.com"), two, BODY).reject == (
+        "From: must hold exactly one address"
+    )
+    # The rule holds with signing off: it is about the sender, not the key.
+    off = _engine(key, dkim={"sign": False})
+    assert off.process(Envelope(None, "alice@example.com"), MISMATCH, BODY).reject is not None
+
+
+def test_from_mismatch_unsigned_passes_it_on_without_a_signature(key: SigningKey) -> None:
+    engine = _engine(key, milterd={"from_mismatch": "unsigned"})
+    changes = engine.process(Envelope("203.0.113.9", "mallory@example.net"), HEADERS, BODY)
+    assert changes.reject is None and changes.add == []
+    assert "not signed: From: domain example.com is not one this login may use" in changes.summary
+
+
+def test_grants_and_trusted_networks_still_sign(key: SigningKey) -> None:
+    grants = {"sender_grants": {"boss@example.net": ["@example.com"]}}
+    engine = _engine(key, mail={"hostname": "mx.example.org", **grants})
+    granted = engine.process(Envelope("203.0.113.9", "Boss@Example.NET"), HEADERS, BODY)
+    assert granted.reject is None and len(granted.add) == 1
+    own = engine.process(Envelope("203.0.113.9", "alice@example.com"), HEADERS, BODY)
+    assert len(own.add) == 1
+    # No login (trusted network or local submission): signed for any From we hold a key for.
+    assert len(engine.process(Envelope("127.0.0.1"), HEADERS, BODY).add) == 1
+    assert len(engine.process(Envelope(None), HEADERS, BODY).add) == 1
+
+
+def test_each_outcome_names_the_from_domain_and_what_was_done(key: SigningKey) -> None:
+    engine = _engine(key)
+    signed = engine.process(Envelope("127.0.0.1"), HEADERS, BODY).summary
+    assert signed == "from_domain=example.com, signed d=example.com s=s1/rsa-sha256"
+    other = [(b"From", b"x@example.net"), *HEADERS[1:]]
+    unsigned = engine.process(Envelope("127.0.0.1"), other, BODY).summary
+    assert unsigned == "from_domain=example.net, not signed: no key for example.net"
+    off = _engine(key, dkim={"sign": False}).process(Envelope("127.0.0.1"), HEADERS, BODY)
+    assert off.summary == "from_domain=example.com, not signed: dkim.sign is off"
+    inbound = engine.process(Envelope("203.0.113.9"), HEADERS, BODY).summary
+    assert inbound == "from_domain=example.com, verified: dkim=none"
