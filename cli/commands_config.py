@@ -6,17 +6,20 @@ import dataclasses
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
 from cli.context import EXIT_FAILURE, EXIT_USAGE, CliContext, pass_cli
-from postwarden.config import Config
+from postwarden.config import Config, ConfigError, load_config
+from postwarden.config.hazards import Hazard, config_hazards
 from postwarden.config.loading import config_path
 from postwarden.render import (
     SECRET_FILES,
@@ -39,13 +42,26 @@ def config_group() -> None:
     """Check the config file, and render or apply it to Postfix and Dovecot."""
 
 
+def _hazard_lines(path: Path, hazards: list[Hazard]) -> tuple[list[str], list[str]]:
+    """Refusals and warnings as operator lines: `<file>: [warning: ]<key>: <why>`."""
+    errors = [f"{path}: {h.key}: {h.message}" for h in hazards if h.refuse]
+    warnings = [f"{path}: warning: {h.key}: {h.message}" for h in hazards if not h.refuse]
+    return errors, warnings
+
+
 def _render(cli_ctx: CliContext, layout: Layout) -> tuple[Config, dict[str, str]]:
     cfg = cli_ctx.config()  # exits 2 with file, key and reason when the file is bad
+    path = config_path(cli_ctx.config_file)
+    errors, warnings = _hazard_lines(path, config_hazards(cfg))
+    for line in [*errors, *warnings]:
+        click.echo(line, err=True)
+    if errors:
+        raise SystemExit(EXIT_USAGE)
     try:
         check_tls_files(cfg)
         return cfg, render_all(cfg, layout)
     except RenderError as exc:
-        click.echo(f"{config_path(cli_ctx.config_file)}: {exc}", err=True)
+        click.echo(f"{path}: {exc}", err=True)
         raise SystemExit(EXIT_USAGE) from None
 
 
@@ -53,13 +69,100 @@ def _render(cli_ctx: CliContext, layout: Layout) -> tuple[Config, dict[str, str]
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_cli
 def check(cli_ctx: CliContext, as_json: bool) -> None:
-    """Validate the config file (and everything it names); exit 2 saying why if it is bad."""
-    _render(cli_ctx, Layout.debian())
-    path = str(config_path(cli_ctx.config_file))
+    """Validate the config file (and everything it names); exit 2 saying why if it is bad.
+
+    Settings that reopen a hole are named: refused ones (exit 2) and warnings (exit 0).
+    """
+    path = config_path(cli_ctx.config_file)
+    hazards: list[Hazard] = []
+    problems: list[str] = []
+    try:
+        cfg = load_config(cli_ctx.config_file, missing_ok=cli_ctx.config_file is None)
+        hazards = config_hazards(cfg)
+        check_tls_files(cfg)
+        render_all(cfg, Layout.debian())
+    except ConfigError as exc:
+        problems = exc.problems
+    except RenderError as exc:
+        problems = [str(exc)]
+    errors, warnings = _hazard_lines(path, hazards)
+    errors += [f"{path}: {p}" for p in problems]
     if as_json:
-        click.echo(json.dumps({"ok": True, "config": path}))
+        report = {
+            "ok": not errors,
+            "config": str(path),
+            "errors": [e.removeprefix(f"{path}: ") for e in errors],
+            "warnings": [{"key": h.key, "message": h.message} for h in hazards if not h.refuse],
+        }
+        click.echo(json.dumps(report))
     else:
-        click.echo(f"OK: {path}")
+        for line in [*errors, *warnings]:
+            click.echo(line, err=True)
+        if not errors:
+            click.echo(f"OK: {path}" + (f" ({len(warnings)} warning(s))" if warnings else ""))
+    if errors:
+        raise SystemExit(EXIT_USAGE)
+
+
+_KEY_SEGMENT = r"[^.\[\]]+(?:\[\d+\])*"
+_KEY_RE = re.compile(rf"{_KEY_SEGMENT}(?:\.{_KEY_SEGMENT})*")
+_KEY_PART = re.compile(r"[^.\[\]]+|(?<=\[)\d+(?=\])")
+
+
+def config_value(cfg: Config, key: str) -> Any:
+    """The effective value (defaults included) at a dotted key such as `mail.hostname`.
+
+    `mail.relays[0].host` (or `mail.relays.0.host`) picks a list item. KeyError when no
+    such key exists.
+    """
+    if not _KEY_RE.fullmatch(key):
+        raise KeyError(key)
+    value: Any = cfg.model_dump(mode="json")
+    parts = _KEY_PART.findall(key)
+    for part in parts:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise KeyError(key)
+    return value
+
+
+def _plain(value: Any) -> str:
+    """A scalar as a shell script wants it (true/false, an empty line for unset); else JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # `delay = 300` reads back as 300, for shell arithmetic
+    return json.dumps(value)
+
+
+@config_group.command("get")
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Print the value as JSON, even a scalar.")
+@pass_cli
+def get(cli_ctx: CliContext, key: str, as_json: bool) -> None:
+    """Print the effective value of KEY (e.g. mail.hostname), defaults included.
+
+    Scalars print plain (true/false, an empty line when unset), lists and tables as JSON.
+    An unknown key exits 2.
+    """
+    cfg = cli_ctx.config()
+    try:
+        value = config_value(cfg, key)
+    except KeyError:
+        click.echo(
+            f"error: {key!r} is not a config key (e.g. mail.hostname, network.trusted; "
+            "see the config reference in README.md)",
+            err=True,
+        )
+        raise SystemExit(EXIT_USAGE) from None
+    click.echo(json.dumps(value) if as_json else _plain(value))
 
 
 @config_group.command("render")

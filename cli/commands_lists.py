@@ -7,8 +7,11 @@ store sees them, so a typo is refused with the reason instead of never matching.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
@@ -18,7 +21,12 @@ from postwarden.store.base import ListEntry, ListName
 
 LIST_NAME = click.Choice([name.value for name in ListName])
 MAX_REPORTED_ERRORS = 20  # a file with thousands of bad lines needs the first few, not all
-PROGRESS_THRESHOLD = 10_000  # lines; smaller imports finish before a bar would help
+PROGRESS_THRESHOLD_BYTES = 256 * 1024  # smaller imports finish before a bar would help
+# An import file is untrusted input: bounded so /dev/zero or one endless line cannot eat the
+# memory. An entry is at most 320 characters; the rest of a line is its comment.
+MAX_LINE_BYTES = 4096
+MAX_IMPORT_BYTES = 64 * 1024 * 1024  # about 4 million entries
+SHOWN_CHARS = 80  # of an offending line, in an error message
 
 
 def _canonical(entries: tuple[str, ...]) -> list[str]:
@@ -104,30 +112,87 @@ def show(cli_ctx: CliContext, list_name: str | None, as_json: bool) -> None:
         click.echo(line.rstrip())
 
 
+def _shown(text: str | bytes) -> str:
+    """A piece of an untrusted file for an error line: quoted, control characters escaped
+    (repr), cut to SHOWN_CHARS."""
+    more = f"... ({len(text) - SHOWN_CHARS} more)" if len(text) > SHOWN_CHARS else ""
+    return repr(text[:SHOWN_CHARS]) + more
+
+
+def _escaped(text: str, limit: int = 4 * SHOWN_CHARS) -> str:
+    """Text that may quote the file (a reason), unquoted, with control characters escaped."""
+    cut = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
+    return cut + ("..." if len(text) > limit else "")
+
+
+class ImportFileError(Exception):
+    """The file cannot be imported at all (too large, a line too long); names file:line."""
+
+
+def _read_lines(stream: BinaryIO, source: str) -> Iterator[tuple[int, str | None, bytes]]:
+    """(line number, text or None when not UTF-8, raw bytes) for each line, within the bounds.
+
+    Read a bounded line at a time, so /dev/zero or a 100 MB line ends at once.
+    """
+    total = 0
+    number = 0
+    while raw := stream.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        total += len(raw)
+        if len(raw) > MAX_LINE_BYTES:
+            raise ImportFileError(
+                f"{source}:{number}: line longer than {MAX_LINE_BYTES} bytes: "
+                f"{_shown(raw[:SHOWN_CHARS].decode('utf-8', 'replace'))}..."
+            )
+        if total > MAX_IMPORT_BYTES:
+            raise ImportFileError(
+                f"{source}: larger than {MAX_IMPORT_BYTES // (1024 * 1024)} MiB; split it"
+            )
+        try:
+            text: str | None = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            text = None
+        yield number, text, raw
+
+
 def _parse_lines(
-    lines: list[str], name: ListName, default_comment: str, source: str
+    stream: BinaryIO, name: ListName, default_comment: str, source: str, size: int | None
 ) -> tuple[list[ListEntry], list[str]]:
-    """Entries of the plain-text format, and the errors (`source:line: why`)."""
+    """Entries of the plain-text format, and the errors (`source:line: 'text': why`)."""
     entries: dict[str, ListEntry] = {}
     errors: list[str] = []
     with click.progressbar(
-        lines,
+        length=size or 0,
         label=f"Reading {source}",
         file=sys.stderr,
-        hidden=len(lines) < PROGRESS_THRESHOLD,
+        hidden=size is None or size < PROGRESS_THRESHOLD_BYTES,
     ) as bar:
-        for number, raw in enumerate(bar, start=1):
-            text, _, note = raw.partition("#")
+        for number, line, raw in _read_lines(stream, source):
+            bar.update(len(raw))
+            if line is None:
+                shown = _shown(raw.rstrip(b"\r\n"))
+                errors.append(f"{source}:{number}: {shown}: not UTF-8 text")
+                continue
+            text, _, note = line.partition("#")
             text = text.strip()
             if not text:
                 continue
             try:
                 entry = parse_entry(text)
             except InvalidEntry as exc:
-                errors.append(f"{source}:{number}: {text[:80]!r}: {exc.reason}")
+                errors.append(f"{source}:{number}: {_shown(text)}: {_escaped(exc.reason)}")
                 continue
             entries[entry] = ListEntry(name, entry, _one_line(note) or default_comment)
     return list(entries.values()), errors
+
+
+def _read_import(file: str, name: ListName, comment: str) -> tuple[list[ListEntry], list[str]]:
+    if file == "-":
+        return _parse_lines(sys.stdin.buffer, name, comment, "-", None)
+    path = Path(file)
+    with path.open("rb") as stream:
+        size = os.fstat(stream.fileno()).st_size if path.is_file() else None
+        return _parse_lines(stream, name, comment, file, size)
 
 
 @lists_group.command("import")
@@ -140,15 +205,18 @@ def import_(cli_ctx: CliContext, list_name: str, file: str, comment: str) -> Non
 
     Lines hold addr, addr:mask, CIDR, IPv6 prefix, mailbox or domain. Blank lines are
     skipped; text after '#' is a comment, kept as the entry's note. FILE may be - (stdin).
-    One bad line and nothing is imported.
+    One bad line and nothing is imported. A line may hold 4096 bytes, a file 64 MiB.
     """
     name = ListName(list_name)
     try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        click.echo(f"error: cannot read {file}: {exc}", err=True)
+        rows, errors = _read_import(file, name, _one_line(comment))
+    except OSError as exc:
+        click.echo(f"error: cannot read {file}: {exc.strerror or exc}", err=True)
         raise SystemExit(EXIT_USAGE) from None
-    rows, errors = _parse_lines(text.splitlines(), name, _one_line(comment), file)
+    except ImportFileError as exc:
+        click.echo(f"error: {exc}", err=True)
+        click.echo("nothing imported", err=True)
+        raise SystemExit(EXIT_USAGE) from None
     if errors:
         for error in errors[:MAX_REPORTED_ERRORS]:
             click.echo(f"error: {error}", err=True)

@@ -13,8 +13,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from postwarden.config.hazards import open_relay_networks
 from postwarden.config.mail import MailConfig, check_domain
-from postwarden.config.types import Listen, ListenAddress, Network, Seconds, parse_network
+from postwarden.config.types import (
+    IPNetwork,
+    Listen,
+    ListenAddress,
+    Network,
+    Seconds,
+    parse_network,
+)
 
 
 class Section(BaseModel):
@@ -230,6 +238,15 @@ class NetworkConfig(Section):
     trusted: list[Network] = Field(
         default_factory=lambda: [parse_network("127.0.0.0/8"), parse_network("::1/128")]
     )
+
+    @field_validator("trusted")
+    @classmethod
+    def _not_an_open_relay(cls, value: list[IPNetwork]) -> list[IPNetwork]:
+        # The rule lives with the other hazards; here it stops every daemon, not just a check.
+        hazard = open_relay_networks(value)
+        if hazard is not None:
+            raise ValueError(hazard.message)
+        return value
 
 
 class Config(Section):

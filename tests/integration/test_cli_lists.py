@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from cli import commands_lists
 from cli.main import cli
 
 # The sample import file of the seed (003): addresses, addr:mask groups, IPv6 prefixes.
@@ -226,3 +230,100 @@ def test_greylist_purge_takes_one_mode(postwarden: Postwarden) -> None:
     result = postwarden("greylist", "purge", "--all", "--expired")
     assert result.exit_code == 2
     assert "not both" in result.stderr
+
+
+# --- import of untrusted files: bounded reading, sanitised errors ---------------------------
+
+
+def _import_in_process(config: Path, source: str) -> subprocess.CompletedProcess[str]:
+    """`lists import` in its own process, with a time limit: an unbounded read never ends."""
+    return subprocess.run(
+        [sys.executable, "-c", "from cli.main import main; main()", "--config", str(config),
+         "lists", "import", "forbidden", source],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+def test_import_of_dev_zero_ends_at_once_with_nothing_imported(postwarden: Postwarden) -> None:
+    done = _import_in_process(postwarden.config, "/dev/zero")
+    assert done.returncode == 2
+    first, last = done.stderr.splitlines()
+    assert first.startswith("error: /dev/zero:1: line longer than 4096 bytes: '\\x00\\x00")
+    assert len(first) < 400
+    assert last == "nothing imported"
+    assert postwarden.entries("forbidden") == []
+
+
+def test_a_100_mb_line_is_refused_without_reading_it(
+    postwarden: Postwarden, tmp_path: Path
+) -> None:
+    source = tmp_path / "one-line.txt"
+    with source.open("w") as out:
+        out.write("192.0.2.1\n")
+        for _ in range(100):
+            out.write("a" * 1024 * 1024)
+    started = time.monotonic()
+    result = postwarden("lists", "import", "forbidden", str(source))
+    assert time.monotonic() - started < 5
+    assert result.exit_code == 2
+    assert f"error: {source}:2: line longer than 4096 bytes: 'aaaa" in result.stderr
+    assert max(len(line) for line in result.stderr.splitlines()) < 400
+    assert postwarden.entries("forbidden") == []
+
+
+def test_control_characters_are_escaped_and_do_not_split_lines(
+    postwarden: Postwarden, tmp_path: Path
+) -> None:
+    source = tmp_path / "hostile.txt"
+    source.write_bytes(
+        b"192.0.2.1\n"
+        b"foo\x0bbar.example\n"  # a vertical tab: one line, as sed and grep count them
+        b"\x1b[2Jevil.example\x07\n"  # a terminal escape and a bell
+        b"x\xe2\x80\xa8y.example\n"  # U+2028 LINE SEPARATOR
+        b"10.0.0.1\n"
+    )
+    result = postwarden("lists", "import", "forbidden", str(source))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: {source}:2: 'foo\\x0bbar.example': contains a space or a control character",
+        f"error: {source}:3: '\\x1b[2Jevil.example\\x07': contains a space or a control character",
+        f"error: {source}:4: 'x\\u2028y.example': contains a space or a control character",
+        "3 bad line(s): nothing imported",
+    ]
+    assert postwarden.entries("forbidden") == []
+
+
+def test_a_long_bad_line_is_shown_cut_to_80_characters(
+    postwarden: Postwarden, tmp_path: Path
+) -> None:
+    source = tmp_path / "long.txt"
+    source.write_text("b" * 2000 + ".example\n")
+    result = postwarden("lists", "import", "forbidden", str(source))
+    assert result.exit_code == 2
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(f"error: {source}:1: '{'b' * 80}'... (1928 more): ")
+    assert len(first) < 400
+
+
+def test_a_line_that_is_not_utf8_is_named_and_the_rest_still_checked(
+    postwarden: Postwarden, tmp_path: Path
+) -> None:
+    source = tmp_path / "latin1.txt"
+    source.write_bytes(b"192.0.2.1\n\xe9t\xe9.example\nnot-a-domain\n")
+    result = postwarden("lists", "import", "forbidden", str(source))
+    assert result.exit_code == 2
+    assert f"error: {source}:2: b'\\xe9t\\xe9.example': not UTF-8 text" in result.stderr
+    assert f"error: {source}:3: 'not-a-domain': " in result.stderr
+    assert postwarden.entries("forbidden") == []
+
+
+def test_a_file_over_the_size_limit_imports_nothing(
+    postwarden: Postwarden, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(commands_lists, "MAX_IMPORT_BYTES", 1024 * 1024)
+    source = tmp_path / "big.txt"
+    source.write_text("10.0.0.1\n" * 120_000)  # 1.08 MB, every line good
+    result = postwarden("lists", "import", "forbidden", str(source))
+    assert result.exit_code == 2
+    assert f"error: {source}: larger than 1 MiB; split it" in result.stderr
+    assert postwarden.entries("forbidden") == []

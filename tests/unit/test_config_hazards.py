@@ -1,0 +1,168 @@
+"""Settings that reopen a hole: each rule names its key; the open relay is refused by the model."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+
+from postwarden.config import Config, ConfigError, parse_config
+from postwarden.config.hazards import (
+    Hazard,
+    config_hazards,
+    open_relay_networks,
+)
+from postwarden.config.mail import MailConfig
+from postwarden.config.model import NetworkConfig
+
+RELAY = {"name": "provider", "host": "smtp.example.net", "username": "u", "password_file": "/p"}
+
+# (config, key of the one warning it gives)
+WARNED: list[tuple[dict[str, Any], str]] = [
+    ({"mail": {"smuggling_protection": False}}, "mail.smuggling_protection"),
+    ({"mail": {"reject_forged_local_senders": False}}, "mail.reject_forged_local_senders"),
+    ({"mail": {"tls_only_auth": False}}, "mail.tls_only_auth"),
+    ({"mail": {"imap_pop3_require_tls": False}}, "mail.imap_pop3_require_tls"),
+    (
+        {"mail": {"imap_pop3_require_tls": False, "imap": False, "pop3": True}},
+        "mail.imap_pop3_require_tls",
+    ),
+    ({"mail": {"auth_rate_limit": 0}}, "mail.auth_rate_limit"),
+    ({"milterd": {"from_mismatch": "unsigned"}}, "milterd.from_mismatch"),
+    ({"network": {"trusted": ["127.0.0.0/8", "198.51.100.0/24"]}}, "network.trusted"),
+    ({"network": {"trusted": ["2001:db8:1::/48"]}}, "network.trusted"),
+    ({"network": {"trusted": ["203.0.113.0/16"]}}, "network.trusted"),  # /16: the widest warned
+    ({"network": {"trusted": ["::ffff:198.51.100.0/120"]}}, "network.trusted"),
+    (
+        {"mail": {"relays": [{**RELAY, "starttls": "disabled"}]}},
+        "mail.relays[0].starttls",
+    ),
+]
+
+# Configs that turn a protection off where it protects nothing: no hazard.
+HARMLESS: list[dict[str, Any]] = [
+    {},
+    # No SMTP AUTH at all: neither clear-text AUTH nor its rate limit matters.
+    {"mail": {"sasl": False, "submission": False, "smtps": False, "tls_only_auth": False}},
+    {"mail": {"sasl": False, "submission": False, "smtps": False, "auth_rate_limit": 0}},
+    # No clear-text IMAP/POP3 port is open.
+    {"mail": {"imap_pop3_require_tls": False, "imap": False, "pop3": False}},
+    # Only local clients reach Postfix: a public trusted entry matches nobody.
+    {"mail": {"listen": "loopback"}, "network": {"trusted": ["198.51.100.0/24"]}},
+    # Private space of every kind is the site's own.
+    {
+        "network": {
+            "trusted": [
+                "127.0.0.0/8",
+                "::1",
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "169.254.0.0/16",
+                "fc00::/7",
+                "fe80::/10",
+                "::ffff:10.0.0.0/104",
+            ]
+        }
+    },
+    # Relay credentials over TLS (opportunistic, required, or smtps).
+    {"mail": {"relays": [{**RELAY, "starttls": "required"}]}},
+    {"mail": {"relays": [{**RELAY, "protocol": "smtps"}]}},
+    # No credentials: nothing to leak.
+    {"mail": {"relays": [{"name": "lan", "host": "10.0.0.2", "starttls": "disabled"}]}},
+]
+
+OPEN_RELAY_NETWORKS = [
+    ["0.0.0.0/0"],
+    ["::/0"],
+    ["0.0.0.0/0", "::/0"],
+    ["127.0.0.0/8", "8.0.0.0/8"],
+    ["0.0.0.0/1"],
+    ["100.64.0.0/10"],  # carrier-grade NAT: other customers of the provider
+    ["203.0.0.0/15"],
+    ["2000::/3"],
+    ["2001:db8::/31"],
+    ["::ffff:0:0/96"],  # every IPv4 client of a dual-stack socket
+    ["::/64"],  # holds ::ffff:0:0/96
+    ["::ffff:0.0.0.0/97"],  # half of IPv4
+    ["64:ff9b::/96"],  # NAT64: every IPv4 address
+]
+
+
+@pytest.mark.parametrize(("data", "key"), WARNED)
+def test_each_risky_setting_is_warned_naming_its_key(data: dict[str, Any], key: str) -> None:
+    [hazard] = config_hazards(parse_config(data))
+    assert hazard.key == key
+    assert not hazard.refuse
+    assert hazard.message
+
+
+@pytest.mark.parametrize("data", HARMLESS)
+def test_settings_that_open_nothing_give_no_hazard(data: dict[str, Any]) -> None:
+    assert config_hazards(parse_config(data)) == []
+
+
+def test_every_weakening_at_once_gives_one_warning_each() -> None:
+    data: dict[str, Any] = {
+        "mail": {
+            "smuggling_protection": False,
+            "reject_forged_local_senders": False,
+            "tls_only_auth": False,
+            "imap_pop3_require_tls": False,
+            "auth_rate_limit": 0,
+        },
+        "milterd": {"from_mismatch": "unsigned"},
+    }
+    keys = [h.key for h in config_hazards(parse_config(data))]
+    assert sorted(keys) == sorted(
+        [
+            "mail.smuggling_protection",
+            "mail.reject_forged_local_senders",
+            "mail.tls_only_auth",
+            "mail.imap_pop3_require_tls",
+            "mail.auth_rate_limit",
+            "milterd.from_mismatch",
+        ]
+    )
+
+
+@pytest.mark.parametrize("trusted", OPEN_RELAY_NETWORKS)
+def test_trusting_the_internet_is_refused_by_the_model(trusted: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"network": {"trusted": trusted}})
+    [problem] = caught.value.problems
+    assert problem.startswith("network.trusted: ")
+    assert "open relay" in problem
+
+
+def test_the_refusal_names_each_wide_network_and_not_the_fine_ones() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"network": {"trusted": ["127.0.0.0/8", "0.0.0.0/0", "10.0.0.0/8"]}})
+    [problem] = caught.value.problems
+    assert "0.0.0.0/0" in problem
+    assert "127.0.0.0/8" not in problem and "10.0.0.0/8" not in problem
+
+
+def test_hazard_is_a_frozen_value() -> None:
+    hazard = Hazard("mail.tls_only_auth", "why", refuse=False)
+    with pytest.raises(AttributeError):
+        hazard.key = "other"  # type: ignore[misc]
+    assert hazard == Hazard("mail.tls_only_auth", "why", refuse=False)
+
+
+def test_the_open_relay_rule_is_a_refusal_of_network_trusted() -> None:
+    loopback, internet = ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("0.0.0.0/0")
+    hazard = open_relay_networks([loopback, internet])
+    assert hazard is not None
+    assert (hazard.key, hazard.refuse) == ("network.trusted", True)
+    assert open_relay_networks([loopback, ipaddress.ip_network("198.51.100.0/24")]) is None
+
+
+def test_refusals_come_first_even_for_an_unvalidated_config() -> None:
+    # model_construct skips validation: config_hazards still refuses what the model would.
+    network = NetworkConfig.model_construct(trusted=[ipaddress.ip_network("0.0.0.0/0")])
+    mail = MailConfig(smuggling_protection=False)
+    hazards = config_hazards(Config.model_construct(network=network, mail=mail))
+    assert [(h.key, h.refuse) for h in hazards][:1] == [("network.trusted", True)]
+    assert ("mail.smuggling_protection", False) in [(h.key, h.refuse) for h in hazards]
