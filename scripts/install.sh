@@ -90,6 +90,43 @@ ensure_dir "$SOCKETS" "$USER_NAME" postfix 2750
 ensure_dir "$LOGS" "$USER_NAME" adm 0750
 ensure_dir /var/mail/vhosts vmail vmail 0770
 
+# --- mail logs and their rotation ----------------------------------------------------------
+# Under systemd, Postfix and Dovecot log to syslog, which journald keeps (journalctl -u
+# postfix@- -u dovecot). Without it nothing listens on /dev/log: the rendered config has
+# Postfix write /var/log/mail.log (postlogd) and Dovecot /var/log/dovecot.log. Both are
+# made here, readable by group adm as Debian's logs are; the daemons append to them.
+if [[ ! -d /run/systemd/system ]]; then
+    for log in /var/log/mail.log /var/log/dovecot.log; do
+        if [[ ! -e $log ]]; then
+            install -m 0640 -o root -g adm /dev/null "$log"
+            changed "created $log"
+        elif [[ $(stat -c '%U:%G %a' "$log") != "root:adm 640" ]]; then
+            chown root:adm "$log"
+            chmod 0640 "$log"
+            changed "fixed owner/mode of $log"
+        fi
+    done
+fi
+if ! cmp -s "$SRC/scripts/logrotate/postwarden" /etc/logrotate.d/postwarden; then
+    install -m 0644 "$SRC/scripts/logrotate/postwarden" /etc/logrotate.d/postwarden
+    changed "installed /etc/logrotate.d/postwarden (dovecot.log, $LOGS/*.log)"
+fi
+# mail.log: unless another rule (rsyslog's, where rsyslog writes the file) rotates it
+# already; logrotate refuses a file named in two rules.
+other_rules=()
+for f in /etc/logrotate.d/*; do
+    [[ $f == /etc/logrotate.d/postwarden* ]] || other_rules+=("$f")
+done
+if grep -qsE '^[^#]*(^|[[:space:]])/var/log/mail\.log([[:space:]{]|$)' "${other_rules[@]}"; then
+    if [[ -e /etc/logrotate.d/postwarden-mail ]]; then
+        rm -f /etc/logrotate.d/postwarden-mail
+        changed "removed /etc/logrotate.d/postwarden-mail (another rule rotates mail.log)"
+    fi
+elif ! cmp -s "$SRC/scripts/logrotate/postwarden-mail" /etc/logrotate.d/postwarden-mail; then
+    install -m 0644 "$SRC/scripts/logrotate/postwarden-mail" /etc/logrotate.d/postwarden-mail
+    changed "installed /etc/logrotate.d/postwarden-mail (mail.log)"
+fi
+
 # --- 3. postwarden in its own venv -------------------------------------------------------
 # The installed copy lives in $APP (templates included), independent of this checkout.
 APP_PATHS=()
@@ -313,6 +350,125 @@ else
         /etc/init.d/postfix start >"$LOGS/init.log" 2>&1 </dev/null \
             || die "postfix did not start: $(cat "$LOGS/init.log")"
         changed "started postfix (init script)"
+    fi
+fi
+
+# logrotate's daily run: systemd's logrotate.timer, else cron's /etc/cron.daily.
+if [[ -d /run/systemd/system ]]; then
+    if ! systemctl is-enabled --quiet logrotate.timer \
+        || ! systemctl is-active --quiet logrotate.timer; then
+        systemctl enable --now --quiet logrotate.timer
+        changed "enabled logrotate.timer"
+    fi
+elif ! /etc/init.d/cron status >/dev/null 2>&1; then
+    service cron start >"$LOGS/init.log" 2>&1 </dev/null \
+        || die "cron (runs logrotate daily) did not start: $(cat "$LOGS/init.log")"
+    changed "started cron (runs logrotate daily)"
+fi
+
+# --- 8. fail2ban (mail.fail2ban) ---------------------------------------------------------------
+# Jails for SMTP AUTH and IMAP/POP3 login failures, reading what this service path logs:
+# the files above, or the journal. The key is read through postwarden itself.
+JAIL=/etc/fail2ban/jail.d/postwarden.conf
+fail2ban_running() {
+    if [[ -d /run/systemd/system ]]; then systemctl is-active --quiet fail2ban
+    else /etc/init.d/fail2ban status >/dev/null 2>&1; fi
+}
+fail2ban_enabled() {
+    if [[ -d /run/systemd/system ]]; then systemctl is-enabled --quiet fail2ban 2>/dev/null
+    else compgen -G "/etc/rc[2-5].d/S??fail2ban" >/dev/null; fi
+}
+want_fail2ban=$(pw config get mail.fail2ban) || die "cannot read mail.fail2ban (config get)"
+if [[ $want_fail2ban == true ]]; then
+    if [[ ${POSTWARDEN_SKIP_DEPS:-0} != 1 ]]; then
+        deps_out=$(bash "$SRC/scripts/install-deps.sh" --fail2ban)
+        if grep -q "installing" <<<"$deps_out"; then changed "${deps_out#install-deps: }"; fi
+        # Installed for mail.fail2ban: ours to switch off again when it goes back to false.
+        if grep -q "installing.* fail2ban" <<<"$deps_out"; then
+            touch "$PREFIX/.fail2ban-enabled"
+        fi
+    fi
+    command -v fail2ban-client >/dev/null || die "mail.fail2ban = true, but no fail2ban installed"
+    ports() { local k out=(); for k in "$@"; do out+=("$(pw config get "mail.$k")"); done
+        local IFS=,; echo "${out[*]}"; }
+    if [[ -d /run/systemd/system ]]; then
+        service_path="systemd: Postfix and Dovecot log to the journal"
+        # Debian 12 runs Postfix as the instance unit postfix@-.service; the stock filter
+        # names postfix.service, which logs nothing.
+        postfix_log=$'backend      = systemd\njournalmatch = _SYSTEMD_UNIT=postfix@-.service'
+        dovecot_log='backend      = systemd'
+    else
+        service_path="no systemd: Postfix and Dovecot log to files"
+        postfix_log=$'backend   = auto\nlogpath   = /var/log/mail.log'
+        dovecot_log=$'backend   = auto\nlogpath   = /var/log/dovecot.log'
+    fi
+    jail=$(<"$SRC/scripts/fail2ban/postwarden.conf")
+    jail=${jail//@SERVICE_PATH@/$service_path}
+    jail=${jail//@SMTP_PORTS@/$(ports smtp_port submission_port smtps_port)}
+    jail=${jail//@IMAP_POP3_PORTS@/$(ports imap_port imaps_port pop3_port pop3s_port)}
+    jail=${jail//@POSTFIX_LOG@/$postfix_log}
+    jail=${jail//@DOVECOT_LOG@/$dovecot_log}
+    # Debian 12's own sshd jail (jail.d/defaults-debian.conf) reads /var/log/auth.log, which
+    # only a syslog daemon writes; without the file fail2ban refuses to start at all. The
+    # journal has sshd's lines; without systemd nothing has them, so that jail cannot work.
+    if [[ ! -e /var/log/auth.log ]] \
+        && grep -qs '^enabled *= *true' /etc/fail2ban/jail.d/defaults-debian.conf; then
+        if [[ -d /run/systemd/system ]]; then
+            jail+=$'\n\n# No /var/log/auth.log (no rsyslog): sshd logs to the journal.'
+            jail+=$'\n[sshd]\nbackend = systemd'
+        else
+            jail+=$'\n\n# No syslog daemon writes /var/log/auth.log here: Debian\'s sshd jail'
+            jail+=$'\n# would keep fail2ban from starting.\n[sshd]\nenabled = false'
+        fi
+    fi
+    fail2ban_changed=0
+    printf '%s\n' "$jail" >"$JAIL.new"
+    if cmp -s "$JAIL.new" "$JAIL"; then
+        rm -f "$JAIL.new"
+    else
+        chmod 0644 "$JAIL.new"
+        mv "$JAIL.new" "$JAIL"
+        fail2ban_changed=1
+        changed "installed $JAIL (jails postwarden-smtp-auth, postwarden-imap-pop3)"
+    fi
+    if ! fail2ban_enabled; then
+        if [[ -d /run/systemd/system ]]; then systemctl enable --quiet fail2ban
+        else update-rc.d fail2ban enable >/dev/null 2>&1 \
+            || update-rc.d fail2ban defaults >/dev/null; fi
+        # Ours to switch off again when mail.fail2ban goes back to false.
+        touch "$PREFIX/.fail2ban-enabled"
+        changed "enabled fail2ban"
+    fi
+    if ! fail2ban_running; then
+        if [[ -d /run/systemd/system ]]; then systemctl start fail2ban
+        else service fail2ban start >"$LOGS/init.log" 2>&1 </dev/null || true; fi
+        changed "started fail2ban"
+    elif ((fail2ban_changed)); then
+        reload_out=$(fail2ban-client reload 2>&1) || die "fail2ban-client reload: $reload_out"
+        say "reloaded fail2ban"
+    fi
+    # Up, and both jails read their logs.
+    deadline=$((SECONDS + 30))
+    until fail2ban-client status postwarden-smtp-auth >/dev/null 2>&1 \
+        && fail2ban-client status postwarden-imap-pop3 >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "fail2ban does not run the postwarden jails:" \
+            "$(tail -n 5 /var/log/fail2ban.log 2>/dev/null)"
+        sleep 0.5
+    done
+elif [[ -e $JAIL ]]; then
+    rm -f "$JAIL"
+    if [[ -e $PREFIX/.fail2ban-enabled ]]; then
+        # Nobody ran fail2ban before mail.fail2ban did: back to that.
+        if [[ -d /run/systemd/system ]]; then systemctl disable --now --quiet fail2ban
+        else update-rc.d fail2ban disable >/dev/null 2>&1
+            /etc/init.d/fail2ban stop >/dev/null 2>&1 </dev/null || true; fi
+        rm -f "$PREFIX/.fail2ban-enabled"
+        changed "removed $JAIL and stopped fail2ban (mail.fail2ban = false)"
+    else
+        if fail2ban_running && ! reload_out=$(fail2ban-client reload 2>&1); then
+            say "WARNING: fail2ban-client reload failed: $reload_out"
+        fi
+        changed "removed $JAIL (mail.fail2ban = false)"
     fi
 fi
 

@@ -6,7 +6,12 @@
 #      forwarding alias added just before (live, no reload), and one over submission
 #      (587, STARTTLS + login as the test user),
 #   3. all are read back from the test mailbox over IMAP (143 with STARTTLS),
-#   4. each carries a DKIM signature that verifies against the configured key.
+#   4. each carries a DKIM signature that verifies against the configured key,
+#   5. the mail log tells the story: port 25's smtpd connect line (logged as plain
+#      postfix/smtpd, which fail2ban's filters know), the submission login, a delivery line
+#      with status=sent for each message, Dovecot's IMAP login; read from the journal under
+#      systemd, else from /var/log/mail.log and /var/log/dovecot.log,
+#   6. no daemon that only the test packages bring (redis-server, nsd, ...) runs as a service.
 # Exit 0 when all of that holds; otherwise 1 with what failed.
 set -euo pipefail
 
@@ -38,11 +43,15 @@ import email
 import email.policy
 import email.utils
 import imaplib
+import os
+import re
 import smtplib
 import ssl
+import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import dkim
 
@@ -102,6 +111,7 @@ def send(port: int, rcpt: str, tag: str, how: str, login: bool = False) -> None:
             fail(f"sending over {how}: {exc}")
 
 
+started = time.time()
 run = uuid.uuid4().hex[:12]
 sent: dict[str, str] = {}
 send(mail.smtp_port, user, f"{run}-smtp", f"SMTP port {mail.smtp_port}")
@@ -159,5 +169,96 @@ for tag, raw in found.items():
         fail(f"{sent[tag]}: DKIM signature does not verify against the configured key")
     tags = dict(t.strip().split("=", 1) for t in " ".join(signature.split()).split(";") if "=" in t)
     print(f"smoke: {sent[tag]}: DKIM signature d={tags.get('d')} s={tags.get('s')} verifies")
+
+SYSTEMD = Path("/run/systemd/system").is_dir()
+LOG_TIMEOUT = 30.0
+
+
+def mail_log() -> str:
+    """Postfix's and Dovecot's lines: the journal under systemd, else their files."""
+    if SYSTEMD:
+        # Debian 12 runs Postfix as the instance unit postfix@-.
+        return subprocess.run(
+            [
+                "journalctl",
+                "--quiet",
+                "--no-pager",
+                "--output=short",
+                f"--since=@{int(started) - 1}",
+                "--unit=postfix@-",
+                "--unit=dovecot",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+    return "".join(
+        Path(p).read_text(errors="replace") for p in ("/var/log/mail.log", "/var/log/dovecot.log")
+    )
+
+
+def log_checks(log: str) -> list[str]:
+    """What the log still lacks (empty: all there)."""
+    lacking = []
+    for tag, what in sent.items():
+        queued = re.search(rf"\]: ([0-9A-F]+): message-id=<{tag}@", log)
+        if queued is None:
+            lacking.append(f"{what}: cleanup's message-id=<{tag}@...> line")
+            continue
+        qid = queued.group(1)
+        if not re.search(rf"\]: {qid}: to=<{re.escape(user)}>.* status=sent ", log):
+            lacking.append(f"{what}: a delivery line {qid}: to=<{user}>, ... status=sent")
+        client = re.search(rf" (postfix[^ ]*/smtpd)\[(\d+)\]: {qid}: client=", log)
+        if client is None:
+            lacking.append(f"{what}: smtpd's {qid}: client=... line")
+        elif what.startswith("SMTP :"):
+            name, pid = client.groups()
+            if name != "postfix/smtpd":
+                lacking.append(f"port 25 logs as {name}, not postfix/smtpd (fail2ban's name)")
+            elif f" postfix/smtpd[{pid}]: connect from " not in log:
+                lacking.append(f"port 25's postfix/smtpd[{pid}]: connect from ... line")
+        elif what.startswith("submission") and not re.search(
+            rf"/submission/smtpd\[\d+\]: {qid}: client=.*sasl_username={re.escape(user)}", log
+        ):
+            lacking.append(f"{what}: the login sasl_username={user}")
+    if not re.search(rf"imap-login: (Info: )?Login: user=<{re.escape(user)}>", log):
+        lacking.append(f"Dovecot's imap-login: Login: user=<{user}> line")
+    return lacking
+
+
+deadline = time.monotonic() + LOG_TIMEOUT
+while (lacking := log_checks(mail_log())) and time.monotonic() < deadline:
+    time.sleep(0.5)
+if lacking:
+    where = (
+        "the journal (postfix@-, dovecot)" if SYSTEMD else "/var/log/mail.log, /var/log/dovecot.log"
+    )
+    fail(f"{where} lacks: {'; '.join(lacking)}")
+print(
+    f"smoke: the mail log ({'journal' if SYSTEMD else 'files'}) has each message's delivery"
+    " (status=sent), port 25's postfix/smtpd connect, the submission login and the IMAP login"
+)
+
+TEST_ONLY_SERVICES = ("redis-server", "nsd", "postgrey", "opendkim", "dkimpy-milter")
+running = []
+for service in TEST_ONLY_SERVICES:
+    if SYSTEMD:
+        active = ["systemctl", "is-active", "--quiet", service]
+        up = subprocess.run(active, check=False, timeout=30).returncode == 0
+    else:
+        script = f"/etc/init.d/{service}"
+        up = (
+            os.access(script, os.X_OK)
+            and subprocess.run(
+                [script, "status"], capture_output=True, check=False, timeout=30
+            ).returncode
+            == 0
+        )
+    if up:
+        running.append(service)
+if running:
+    fail(f"test-only services run on the gateway: {', '.join(running)} (the appliance needs none)")
+print("smoke: no test-only service runs")
 print("smoke: OK")
 EOF

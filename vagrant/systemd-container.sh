@@ -5,7 +5,10 @@
 #   1. scripts/install.sh must take the systemd path (units installed, enabled, started),
 #   2. vagrant/smoke.sh must pass (mail in over 25 and 587, IMAP read back, DKIM verified),
 #   3. a second scripts/install.sh must change nothing,
-#   4. after a reboot, with nothing run by hand, the gateway is up and smoke.sh passes again.
+#   4. after a reboot, with nothing run by hand, the gateway is up and smoke.sh passes again
+#      (smoke.sh also reads Postfix's and Dovecot's lines back from the journal),
+#   5. with mail.fail2ban = true, install.sh runs fail2ban on the journal, and a client that
+#      keeps failing SMTP AUTH or an IMAP login is banned.
 # Run as root on a Debian host. A pristine root file system is cached in $MACHINE_DIR
 # (packages and Python wheels are fetched into it with the host's network); every run
 # boots a fresh copy of it, so the install starts from nothing. The booted machine has no
@@ -67,6 +70,8 @@ printf '#!/bin/sh\nexit 101\n' >"$MACHINE_DIR/usr/sbin/policy-rc.d"
 chmod 0755 "$MACHINE_DIR/usr/sbin/policy-rc.d"
 "${NSPAWN[@]}" -D "$MACHINE_DIR" --pipe --bind-ro="$SRC:/src" bash -euc '
     bash /src/scripts/install-deps.sh
+    # fail2ban is installed by install.sh later, offline: its packages wait in the cache.
+    POSTWARDEN_DEPS_DOWNLOAD_ONLY=1 bash /src/scripts/install-deps.sh --fail2ban
     python3 -m venv /tmp/venv
     /tmp/venv/bin/pip install -q --upgrade pip
     mkdir /tmp/src
@@ -100,7 +105,11 @@ boot() {
     [[ $(inside readlink /proc/1/exe) == */systemd ]] || die "PID 1 inside is not systemd"
     say "booted: systemd is PID 1 inside ($state)"
 }
-inside() { nsenter -t "$leader" -a "$@"; }
+# A clean environment: nothing of the caller's (TMPDIR, a pyenv PATH) leaks inside.
+inside() {
+    nsenter -t "$leader" -a env -i HOME=/root LANG=C.UTF-8 \
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"
+}
 poweroff() {
     local deadline=$((SECONDS + 60))
     inside systemctl poweroff || true
@@ -136,6 +145,96 @@ for unit in postwarden-policyd postwarden-milterd postfix@- dovecot; do
 done
 say "after a reboot: postwarden-policyd, postwarden-milterd, postfix and dovecot running"
 inside bash /src/vagrant/smoke.sh || die "vagrant/smoke.sh after the reboot"
+# Postfix's and Dovecot's lines are in the journal under their units and log names (what
+# fail2ban's systemd backend and an operator's journalctl select on).
+for match in _SYSTEMD_UNIT=postfix@-.service SYSLOG_IDENTIFIER=postfix/smtpd \
+    SYSLOG_IDENTIFIER=postfix/submission/smtpd SYSLOG_IDENTIFIER=postfix/lmtp \
+    _SYSTEMD_UNIT=dovecot.service; do
+    [[ -n $(inside journalctl --quiet --no-pager -n 1 "$match") ]] \
+        || die "no journal lines for $match"
+done
+inside journalctl --quiet --no-pager SYSLOG_IDENTIFIER=postfix/smtpd | grep -q ": connect from " \
+    || die "no postfix/smtpd connect line in the journal"
+say "journal: postfix@- (postfix/smtpd, postfix/submission/smtpd, postfix/lmtp) and dovecot lines"
+
+# --- fail2ban on the journal -----------------------------------------------------------
+inside sed -i '/^\[mail\]$/a fail2ban = true' /etc/postwarden/postwarden.toml
+out=$(install_inside) || { echo "$out"; die "scripts/install.sh with mail.fail2ban = true"; }
+echo "$out"
+inside grep -q "^journalmatch = _SYSTEMD_UNIT=postfix@-.service" \
+    /etc/fail2ban/jail.d/postwarden.conf || die "the fail2ban jail does not read Postfix's journal"
+out=$(install_inside) || { echo "$out"; die "scripts/install.sh, again with fail2ban"; }
+grep -q "nothing changed" <<<"$out" \
+    || { echo "$out"; die "a second install.sh changed something (fail2ban)"; }
+# Loopback is never banned (the jail's ignoreip); for this test 127.0.0.2/.3 may be, and
+# two failures are enough.
+printf '[%s]\nignoreip =\nmaxretry = 2\n' postwarden-smtp-auth postwarden-imap-pop3 \
+    | inside tee /etc/fail2ban/jail.d/postwarden.local >/dev/null
+inside fail2ban-client reload >/dev/null || die "fail2ban-client reload"
+main_domain=$(inside postwarden --config /etc/postwarden/postwarden.toml \
+    config get mail.main_domain)
+inside /opt/postwarden/venv/bin/python - "$main_domain" <<'PY' || die "fail2ban did not ban"
+"""Fail SMTP AUTH from 127.0.0.2 and IMAP logins from 127.0.0.3, twice each: both banned."""
+import base64
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+user = f"smoke@{sys.argv[1]}"
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+
+
+def smtp_auth_fails(source: str) -> None:
+    with smtplib.SMTP("127.0.0.1", 587, timeout=30, source_address=(source, 0)) as smtp:
+        smtp.ehlo("attacker.test")
+        smtp.starttls(context=ctx)
+        smtp.ehlo("attacker.test")
+        token = base64.b64encode(f"\0{user}\0wrong".encode()).decode()
+        code, _ = smtp.docmd("AUTH", f"PLAIN {token}")
+        assert code == 535, code
+
+
+def imap_login_fails(source: str) -> None:
+    raw = socket.create_connection(("127.0.0.1", 143), timeout=30, source_address=(source, 0))
+    raw.recv(1000)
+    raw.sendall(b"a STARTTLS\r\n")
+    raw.recv(1000)
+    with ctx.wrap_socket(raw) as tls:
+        tls.sendall(f"b LOGIN {user} wrong\r\n".encode())
+        assert b"b NO" in tls.recv(1000)
+        tls.sendall(b"c LOGOUT\r\n")
+        tls.recv(1000)
+
+
+def status(jail: str) -> str:
+    return subprocess.run(
+        ["fail2ban-client", "status", jail], capture_output=True, text=True, check=True
+    ).stdout
+
+
+for _ in range(2):
+    smtp_auth_fails("127.0.0.2")
+    imap_login_fails("127.0.0.3")
+deadline = time.monotonic() + 30
+for jail, source in (("postwarden-smtp-auth", "127.0.0.2"), ("postwarden-imap-pop3", "127.0.0.3")):
+    while source not in status(jail).split("Banned IP list:")[1]:
+        if time.monotonic() > deadline:
+            sys.exit(f"systemd-container: {jail} did not ban {source}:\n{status(jail)}")
+        time.sleep(0.5)
+    print(f"systemd-container: {jail}: {source} banned after 2 failures (journal backend)")
+# Banned means refused: 587 from 127.0.0.2 no longer answers, from 127.0.0.1 it does.
+try:
+    socket.create_connection(("127.0.0.1", 587), timeout=5, source_address=("127.0.0.2", 0))
+    sys.exit("systemd-container: 127.0.0.2 still reaches port 587 after its ban")
+except OSError:
+    pass
+socket.create_connection(("127.0.0.1", 587), timeout=5).close()
+PY
 poweroff
 leader=
 rm -rf "$RUN_DIR"
