@@ -74,6 +74,9 @@ class Layout:
     instance_name: str = "dovecot"
     # Override the forwarding-alias table (default: policyd.aliases_listen's socketmap).
     virtual_alias_maps: str = ""
+    # Override the live mailbox table (default: policyd's `mailboxes` socketmap when both
+    # policyd.aliases_listen and policyd.mailbox_lmtp are set; else the LMTP verify probe).
+    virtual_mailbox_maps: str = ""
 
     @classmethod
     def debian(cls, *, systemd: bool | None = None) -> Layout:
@@ -223,23 +226,31 @@ def _relay_service(relay: RelayServer, chroot: str, ca: Path | None) -> str:
 
 
 def _smtp_services(cfg: MailConfig, layout: Layout, chroot: str) -> str:
-    def service(port: int, name: str, opts: list[str]) -> str:
+    def service(port: int, name: str | None, opts: list[str]) -> str:
         # maxproc caps concurrent SMTP sessions on this port (one smtpd process each).
         limit = cfg.max_connections
         head = f"{port:<9} inet  n       -       {chroot}       -       {limit:<7} smtpd"
-        return "\n".join([head, f"  -o syslog_name=postfix/{name}", *(f"  -o {o}" for o in opts)])
+        # Port 25 keeps Postfix's own name (postfix/smtpd[pid]): stock fail2ban filters and
+        # log tools expect it; the submission ports say which port a line comes from.
+        naming = [f"  -o syslog_name=postfix/{name}"] if name else []
+        return "\n".join([head, *naming, *(f"  -o {o}" for o in opts)])
 
-    # Ports 587/465 are for our own users: log in first, then anything may be sent.
+    # Ports 587/465 are for our own users: log in first, then send as an address you own.
+    # AUTH is offered only here (main.cf turns it off for port 25, where no user logs in).
     submit = [
         "smtpd_sasl_auth_enable=yes",
         "smtpd_tls_auth_only=yes",
+        f"smtpd_client_auth_rate_limit={cfg.auth_rate_limit}",
         "smtpd_client_restrictions=permit_sasl_authenticated,reject",
+        "smtpd_sender_restrictions=$submission_sender_restrictions",
         "smtpd_relay_restrictions=permit_sasl_authenticated,reject",
         "smtpd_recipient_restrictions=$submission_recipient_restrictions",
         "milter_macro_daemon_name=ORIGINATING",
     ]
-    # Connection control answers at connect (a 554 greeting), not only at RCPT.
-    out = [service(layout.port(cfg, "smtp_port"), "smtpd", ["smtpd_delay_reject=no"])]
+    # Connection control answers at connect (a 554 greeting), not only at RCPT. No DSN on
+    # port 25: a success notice there would go to whatever sender an outsider forged.
+    smtp = ["smtpd_delay_reject=no", "smtpd_discard_ehlo_keywords=silent-discard,dsn"]
+    out = [service(layout.port(cfg, "smtp_port"), None, smtp)]
     if cfg.submission:
         out.append(
             service(
@@ -287,6 +298,32 @@ def _client_access(cfg: MailConfig) -> str:
         else "OK"
     )
     return "".join(f"{net} {action}\n" for net in _connection_control_addresses(cfg))
+
+
+def _domain_pattern(domain: str) -> str:
+    """A regexp table key matching addresses in exactly this domain (not its subdomains)."""
+    # A domain name holds letters, digits, "-" and dots; only the dot is special in a regexp.
+    return "/@" + domain.replace(".", "\\.") + "$/"
+
+
+def _sender_grant_tables(cfg: MailConfig) -> tuple[str, str]:
+    """mail.sender_grants turned around: address -> logins (texthash), domain -> logins (regexp).
+
+    Postfix asks smtpd_sender_login_maps "who owns this sender?", so the grants are keyed by
+    the granted address. Domain grants are regexps on the whole address: inside the unionmap a
+    `@domain` key is never asked (the identity table always answers the full address)."""
+    by_address: dict[str, list[str]] = {}
+    by_domain: dict[str, list[str]] = {}
+    for login, grants in cfg.sender_grants.items():
+        for grant in grants:
+            table = by_domain if grant.startswith("@") else by_address
+            key = grant[1:] if grant.startswith("@") else grant
+            table.setdefault(key, [])
+            if login not in table[key]:
+                table[key].append(login)
+    addresses = _table([(a, ",".join(logins)) for a, logins in by_address.items()])
+    domains = _table([(_domain_pattern(d), ",".join(ls)) for d, ls in by_domain.items()])
+    return addresses, domains
 
 
 def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
@@ -347,11 +384,73 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
     if milterd is None:
         milterd = layout.postfix_socket(cfg.milterd.listen[0])
     # Forwarding aliases are looked up live in policyd's socketmap (no postmap, no reload).
-    virtual_alias_maps = layout.virtual_alias_maps
-    if not virtual_alias_maps and cfg.policyd.aliases_listen is not None:
-        virtual_alias_maps = (
-            f"socketmap:{layout.postfix_socket(cfg.policyd.aliases_listen)}:aliases"
-        )
+    alias_map = layout.virtual_alias_maps
+    if not alias_map and cfg.policyd.aliases_listen is not None:
+        alias_map = f"socketmap:{layout.postfix_socket(cfg.policyd.aliases_listen)}:aliases"
+    # postmaster@ and abuse@ of every mail domain exist (RFC 5321 4.5.1, RFC 2142). First,
+    # so that no alias in the store can take them over (Postfix stops at the first match).
+    postmaster = mail.postmaster_address or f"postmaster@{mail.main_domain}"
+    files["postmaster_aliases"] = _table(
+        [(f"{user}@{d}", postmaster) for d in local for user in ("postmaster", "abuse")]
+    )
+    virtual_alias_maps = ", ".join(
+        [f"texthash:{conf}/postmaster_aliases", *([alias_map] if alias_map else [])]
+    )
+
+    # Which mailboxes exist: asked live of Dovecot through policyd's `mailboxes` socketmap
+    # when it serves one, so a deleted user is refused at the very next RCPT. Without it the
+    # LMTP verify probe stays, with a short in-memory cache (main.cf says how short).
+    mailbox_map = layout.virtual_mailbox_maps
+    if not mailbox_map and cfg.policyd.aliases_listen and cfg.policyd.mailbox_lmtp:
+        mailbox_map = f"socketmap:{layout.postfix_socket(cfg.policyd.aliases_listen)}:mailboxes"
+    # Address literals (user@[192.0.2.1]) name a host, not one of our domains: refused before
+    # anything else, so nothing reaches the local delivery agent or relays unchecked.
+    files["address_literals"] = (
+        "/@\\[.*\\]$/ 550 5.1.2 Address literals (user@[address]) are not accepted here\n"
+    )
+    mailbox_check = (
+        "reject_unlisted_recipient"
+        if mailbox_map
+        else f"check_recipient_access texthash:{conf}/mailbox_domains"
+    )
+    local_recipient_check = (
+        f"check_recipient_access regexp:{conf}/address_literals, {mailbox_check}"
+    )
+
+    # Port 25 from outside, not logged in, sender in our own domains: a forgery (our users
+    # send logged in on 587/465 or from a trusted network). Checked at RCPT after the relay
+    # check, so a relay attempt still gets the relay refusal.
+    files["local_sender_domains"] = _table(
+        [
+            (
+                _domain_pattern(d),
+                f"550 5.7.1 Sender address in our own domain {d}: log in to send "
+                "(submission) or send from a trusted network",
+            )
+            for d in local
+        ]
+    )
+    forged_sender_check = (
+        f",\n    check_sender_access regexp:{conf}/local_sender_domains"
+        if mail.reject_forged_local_senders
+        else ""
+    )
+
+    # Who may use a sender address on 587/465: the address itself (the login of that
+    # mailbox), the logins mail.sender_grants names, and the targets of a forwarding alias.
+    # One unionmap: Postfix stops at the first lookup key that finds anything, and the
+    # identity table always answers the full address, so every source answers that key.
+    files["sender_identity"] = "/^(.+)$/ ${1}\n"
+    files["sender_grants"], files["sender_domain_grants"] = _sender_grant_tables(mail)
+    owners = [
+        f"regexp:{conf}/sender_identity",
+        f"texthash:{conf}/sender_grants",
+        f"regexp:{conf}/sender_domain_grants",
+        *([alias_map] if alias_map else []),
+    ]
+    sender_login_maps = "unionmap:{" + ", ".join(owners) + "}"
+    smuggling = mail.smuggling_protection
+
     # An empty policyd socket (test instances without policyd) leaves the policy check out.
     policy_check = (
         f",\n    check_policy_service {{ {policyd}, timeout=10s, default_action=DUNNO }}"
@@ -380,6 +479,13 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
         "virtual_mailbox_domains": " ".join(local),
         "lmtp_socket": layout.postfix_path(layout.lmtp_socket),
         "virtual_alias_maps": virtual_alias_maps,
+        "virtual_mailbox_maps": mailbox_map,
+        "local_recipient_check": local_recipient_check,
+        "forged_sender_check": forged_sender_check,
+        "sender_login_maps": sender_login_maps,
+        "forbid_bare_newline": "normalize" if smuggling else "no",
+        "forbid_unauth_pipelining": "yes" if smuggling else "no",
+        "data_restrictions": "reject_unauth_pipelining" if smuggling else "",
         "relay_domains": " ".join(d.domain for d in mail.relay_domains),
         "transport_maps": f"texthash:{conf}/transport",
         "outbound_relay": "\n".join(outbound),
@@ -388,7 +494,6 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
         "client_restrictions": client_restrictions,
         "policy_check": policy_check,
         "xclient_hosts": " ".join(layout.xclient_hosts),
-        "sasl": "yes" if mail.sasl else "no",
         "auth_socket": layout.postfix_path(layout.auth_socket),
         "tls_only_auth": "yes" if mail.tls_only_auth else "no",
         "milterd_socket": milterd,
@@ -429,6 +534,24 @@ def render_dovecot(cfg: Config, layout: Layout) -> dict[str, str]:
         listen = "127.0.0.1, ::1" if mail.ipv6 else "127.0.0.1"
     else:
         listen = "*, ::" if mail.ipv6 else "*"
+    # policyd asks whether a mailbox exists over its own LMTP socket (mailbox_lmtp); it runs
+    # as the postwarden user, which is in the postfix group.
+    probe = cfg.policyd.mailbox_lmtp
+    probe_listener = ""
+    if probe is not None and str(probe).startswith("unix:"):
+        path = Path(str(probe)[len("unix:") :])
+        # Dovecot names sockets in its base_dir relatively (an absolute one there is warned of).
+        if path.is_relative_to(layout.dovecot_base_dir):
+            path = path.relative_to(layout.dovecot_base_dir)
+        probe_listener = "\n".join(
+            [
+                f"  unix_listener {path} {{",
+                "    mode = 0660",
+                f"    user = {layout.postfix_user}",
+                f"    group = {layout.postfix_group}",
+                "  }",
+            ]
+        )
     log = []
     if layout.dovecot_log_file is not None:
         log.append(f"log_path = {layout.dovecot_log_file}")
@@ -452,7 +575,8 @@ def render_dovecot(cfg: Config, layout: Layout) -> dict[str, str]:
         "quota_rule": (
             f"  quota_rule = *:storage={mail.mailbox_quota_mb}M" if mail.mailbox_quota_mb else ""
         ),
-        "postmaster": f"postmaster@{mail.main_domain}",
+        "postmaster": mail.postmaster_address or f"postmaster@{mail.main_domain}",
+        "probe_listener": probe_listener,
         "imap_port": port(mail.imap, "imap_port"),
         "imaps_port": port(mail.imaps, "imaps_port"),
         "pop3_port": port(mail.pop3, "pop3_port"),

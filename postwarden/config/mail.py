@@ -326,20 +326,29 @@ class MailConfig(_Table):
     connection_control: ConnectionControl = ConnectionControl()
 
     # --- hardening (README "Security") ---
-    # SMTP smuggling: a bare LF or CR in DATA and commands pipelined before the greeting are
-    # refused on every port (smtpd_forbid_bare_newline, smtpd_forbid_unauth_pipelining).
-    # Off only to accept a broken client that cannot be fixed; `config check` warns.
+    # SMTP smuggling: only <CR><LF>.<CR><LF> ends DATA, for every client, trusted ones too
+    # (smtpd_forbid_bare_newline = normalize: a bare-LF line is still read as a line), and a
+    # client sending commands before the greeting or ahead of a reply is disconnected
+    # (smtpd_forbid_unauth_pipelining, reject_unauth_pipelining). Off only for a broken
+    # client that ends DATA with a bare LF and cannot be fixed; `config check` warns.
     smuggling_protection: bool = True
-    # A logged-in user may send only as their own mailbox, the aliases that deliver to it,
-    # and what is granted here: login -> ["addr@example.com", "@whole-domain.example"].
+    # On 587/465 a logged-in user may send only as their own mailbox, the forwarding aliases
+    # that deliver to it (when policyd serves aliases) and what is granted here:
+    # login -> ["addr@example.com", "@whole-domain.example"] (a whole domain, not its
+    # subdomains). Logins and addresses compare case-insensitively.
     sender_grants: dict[LoginName, list[SenderGrant]] = Field(default_factory=dict)
-    # Port 25, not logged in, not a trusted network, sender in one of our mail domains:
-    # refused (our own users send through 587/465), so nobody outside can pose as them.
+    # Port 25, not logged in, not a trusted network, envelope sender in one of our mailbox
+    # domains (main_domain, additional_domains; not their subdomains): refused at RCPT with
+    # 550 5.7.1 (our own users send through 587/465), so nobody outside can pose as them.
+    # Off for senders that legitimately use our domains from elsewhere (an outside mailing
+    # service, forwarding without SRS).
     reject_forged_local_senders: bool = True
     # postmaster@ and abuse@ of every mail domain are delivered here (RFC 5321 4.5.1,
-    # RFC 2142); unset: postmaster@<main_domain>, which must then be a mailbox.
+    # RFC 2142), before any stored alias; unset: postmaster@<main_domain>, which must then
+    # be a mailbox. Also Dovecot's postmaster_address (the sender of its rejections).
     postmaster_address: Mailbox | None = None
-    # SMTP AUTH attempts per client per minute on 587/465 (Postfix anvil); 0 = unlimited.
+    # SMTP AUTH commands per client IP per minute on 587/465 (Postfix anvil: the next one
+    # gets 450 4.7.1); trusted networks are exempt; 0 = unlimited.
     auth_rate_limit: Annotated[int, Field(ge=0, le=10000)] = 10
     # Install and enable a fail2ban jail for SMTP AUTH and IMAP/POP3 login failures.
     fail2ban: bool = False

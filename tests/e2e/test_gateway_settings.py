@@ -36,8 +36,16 @@ IMAP_BINARY = "/usr/lib/dovecot/imap"
 
 def _smarthost(factory: MailSystemFactory) -> MailSystem:
     """A second real Postfix + Dovecot: the provider's relay, holding dave's mailbox."""
+    # A provider lets its customer's login send as the customer's own domain (postwarden
+    # binds a login to the senders it owns on 587/465).
     return factory(
-        {"mail": {"hostname": "smtp.outside.test", "main_domain": "outside.test"}},
+        {
+            "mail": {
+                "hostname": "smtp.outside.test",
+                "main_domain": "outside.test",
+                "sender_grants": {DAVE: ["@example.test"]},
+            }
+        },
         users={DAVE: DAVE_PW},
     )
 

@@ -222,8 +222,16 @@ def test_copy_of_all_incoming_mail(mail_system_factory: MailSystemFactory) -> No
 
 def _inside_server(factory: MailSystemFactory, domain: str, user: str) -> MailSystem:
     """A second real Postfix + Dovecot standing for a server behind the gateway."""
+    # As a relay with credentials it lets that login send as the gateway's domain
+    # (postwarden binds a login to the senders it owns on 587/465).
     return factory(
-        {"mail": {"hostname": f"mx.{domain}", "main_domain": domain}},
+        {
+            "mail": {
+                "hostname": f"mx.{domain}",
+                "main_domain": domain,
+                "sender_grants": {user: ["@example.test"]},
+            }
+        },
         users={user: "inside-secret"},
     )
 
@@ -284,7 +292,7 @@ def test_outgoing_relay_with_credentials_over_required_starttls(
     relay = {
         "name": "isp",
         "host": HOST,
-        "port": smarthost.ports["smtp_port"],
+        "port": smarthost.ports["submission_port"],  # AUTH is offered on 587/465 only
         "starttls": "required",
         "username": "dave@outside.test",
         "password_file": str(password),

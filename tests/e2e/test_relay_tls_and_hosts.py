@@ -31,8 +31,13 @@ def _second_server(
     factory: MailSystemFactory, domain: str, user: str, pw: str, **options: Any
 ) -> MailSystem:
     """A second real Postfix + Dovecot holding `user`'s mailbox in `domain`."""
+    # As a relay with credentials it lets that login send as the gateway's domain
+    # (postwarden binds a login to the senders it owns on 587/465).
+    mail = {"hostname": f"mx.{domain}", "main_domain": domain}
     return factory(
-        {"mail": {"hostname": f"mx.{domain}", "main_domain": domain}}, users={user: pw}, **options
+        {"mail": {**mail, "sender_grants": {user: ["@example.test"]}}},
+        users={user: pw},
+        **options,
     )
 
 

@@ -22,6 +22,10 @@ RICH_TOML = """
 [network]
 trusted = ["127.0.0.0/8", "::1/128", "192.168.10.0/24"]
 
+[policyd]
+aliases_listen = "unix:/var/spool/postfix/postwarden/aliases.sock"
+mailbox_lmtp = "unix:/run/dovecot/postwarden-lmtp"
+
 [mail]
 hostname = "mx.example.com"
 helo_name = "out.example.com"
@@ -40,6 +44,12 @@ mailbox_quota_mb = 1024
 trash_retention_days = 7
 copy_incoming_to = "archive@example.com"
 copy_outgoing_to = "archive@example.com"
+postmaster_address = "ops@example.com"
+auth_rate_limit = 5
+
+[mail.sender_grants]
+"alice@example.com" = ["sales@example.com", "@example.org"]
+"bob@example.com" = ["sales@example.com"]
 
 [mail.tls]
 ca = "/etc/ssl/certs/ca-certificates.crt"
@@ -122,6 +132,43 @@ def test_rendered_postfix_passes_postfix_check_without_warnings(tmp_path: Path, 
         table = f"cidr:{staging / 'postfix' / 'client_access'}"
         found = run(["postmap", "-q", "172.16.9.9", table])
         assert found.stdout.startswith("REJECT 5.7.1"), (found.stdout, found.stderr)
+        # The live maps are named as chrooted Postfix daemons reach them.
+        assert (
+            "virtual_mailbox_maps = socketmap:unix:postwarden/aliases.sock:mailboxes"
+            in shown.stdout
+        )
+        _check_hardening_tables(staging / "postfix")
+
+
+def _lookup(key: str, table: str) -> str:
+    found = run(["postmap", "-q", key, table])
+    assert found.stderr == "", found.stderr
+    return found.stdout.strip()
+
+
+def _check_hardening_tables(postfix: Path) -> None:
+    """Postfix's own lookups answer the rendered hardening tables as main.cf expects."""
+    literals = f"regexp:{postfix / 'address_literals'}"
+    assert _lookup("anything@[10.0.0.1]", literals).startswith("550 5.1.2 Address literals")
+    assert _lookup("x@[IPv6:2001:db8::1]", literals).startswith("550 5.1.2")
+    assert _lookup("anything@example.com", literals) == ""
+    forged = f"regexp:{postfix / 'local_sender_domains'}"
+    assert _lookup("Bob@Example.COM", forged).startswith("550 5.7.1 Sender address in our own")
+    assert _lookup("bob@example.org", forged).startswith("550 5.7.1")
+    assert _lookup("bob@sub.example.com", forged) == ""
+    assert _lookup("bob@example.com.evil.test", forged) == ""
+    # Who owns a sender: itself, the grants (by address and by whole domain), as one union.
+    owners = (
+        f"unionmap:{{regexp:{postfix / 'sender_identity'}, "
+        f"texthash:{postfix / 'sender_grants'}, regexp:{postfix / 'sender_domain_grants'}}}"
+    )
+    assert _lookup("sales@example.com", owners) == (
+        "sales@example.com,alice@example.com,bob@example.com"
+    )
+    assert _lookup("anyone@example.org", owners) == "anyone@example.org,alice@example.com"
+    assert _lookup("anyone@sub.example.org", owners) == "anyone@sub.example.org"
+    aliases = f"texthash:{postfix / 'postmaster_aliases'}"
+    assert _lookup("abuse@example.org", aliases) == "ops@example.com"
 
 
 @pytest.mark.parametrize("rich", [False, True], ids=["empty-config", "every-setting"])

@@ -56,19 +56,21 @@ def test_empty_config_renders() -> None:
 
 def test_mailbox_check_first_and_policyd_after_anti_relay() -> None:
     params = main_cf()
-    parts = [p.strip() for p in params["smtpd_recipient_restrictions"].split(",", 4)]
+    parts = [p.strip() for p in params["smtpd_recipient_restrictions"].split(",", 5)]
     # Local recipients are verified for every client, trusted and logged-in ones included.
-    assert parts[:4] == [
+    assert parts[:5] == [
         "$local_recipient_check",
         "permit_mynetworks",
         "permit_sasl_authenticated",
         "reject_unauth_destination",
+        "check_sender_access regexp:$config_directory/local_sender_domains",
     ]
     assert params["local_recipient_check"] == (
+        "check_recipient_access regexp:$config_directory/address_literals, "
         "check_recipient_access texthash:$config_directory/mailbox_domains"
     )
-    assert parts[4].startswith("check_policy_service { unix:")
-    assert "timeout=10s" in parts[4] and "default_action=DUNNO" in parts[4]
+    assert parts[5].startswith("check_policy_service { unix:")
+    assert "timeout=10s" in parts[5] and "default_action=DUNNO" in parts[5]
     assert params["submission_recipient_restrictions"] == (
         "$local_recipient_check, permit_sasl_authenticated, reject"
     )
@@ -226,7 +228,8 @@ def test_mailbox_quota_and_trash_retention() -> None:
 
 def test_sasl_and_tls_only_auth() -> None:
     params = main_cf(cfg(sasl=True, tls_only_auth=True))
-    assert params["smtpd_sasl_auth_enable"] == "yes"
+    # AUTH is a submission-port service only (master.cf turns it on there).
+    assert params["smtpd_sasl_auth_enable"] == "no"
     assert params["smtpd_sasl_type"] == "dovecot"
     assert params["smtpd_sasl_path"] == "private/auth"
     assert params["smtpd_tls_auth_only"] == "yes"
@@ -490,7 +493,8 @@ def test_trusted_networks_become_mynetworks() -> None:
 
 def test_smtputf8_and_delivery_defaults() -> None:
     params = main_cf()
-    assert params["smtputf8_enable"] == "yes"
+    # Dovecot 2.3's LMTP cannot carry SMTPUTF8: not offered, so refused at MAIL.
+    assert params["smtputf8_enable"] == "no"
     assert params["mailbox_transport"] == "lmtp:unix:private/dovecot-lmtp"
 
 
@@ -543,10 +547,215 @@ def test_unreadable_or_non_pem_certificate_is_refused(tmp_path: Path) -> None:
 
 
 def test_forwarding_aliases_come_live_from_policyd_socketmap() -> None:
-    assert main_cf()["virtual_alias_maps"] == ""
+    assert main_cf()["virtual_alias_maps"] == "texthash:$config_directory/postmaster_aliases"
     config = parse_config(
         {"policyd": {"aliases_listen": "unix:/var/spool/postfix/postwarden/aliases.sock"}}
     )
+    # The static postmaster/abuse table first: no stored alias can take those over.
     assert main_cf(config)["virtual_alias_maps"] == (
+        "texthash:$config_directory/postmaster_aliases, "
         "socketmap:unix:postwarden/aliases.sock:aliases"
+    )
+
+
+# --- hardening (README "Security") ---------------------------------------------------------
+
+
+def _services(config: Config | None = None) -> dict[str, str]:
+    return {b.split()[0]: b for b in re.split(r"\n(?=\S)", master_cf(config)) if b.strip()}
+
+
+def test_smuggling_protection_on_by_default_for_every_client() -> None:
+    params = main_cf()
+    assert params["smtpd_forbid_bare_newline"] == "normalize"
+    # Not even trusted networks are excluded (Postfix's default would be $mynetworks).
+    assert params["smtpd_forbid_bare_newline_exclusions"] == ""
+    assert params["smtpd_forbid_unauth_pipelining"] == "yes"
+    assert params["smtpd_data_restrictions"] == "reject_unauth_pipelining"
+    off = main_cf(cfg(smuggling_protection=False))
+    assert off["smtpd_forbid_bare_newline"] == "no"
+    assert off["smtpd_forbid_unauth_pipelining"] == "no"
+    assert off["smtpd_data_restrictions"] == ""
+
+
+def test_submission_ports_bind_the_sender_to_the_login() -> None:
+    params = main_cf()
+    assert params["submission_sender_restrictions"] == (
+        "reject_sender_login_mismatch, permit_sasl_authenticated, reject"
+    )
+    for port in ("587", "465"):
+        assert "smtpd_sender_restrictions=$submission_sender_restrictions" in _services()[port]
+    # Port 25 has no login to bind to: it keeps main.cf's (empty) sender restrictions.
+    assert "smtpd_sender_restrictions" not in _services()["25"]
+    assert params["smtpd_sender_login_maps"] == (
+        "unionmap:{regexp:$config_directory/sender_identity, "
+        "texthash:$config_directory/sender_grants, "
+        "regexp:$config_directory/sender_domain_grants}"
+    )
+    assert files()["postfix/sender_identity"] == "/^(.+)$/ ${1}\n"
+
+
+def test_sender_owners_include_alias_targets_when_policyd_serves_aliases() -> None:
+    config = parse_config(
+        {"policyd": {"aliases_listen": "unix:/var/spool/postfix/postwarden/aliases.sock"}}
+    )
+    maps = main_cf(config)["smtpd_sender_login_maps"]
+    assert maps.endswith(", socketmap:unix:postwarden/aliases.sock:aliases}"), maps
+
+
+def test_sender_grants_are_rendered_keyed_by_the_granted_address() -> None:
+    out = files(
+        cfg(
+            sender_grants={
+                "Alice@Example.com": ["CEO@example.com", "@Example.ORG", "sales@example.com"],
+                "bob@example.com": ["sales@example.com", "@example.org", "@my-shop.example"],
+            }
+        )
+    )
+    assert out["postfix/sender_grants"] == (
+        "ceo@example.com alice@example.com\nsales@example.com alice@example.com,bob@example.com\n"
+    )
+    # Whole domains are regexps on the full address: the domain itself, not its subdomains.
+    assert out["postfix/sender_domain_grants"] == (
+        "/@example\\.org$/ alice@example.com,bob@example.com\n"
+        "/@my-shop\\.example$/ bob@example.com\n"
+    )
+    with pytest.raises(ConfigError, match="not a mail address"):
+        cfg(sender_grants={"alice": ["x@example.com"]})
+
+
+def test_forged_local_senders_refused_on_port_25_unless_turned_off() -> None:
+    out = files(cfg(additional_domains=["example.org"]))
+    assert out["postfix/local_sender_domains"].splitlines() == [
+        f"/@{d}$/ 550 5.7.1 Sender address in our own domain {d.replace(chr(92), '')}: "
+        "log in to send (submission) or send from a trusted network"
+        for d in ("example\\.com", "example\\.org")
+    ]
+    off = main_cf(cfg(reject_forged_local_senders=False))
+    assert "local_sender_domains" not in off["smtpd_recipient_restrictions"]
+
+
+def test_recipients_live_from_policyd_mailboxes_map_when_served() -> None:
+    both = parse_config(
+        {
+            "policyd": {
+                "aliases_listen": "unix:/var/spool/postfix/postwarden/aliases.sock",
+                "mailbox_lmtp": "unix:/run/dovecot/postwarden-lmtp",
+            }
+        }
+    )
+    params = main_cf(both)
+    assert params["virtual_mailbox_maps"] == "socketmap:unix:postwarden/aliases.sock:mailboxes"
+    # No verify probe (and so no verify cache) in front of it.
+    assert params["local_recipient_check"] == (
+        "check_recipient_access regexp:$config_directory/address_literals, "
+        "reject_unlisted_recipient"
+    )
+    # Dovecot opens the socket policyd probes, for the postfix group policyd runs in; in
+    # Dovecot's base_dir (/run/dovecot) it is named relatively, as doveconf asks.
+    assert re.search(
+        r"unix_listener postwarden-lmtp \{\s*mode = 0660\s*user = postfix\s*"
+        r"group = postfix\s*\}",
+        dovecot(both),
+    )
+    # Only one of the two set: no map, the probe stays.
+    for policyd in (
+        {"aliases_listen": "unix:/var/spool/postfix/postwarden/aliases.sock"},
+        {"mailbox_lmtp": "unix:/run/dovecot/postwarden-lmtp"},
+    ):
+        assert main_cf(parse_config({"policyd": policyd}))["virtual_mailbox_maps"] == ""
+    assert "postwarden-lmtp" not in dovecot()
+    elsewhere = parse_config({"policyd": {"mailbox_lmtp": "unix:/var/spool/postfix/pw/lmtp"}})
+    assert "unix_listener /var/spool/postfix/pw/lmtp {" in dovecot(elsewhere)
+    # An inet mailbox_lmtp is Dovecot's operator's to open: no unix listener for it.
+    tcp = parse_config({"policyd": {"mailbox_lmtp": "inet:127.0.0.1:24"}})
+    assert dovecot(tcp).count("unix_listener") == 2
+
+
+def test_layout_may_point_the_mailbox_map_at_a_test_socket() -> None:
+    from dataclasses import replace
+
+    layout = replace(Layout.debian(), virtual_mailbox_maps="socketmap:unix:/t/m.sock:mailboxes")
+    params = main_cf(layout=layout)
+    assert params["virtual_mailbox_maps"] == "socketmap:unix:/t/m.sock:mailboxes"
+    assert params["local_recipient_check"].endswith(", reject_unlisted_recipient")
+
+
+def test_verify_probe_fallback_keeps_no_persistent_or_long_cache() -> None:
+    params = main_cf()
+    assert params["address_verify_map"] == ""  # in memory only: no verify_cache file
+    assert params["address_verify_positive_refresh_time"] == "60s"
+    assert params["address_verify_positive_expire_time"] == "5m"
+    assert params["address_verify_negative_refresh_time"] == "60s"
+    assert params["address_verify_negative_expire_time"] == "5m"
+
+
+def test_address_literal_recipients_are_refused() -> None:
+    table = files()["postfix/address_literals"]
+    assert table == (
+        "/@\\[.*\\]$/ 550 5.1.2 Address literals (user@[address]) are not accepted here\n"
+    )
+    assert main_cf()["submission_recipient_restrictions"].startswith("$local_recipient_check")
+
+
+def test_postmaster_and_abuse_of_every_domain() -> None:
+    out = files(cfg(additional_domains=["example.org"]))
+    assert out["postfix/postmaster_aliases"].splitlines() == [
+        "postmaster@example.com postmaster@example.com",
+        "abuse@example.com postmaster@example.com",
+        "postmaster@example.org postmaster@example.com",
+        "abuse@example.org postmaster@example.com",
+    ]
+    given = cfg(postmaster_address="ops@example.com")
+    assert set(files(given)["postfix/postmaster_aliases"].split()[1::2]) == {"ops@example.com"}
+    assert "postmaster_address = ops@example.com" in dovecot(given)
+
+
+def test_small_protocol_hardening() -> None:
+    params = main_cf()
+    assert params["disable_vrfy_command"] == "yes"
+    assert params["message_reject_characters"] == "\\0"
+    assert params["smtpd_helo_restrictions"].strip() == (
+        "permit_mynetworks, permit_sasl_authenticated, "
+        "reject_invalid_helo_hostname, reject_non_fqdn_helo_hostname"
+    )
+    # DSN: not on port 25 (success notices would go to forged senders), kept on 587/465.
+    services = _services()
+    assert "smtpd_discard_ehlo_keywords=silent-discard,dsn" in services["25"]
+    assert "smtpd_discard_ehlo_keywords" not in services["587"] + services["465"]
+
+
+def test_auth_only_on_submission_ports_and_rate_limited() -> None:
+    assert main_cf()["smtpd_sasl_auth_enable"] == "no"
+    services = _services(cfg(auth_rate_limit=7))
+    assert "smtpd_sasl_auth_enable" not in services["25"]
+    for port in ("587", "465"):
+        assert "smtpd_sasl_auth_enable=yes" in services[port]
+        assert "smtpd_client_auth_rate_limit=7" in services[port]
+
+
+def test_no_anonymous_or_static_rsa_suites_where_tls_is_mandatory() -> None:
+    assert main_cf()["smtpd_tls_mandatory_exclude_ciphers"] == "aNULL, kRSA"
+    suites = re.search(r"^ssl_cipher_list = (.*)$", dovecot(), re.M)
+    assert suites is not None
+    assert {"!aNULL", "!kRSA"} <= set(suites.group(1).replace("@", ":").split(":"))
+
+
+def test_port_25_logs_under_postfix_own_name() -> None:
+    services = _services()
+    assert "syslog_name" not in services["25"]
+    assert "syslog_name=postfix/submission" in services["587"]
+    assert "syslog_name=postfix/smtps" in services["465"]
+
+
+def test_dovecot_lmtp_runs_as_the_mail_user() -> None:
+    block = re.search(r"^service lmtp \{\n(.*?)^\}", dovecot(), re.M | re.S)
+    assert block is not None
+    assert re.match(r"\s*user = vmail\n", block.group(1)), block.group(1)
+
+
+def test_our_users_mail_gets_date_and_message_id_before_milterd_signs_it() -> None:
+    # milterd oversigns both; Postfix's default adds them only for its own interfaces.
+    assert main_cf()["local_header_rewrite_clients"] == (
+        "permit_mynetworks, permit_sasl_authenticated"
     )
