@@ -222,6 +222,40 @@ def _relay_password_in_clear(cfg: Config) -> Iterable[Hazard]:
     ]
 
 
+def _recipients_checked_by_cached_probe(cfg: Config) -> Iterable[Hazard]:
+    # Without the live `mailboxes` map Postfix falls back to its LMTP verify probe, whose
+    # answers it keeps for a minute: a deleted user is accepted, then bounced, meanwhile.
+    # Only one of the two set is a mistake; neither is a Postfix that postwarden only
+    # plugs into (the quick start), whose recipients are the operator's own business.
+    served, asked = cfg.policyd.aliases_listen is not None, cfg.policyd.mailbox_lmtp is not None
+    if served == asked:
+        return []
+    key = "policyd.mailbox_lmtp" if served else "policyd.aliases_listen"
+    return [
+        Hazard(
+            key,
+            "recipients are checked by Postfix's cached LMTP probe, not live: a deleted "
+            "mailbox is still accepted (then bounced) for up to a minute; set both "
+            "policyd.aliases_listen and policyd.mailbox_lmtp",
+            refuse=False,
+        )
+    ]
+
+
+def _domain_grant_outside_our_domains(cfg: Config) -> Iterable[Hazard]:
+    ours = {*cfg.mail.local_domains, *(d.domain for d in cfg.mail.relay_domains)}
+    return [
+        Hazard(
+            f"mail.sender_grants.{login!r}",
+            f"{grant!r} is not one of our domains: {login} may send as anyone there",
+            refuse=False,
+        )
+        for login, grants in cfg.mail.sender_grants.items()
+        for grant in grants
+        if grant.startswith("@") and grant[1:] not in ours
+    ]
+
+
 RULES: tuple[Callable[[Config], Iterable[Hazard]], ...] = (
     _open_relay,
     _public_trusted_networks,
@@ -232,6 +266,8 @@ RULES: tuple[Callable[[Config], Iterable[Hazard]], ...] = (
     _unlimited_auth_attempts,
     _forged_from_passes_unsigned,
     _relay_password_in_clear,
+    _recipients_checked_by_cached_probe,
+    _domain_grant_outside_our_domains,
 )
 
 

@@ -300,3 +300,25 @@ def test_a_login_cannot_send_as_another_domain(transport: Transport) -> None:
         "client=127.0.0.1, login=alice@example.test, from_domain=bigbank.example, rejected"
     )
     assert transport.gateway.imap_fetch(BOB, BOB_PW) == []
+
+
+def test_a_user_message_without_date_gets_one_before_signing(transport: Transport) -> None:
+    # A script's bare message from a logged-in user: milterd oversigns Date and Message-ID,
+    # so Postfix must add them before signing (local_header_rewrite_clients), or the next
+    # server that adds them breaks the signature. (Behind XCLIENT Postfix still judges the
+    # real client, 127.0.0.1, one of its interfaces; the unit test pins the setting.)
+    bare = b"From: <alice@example.test>\r\nTo: <dave@outside.test>\r\nSubject: bare\r\n\r\nhi\r\n"
+    sent = transport.gateway.smtp_send(
+        ALICE,
+        DAVE,
+        message=bare,
+        client_ip="198.51.100.7",
+        port_key="submission_port",
+        starttls=True,
+        login=(ALICE, ALICE_PW),
+    )
+    assert sent.accepted, sent
+    relayed = _wait_raw(transport.relay, DAVE, DAVE_PW)
+    headers = relayed.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\ndate: " in headers and b"\r\nmessage-id: " in headers
+    assert dkim_results(relayed, transport.dns.nameserver) == ["pass"]

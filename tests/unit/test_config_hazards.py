@@ -38,6 +38,13 @@ WARNED: list[tuple[dict[str, Any], str]] = [
         {"mail": {"relays": [{**RELAY, "starttls": "disabled"}]}},
         "mail.relays[0].starttls",
     ),
+    # The live mailbox map needs both: one alone leaves the cached probe.
+    ({"policyd": {"aliases_listen": "unix:/run/a.sock"}}, "policyd.mailbox_lmtp"),
+    ({"policyd": {"mailbox_lmtp": "unix:/run/l.sock"}}, "policyd.aliases_listen"),
+    (
+        {"mail": {"sender_grants": {"a@localhost": ["@gmail.example"]}}},
+        "mail.sender_grants.'a@localhost'",
+    ),
 ]
 
 # Configs that turn a protection off where it protects nothing: no hazard.
@@ -69,6 +76,13 @@ HARMLESS: list[dict[str, Any]] = [
     # Relay credentials over TLS (opportunistic, required, or smtps).
     {"mail": {"relays": [{**RELAY, "starttls": "required"}]}},
     {"mail": {"relays": [{**RELAY, "protocol": "smtps"}]}},
+    # Both halves of the live mailbox map; grants within our own domains.
+    {"policyd": {"aliases_listen": "unix:/run/a.sock", "mailbox_lmtp": "unix:/run/l.sock"}},
+    {
+        "mail": {"additional_domains": ["example.org"]},
+        "policyd": {},
+    },
+    {"mail": {"sender_grants": {"a@localhost": ["@localhost", "ceo@elsewhere.example"]}}},
     # No credentials: nothing to leak.
     {"mail": {"relays": [{"name": "lan", "host": "10.0.0.2", "starttls": "disabled"}]}},
 ]
