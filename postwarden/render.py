@@ -440,7 +440,10 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
     # mailbox), the logins mail.sender_grants names, and the targets of a forwarding alias.
     # One unionmap: Postfix stops at the first lookup key that finds anything, and the
     # identity table always answers the full address, so every source answers that key.
-    files["sender_identity"] = "/^(.+)$/ ${1}\n"
+    # Postfix splits an owner list at blanks and commas: an address holding one (a quoted
+    # local part, `"x alice@example.com y"@bigbank.example`) would name alice as an owner,
+    # so such an address owns nothing by itself.
+    files["sender_identity"] = "/^([^[:space:],]+)$/ ${1}\n"
     files["sender_grants"], files["sender_domain_grants"] = _sender_grant_tables(mail)
     owners = [
         f"regexp:{conf}/sender_identity",

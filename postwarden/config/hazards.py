@@ -154,19 +154,6 @@ def _forged_local_senders_allowed(cfg: Config) -> Iterable[Hazard]:
     ]
 
 
-def _clear_text_smtp_auth(cfg: Config) -> Iterable[Hazard]:
-    if cfg.mail.tls_only_auth or not cfg.mail.sasl:
-        return []
-    return [
-        Hazard(
-            "mail.tls_only_auth",
-            "false with mail.sasl = true offers SMTP AUTH before STARTTLS: "
-            "passwords may cross the network unencrypted",
-            refuse=False,
-        )
-    ]
-
-
 def _clear_text_imap_pop3_login(cfg: Config) -> Iterable[Hazard]:
     mail = cfg.mail
     plain = ((mail.imap_port, mail.imap), (mail.pop3_port, mail.pop3))
@@ -242,6 +229,28 @@ def _recipients_checked_by_cached_probe(cfg: Config) -> Iterable[Hazard]:
     ]
 
 
+def _mailbox_lmtp_without_a_listener(cfg: Config) -> Iterable[Hazard]:
+    # The rendered dovecot.conf opens a unix listener at this path for policyd; Dovecot's
+    # own LMTP socket inside Postfix's private/ (0700 postfix) is out of policyd's reach.
+    target = cfg.policyd.mailbox_lmtp
+    if target is None:
+        return []
+    if target.kind != "unix":
+        why = "an inet address gets no Dovecot listener rendered: open one by hand"
+    elif "/private/" in target.path:
+        why = "Postfix's private/ directory is closed to policyd's user"
+    else:
+        return []
+    return [
+        Hazard(
+            "policyd.mailbox_lmtp",
+            f"{why}, or every recipient of our domains is deferred (451); "
+            'use a unix path of its own, e.g. "unix:/run/dovecot/postwarden-lmtp"',
+            refuse=False,
+        )
+    ]
+
+
 def _domain_grant_outside_our_domains(cfg: Config) -> Iterable[Hazard]:
     ours = {*cfg.mail.local_domains, *(d.domain for d in cfg.mail.relay_domains)}
     return [
@@ -261,12 +270,12 @@ RULES: tuple[Callable[[Config], Iterable[Hazard]], ...] = (
     _public_trusted_networks,
     _smuggling_protection_off,
     _forged_local_senders_allowed,
-    _clear_text_smtp_auth,
     _clear_text_imap_pop3_login,
     _unlimited_auth_attempts,
     _forged_from_passes_unsigned,
     _relay_password_in_clear,
     _recipients_checked_by_cached_probe,
+    _mailbox_lmtp_without_a_listener,
     _domain_grant_outside_our_domains,
 )
 

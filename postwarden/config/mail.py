@@ -310,7 +310,8 @@ class MailConfig(_Table):
     # Messages in Trash are deleted after this many days; 0 = kept forever.
     trash_retention_days: Annotated[int, Field(ge=0, le=3650)] = 30
 
-    # SMTP AUTH through Dovecot; with tls_only_auth no password crosses an unencrypted link.
+    # SMTP AUTH through Dovecot, on 587/465 only. tls_only_auth is kept so older files still
+    # load; it changes nothing: 587 enforces STARTTLS before AUTH and 465 is TLS throughout.
     sasl: bool = True
     tls_only_auth: bool = True
     # Require STARTTLS before login on IMAP 143 / POP3 110.

@@ -167,6 +167,10 @@ def _check_hardening_tables(postfix: Path) -> None:
     )
     assert _lookup("anyone@example.org", owners) == "anyone@example.org,alice@example.com"
     assert _lookup("anyone@sub.example.org", owners) == "anyone@sub.example.org"
+    # Postfix splits owners at blanks and commas: a quoted local part holding a login names
+    # nobody (else alice could send as "x alice@example.com y"@bigbank.example).
+    assert _lookup('"x alice@example.com y"@bigbank.example', owners) == ""
+    assert _lookup('"x,alice@example.com"@bigbank.example', owners) == ""
     aliases = f"texthash:{postfix / 'postmaster_aliases'}"
     assert _lookup("abuse@example.org", aliases) == "ops@example.com"
 

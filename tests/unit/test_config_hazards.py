@@ -22,7 +22,6 @@ RELAY = {"name": "provider", "host": "smtp.example.net", "username": "u", "passw
 WARNED: list[tuple[dict[str, Any], str]] = [
     ({"mail": {"smuggling_protection": False}}, "mail.smuggling_protection"),
     ({"mail": {"reject_forged_local_senders": False}}, "mail.reject_forged_local_senders"),
-    ({"mail": {"tls_only_auth": False}}, "mail.tls_only_auth"),
     ({"mail": {"imap_pop3_require_tls": False}}, "mail.imap_pop3_require_tls"),
     (
         {"mail": {"imap_pop3_require_tls": False, "imap": False, "pop3": True}},
@@ -41,6 +40,19 @@ WARNED: list[tuple[dict[str, Any], str]] = [
     # The live mailbox map needs both: one alone leaves the cached probe.
     ({"policyd": {"aliases_listen": "unix:/run/a.sock"}}, "policyd.mailbox_lmtp"),
     ({"policyd": {"mailbox_lmtp": "unix:/run/l.sock"}}, "policyd.aliases_listen"),
+    (
+        {"policyd": {"aliases_listen": "unix:/run/a.sock", "mailbox_lmtp": "inet:127.0.0.1:24"}},
+        "policyd.mailbox_lmtp",
+    ),
+    (
+        {
+            "policyd": {
+                "aliases_listen": "unix:/run/a.sock",
+                "mailbox_lmtp": "unix:/var/spool/postfix/private/dovecot-lmtp",
+            }
+        },
+        "policyd.mailbox_lmtp",
+    ),
     (
         {"mail": {"sender_grants": {"a@localhost": ["@gmail.example"]}}},
         "mail.sender_grants.'a@localhost'",
@@ -83,6 +95,8 @@ HARMLESS: list[dict[str, Any]] = [
         "policyd": {},
     },
     {"mail": {"sender_grants": {"a@localhost": ["@localhost", "ceo@elsewhere.example"]}}},
+    # AUTH exists only on 587 (STARTTLS enforced) and 465 (TLS): this key guards nothing.
+    {"mail": {"tls_only_auth": False}},
     # No credentials: nothing to leak.
     {"mail": {"relays": [{"name": "lan", "host": "10.0.0.2", "starttls": "disabled"}]}},
 ]
@@ -122,7 +136,6 @@ def test_every_weakening_at_once_gives_one_warning_each() -> None:
         "mail": {
             "smuggling_protection": False,
             "reject_forged_local_senders": False,
-            "tls_only_auth": False,
             "imap_pop3_require_tls": False,
             "auth_rate_limit": 0,
         },
@@ -133,7 +146,6 @@ def test_every_weakening_at_once_gives_one_warning_each() -> None:
         [
             "mail.smuggling_protection",
             "mail.reject_forged_local_senders",
-            "mail.tls_only_auth",
             "mail.imap_pop3_require_tls",
             "mail.auth_rate_limit",
             "milterd.from_mismatch",

@@ -592,7 +592,7 @@ def test_submission_ports_bind_the_sender_to_the_login() -> None:
         "texthash:$config_directory/sender_grants, "
         "regexp:$config_directory/sender_domain_grants}"
     )
-    assert files()["postfix/sender_identity"] == "/^(.+)$/ ${1}\n"
+    assert files()["postfix/sender_identity"] == "/^([^[:space:],]+)$/ ${1}\n"
 
 
 def test_sender_owners_include_alias_targets_when_policyd_serves_aliases() -> None:
