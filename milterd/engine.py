@@ -27,6 +27,7 @@ from postwarden.dkim_signing import (
     SigningError,
     break_long_lines,
     fold_header,
+    from_address,
     from_domain,
     keys_for_domain,
     sign,
@@ -43,7 +44,7 @@ from postwarden.dkim_verify import (
     results_header,
     verify_message,
 )
-from postwarden.sender_identity import may_use_from_domain
+from postwarden.sender_identity import may_use_from_address
 from postwarden.untrusted import sanitise
 
 log = logging.getLogger("postwarden.milterd")
@@ -80,6 +81,8 @@ class Envelope:
     client_ip: str | None = None
     auth_authen: str | None = None
     queue_id: str = "NOQUEUE"
+    # MAIL FROM, which Postfix has bound to auth_authen on 587/465 (sender login maps).
+    mail_from: str | None = None
 
 
 def _in_networks(ip: str, networks: Sequence[IPNetwork]) -> bool:
@@ -192,13 +195,15 @@ class Engine:
     ) -> Changes:
         dkim_headers = [[name, _header_value(value)] for name, value in headers]
         domain = from_domain(dkim_headers)
+        address = from_address(dkim_headers)
         shown = _from_text(headers, domain)
         login = envelope.auth_authen
-        if login and (domain is None or not self._may_use(login, domain)):
+        if login and (domain is None or address is None or not self._may_use(envelope, address)):
             what = (
                 "From: must hold exactly one address"
                 if domain is None
-                else f"From: domain {_reply_domain(domain)} is not one this login may use"
+                else f"From: address in domain {_reply_domain(domain)} is not one this login "
+                "may use"
             )
             if self.config.milterd.from_mismatch == "reject":
                 return Changes(reject=what, summary=f"{shown}, rejected: {what}")
@@ -239,8 +244,11 @@ class Engine:
             summary=summary,
         )
 
-    def _may_use(self, login: str, domain: str) -> bool:
-        return may_use_from_domain(login, domain, self.config.mail.sender_grants)
+    def _may_use(self, envelope: Envelope, address: str) -> bool:
+        assert envelope.auth_authen is not None
+        return may_use_from_address(
+            envelope.auth_authen, address, self.config.mail.sender_grants, envelope.mail_from
+        )
 
     def _verify(
         self, envelope: Envelope, headers: Sequence[tuple[bytes, bytes]], body: bytes

@@ -62,6 +62,7 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
         self.headers: list[tuple[bytes, bytes]] = []
         self.body_parts: list[bytes] = []
         self.auth_authen: str | None = None
+        self.mail_from: str | None = None
 
     @Milter.noreply  # type: ignore[untyped-decorator]
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
@@ -74,6 +75,7 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
         self._reset()
         self._begin_message()
         self.auth_authen = self.getsymval("{auth_authen}") or None
+        self.mail_from = mailfrom.strip().removeprefix("<").removesuffix(">") or None
         if self.client_ip is None:
             self.client_ip = self.getsymval("{client_addr}") or None
         return CONTINUE
@@ -92,7 +94,7 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
 
     def eom(self) -> int:
         queue_id = self.getsymval("i") or "NOQUEUE"
-        envelope = Envelope(self.client_ip, self.auth_authen, queue_id)
+        envelope = Envelope(self.client_ip, self.auth_authen, queue_id, self.mail_from)
         body = b"".join(self.body_parts)
         self.body_parts = []
         started = time.monotonic()

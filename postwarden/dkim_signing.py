@@ -178,8 +178,8 @@ def fold_header(name: bytes, value: bytes, limit: int = LINE_LIMIT) -> bytes | N
     return b"\n".join(out)
 
 
-def from_domain(headers: Sequence[Header]) -> str | None:
-    """The domain of the single From address; None when absent, ambiguous or unparsable."""
+def from_address(headers: Sequence[Header]) -> str | None:
+    """The single From address; None when absent, ambiguous or unparsable."""
     values = [bytes(v) for name, v in headers if bytes(name).lower() == b"from"]
     if len(values) != 1:
         return None
@@ -187,7 +187,15 @@ def from_domain(headers: Sequence[Header]) -> str | None:
     addresses = [addr for _, addr in getaddresses([text]) if addr]
     if len(addresses) != 1 or "@" not in addresses[0]:
         return None
-    domain = addresses[0].rsplit("@", 1)[1].strip().rstrip(".").lower()
+    return addresses[0].strip()
+
+
+def from_domain(headers: Sequence[Header]) -> str | None:
+    """The domain of the single From address; None when absent, ambiguous or unparsable."""
+    address = from_address(headers)
+    if address is None:
+        return None
+    domain = address.rsplit("@", 1)[1].strip().rstrip(".").lower()
     return domain or None
 
 

@@ -1,4 +1,4 @@
-"""Which sender addresses and From: domains a logged-in user may use (README "Security").
+"""Which sender and From: addresses a logged-in user may use (README "Security").
 
 A login (Dovecot's user name, `user@domain`, lower-cased) owns its own address, the aliases
 that deliver to it (the `senders` socketmap adds those from the store) and whatever
@@ -8,7 +8,7 @@ functions: no store, no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 Grants = Mapping[str, Sequence[str]]
 
@@ -35,13 +35,14 @@ def owners_by_grant(address: str, grants: Grants) -> list[str]:
     return [login for login, given in grants.items() if address in given or whole_domain in given]
 
 
-def from_domains(login: str, grants: Grants, aliases: Iterable[str] = ()) -> set[str]:
-    """Domains the login may put in From: its own, its granted ones, its aliases' domains."""
-    login = login.lower()
-    given = [g.lstrip("@") if g.startswith("@") else domain_of(g) for g in grants.get(login, ())]
-    return {domain_of(login), *given, *(domain_of(a) for a in aliases)} - {""}
+def may_use_from_address(
+    login: str, address: str, grants: Grants, envelope_sender: str | None = None
+) -> bool:
+    """Whether a message from this login may carry `address` in From:.
 
-
-def may_use_from_domain(login: str, domain: str, grants: Grants) -> bool:
-    """Whether a message from this login may carry a From: address in `domain`."""
-    return domain.lower().rstrip(".") in from_domains(login, grants)
+    Its own address and its grants; or the envelope sender, which Postfix has already bound
+    to this login on 587/465 (smtpd_sender_login_maps: identity, grants and the aliases that
+    deliver to it), so an alias the user may send from is also a From: they may use."""
+    if is_granted(login, address, grants):
+        return True
+    return envelope_sender is not None and address.lower() == envelope_sender.lower()

@@ -115,7 +115,7 @@ class MilterdConfig(Section):
     on_error: Literal["accept", "tempfail"] = "accept"
     # The authserv-id in Authentication-Results; defaults to mail.hostname.
     authserv_id: str | None = None
-    # A logged-in user's message whose From: domain that login may not use
+    # A logged-in user's message whose From: address that login may not use
     # (postwarden.sender_identity): "reject" it (550 5.7.1 at end of data) or pass it on
     # "unsigned" (logged). Mail from trusted networks without a login is signed as before.
     from_mismatch: Literal["reject", "unsigned"] = "reject"

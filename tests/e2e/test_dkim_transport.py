@@ -279,11 +279,16 @@ def test_long_lines_signed_by_milterd_verify_where_they_are_delivered(
     assert tampered.returncode != 0 and b"Bad signature" in tampered.stderr, tampered
 
 
-def test_a_login_cannot_send_as_another_domain(transport: Transport) -> None:
+@pytest.mark.parametrize(
+    "forged_from", ["CEO <ceo@bigbank.example>", "Bob <bob@example.test>"], ids=["other", "same"]
+)
+def test_a_login_cannot_sign_as_another_address(transport: Transport, forged_from: str) -> None:
+    # Another domain, or a neighbour in alice's own domain: neither is hers to sign as.
     forged = (
-        b"From: CEO <ceo@bigbank.example>\r\nTo: <bob@example.test>\r\n"
-        b"Subject: wire the money\r\nMessage-ID: <ceo@bigbank.example>\r\n\r\nNow.\r\n"
-    )
+        f"From: {forged_from}\r\nTo: <bob@example.test>\r\n"
+        "Subject: wire the money\r\nMessage-ID: <ceo@bigbank.example>\r\n\r\nNow.\r\n"
+    ).encode()
+    domain = forged_from.rsplit("@", 1)[1].rstrip(">")
     # The envelope sender is alice's own: Postfix's login binding lets it through to DATA.
     refused = transport.gateway.smtp_send(
         ALICE,
@@ -295,9 +300,9 @@ def test_a_login_cannot_send_as_another_domain(transport: Transport) -> None:
     )
     assert not refused.accepted
     assert (refused.stage, refused.code) == ("data", 550), refused
-    assert refused.text.startswith("5.7.1 From: domain bigbank.example is not one"), refused
+    assert refused.text.startswith(f"5.7.1 From: address in domain {domain} is not one")
     transport.milterd.wait_for_log(
-        "client=127.0.0.1, login=alice@example.test, from_domain=bigbank.example, rejected"
+        f"client=127.0.0.1, login=alice@example.test, from_domain={domain}, rejected"
     )
     assert transport.gateway.imap_fetch(BOB, BOB_PW) == []
 

@@ -558,7 +558,7 @@ def test_a_login_cannot_get_a_signature_for_someone_elses_domain(
     if mode == "reject":
         assert result.action == "reject"
         assert result.reply == (
-            b"550 5.7.1 From: domain milterd.test is not one this login may use"
+            b"550 5.7.1 From: address in domain milterd.test is not one this login may use"
         )
     else:
         assert result.action == "accept"

@@ -233,7 +233,9 @@ MISMATCH = [(b"From", b"CEO <ceo@bigbank.example>"), *HEADERS[1:]]
 def test_a_login_gets_no_signature_for_a_from_domain_it_may_not_use(key: SigningKey) -> None:
     engine = _engine(key)  # from_mismatch = "reject" by default
     rejected = engine.process(Envelope("203.0.113.9", "alice@example.com"), MISMATCH, BODY)
-    assert rejected.reject == "From: domain bigbank.example is not one this login may use"
+    assert rejected.reject == (
+        "From: address in domain bigbank.example is not one this login may use"
+    )
     assert rejected.add == [] and rejected.body is None
     # Even a domain we hold a key for: mallory may not sign as example.com.
     other = engine.process(Envelope("203.0.113.9", "mallory@example.net"), HEADERS, BODY)
@@ -253,7 +255,21 @@ def test_from_mismatch_unsigned_passes_it_on_without_a_signature(key: SigningKey
     engine = _engine(key, milterd={"from_mismatch": "unsigned"})
     changes = engine.process(Envelope("203.0.113.9", "mallory@example.net"), HEADERS, BODY)
     assert changes.reject is None and changes.add == []
-    assert "not signed: From: domain example.com is not one this login may use" in changes.summary
+    assert (
+        "not signed: From: address in domain example.com is not one this login may use"
+        in changes.summary
+    )
+
+
+def test_a_login_gets_no_signature_for_a_neighbours_address(key: SigningKey) -> None:
+    # Same domain is not enough: alice may not sign mail From: bob.
+    bob = [(b"From", b"Bob <bob@example.com>"), *HEADERS[1:]]
+    engine = _engine(key)
+    as_bob = engine.process(Envelope("203.0.113.9", "alice@example.com"), bob, BODY)
+    assert as_bob.reject is not None and as_bob.add == []
+    # Unless Postfix bound that envelope sender to her (an alias delivering to alice).
+    alias = Envelope("203.0.113.9", "alice@example.com", mail_from="Bob@example.com")
+    assert len(engine.process(alias, bob, BODY).add) == 1
 
 
 def test_grants_and_trusted_networks_still_sign(key: SigningKey) -> None:

@@ -1,12 +1,11 @@
-"""Which addresses and From: domains a login may use (postwarden.sender_identity)."""
+"""Which sender and From: addresses a login may use (postwarden.sender_identity)."""
 
 from __future__ import annotations
 
 from postwarden.config import parse_config
 from postwarden.sender_identity import (
-    from_domains,
     is_granted,
-    may_use_from_domain,
+    may_use_from_address,
     owners_by_grant,
 )
 
@@ -38,11 +37,14 @@ def test_owners_by_grant() -> None:
     assert owners_by_grant("bob@example.com", GRANTS) == []
 
 
-def test_from_domains_of_a_login() -> None:
-    assert from_domains("alice@example.com", GRANTS, ["sales@shop.example"]) == {
-        "example.com",
-        "example.org",
-        "shop.example",
-    }
-    assert may_use_from_domain("alice@example.com", "Example.ORG.", GRANTS)
-    assert not may_use_from_domain("bob@example.com", "example.org", GRANTS)
+def test_from_addresses_of_a_login() -> None:
+    assert may_use_from_address("alice@example.com", "Alice@Example.com", GRANTS)
+    assert may_use_from_address("alice@example.com", "anyone@example.org", GRANTS)
+    # Its own domain is not enough: bob is a neighbour, not alice.
+    assert not may_use_from_address("alice@example.com", "bob@example.com", GRANTS)
+    assert not may_use_from_address("bob@example.com", "anyone@example.org", GRANTS)
+    # The envelope sender Postfix bound to the login (an alias of hers) is hers in From too.
+    assert may_use_from_address("alice@example.com", "Sales@Shop.example", {}, "sales@shop.example")
+    assert not may_use_from_address(
+        "alice@example.com", "ceo@shop.example", {}, "sales@shop.example"
+    )
