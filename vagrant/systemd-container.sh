@@ -158,7 +158,10 @@ inside journalctl --quiet --no-pager SYSLOG_IDENTIFIER=postfix/smtpd | grep -q "
 say "journal: postfix@- (postfix/smtpd, postfix/submission/smtpd, postfix/lmtp) and dovecot lines"
 
 # --- fail2ban on the journal -----------------------------------------------------------
-inside sed -i '/^\[mail\]$/a fail2ban = true' /etc/postwarden/postwarden.toml
+# The example config names the key (fail2ban = false); an older file may not have it.
+inside sed -i -e 's/^fail2ban = .*/fail2ban = true/' /etc/postwarden/postwarden.toml
+inside grep -q '^fail2ban = true$' /etc/postwarden/postwarden.toml \
+    || inside sed -i '/^\[mail\]$/a fail2ban = true' /etc/postwarden/postwarden.toml
 out=$(install_inside) || { echo "$out"; die "scripts/install.sh with mail.fail2ban = true"; }
 echo "$out"
 inside grep -q "^journalmatch = _SYSTEMD_UNIT=postfix@-.service" \
