@@ -363,7 +363,7 @@ class PolicyServer:
         if self.cfg.policyd.mailbox_lmtp is not None:
             # One prober (its own pooled LMTP connections) per worker, made after the fork.
             self.mailbox_prober = MailboxProber(self.cfg.policyd.mailbox_lmtp)
-        aliases = socketmap_handler(self.store, self.mailbox_prober)
+        aliases = socketmap_handler(self.store, self.mailbox_prober, self.cfg.mail.local_domains)
         for listener in self.listeners:
             handler = self._serve_connection if listener.role == "policy" else aliases
             # backlog again here: asyncio re-listens on the socket with its default of 100,

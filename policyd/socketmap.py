@@ -42,7 +42,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -262,9 +262,15 @@ class MailboxMap:
     """
 
     def __init__(
-        self, prober: MailboxProbe | None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        prober: MailboxProbe | None,
+        *,
+        local_domains: Iterable[str] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.prober = prober
+        # Our mailbox domains (mail.local_domains): alias targets there must exist.
+        self.local_domains = frozenset(d.lower() for d in local_domains)
         self.failures = FailureLog("mailboxes", clock)
         self._clock = clock
         self._unserved_logged = False
@@ -335,13 +341,45 @@ async def answer(
     key = request.key.strip().lower()
     try:
         targets = await asyncio.wait_for(store.get_alias(key), timeout)
+        if targets and mailboxes is not None and mailboxes.prober is not None:
+            targets = await asyncio.wait_for(
+                _delivering_targets(targets, store, mailboxes), timeout
+            )
     except TimeoutError:
         log.warning("socketmap: alias lookup for %r timed out after %.1fs", key, timeout)
         return SocketmapReply("TIMEOUT", "store did not answer in time")
     except StoreError as exc:
         log.warning("socketmap: alias lookup for %r failed: %s", key, exc)
         return SocketmapReply("TEMP", "store unavailable")
+    except _TargetUnknown as exc:
+        return exc.reply
     return alias_reply(targets)
+
+
+class _TargetUnknown(Exception):
+    """Whether an alias target exists could not be told (Dovecot did not answer)."""
+
+    def __init__(self, reply: SocketmapReply) -> None:
+        self.reply = reply
+
+
+async def _delivering_targets(
+    targets: list[str], store: AliasSource, mailboxes: MailboxMap
+) -> list[str]:
+    """The targets mail can be delivered to: a target in our mailbox domains stays only
+    while it is a mailbox or another alias, so an alias whose mailbox was deleted expands to
+    nothing and Postfix refuses it at RCPT instead of accepting mail it would bounce."""
+    kept = []
+    for target in targets:
+        if target.rpartition("@")[2].lower() not in mailboxes.local_domains:
+            kept.append(target)  # outside: delivered (or bounced) by its own server
+            continue
+        reply = await mailboxes.lookup(target)
+        if reply.status == "OK" or await store.get_alias(target.lower()):
+            kept.append(target)
+        elif reply.status != "NOTFOUND":
+            raise _TargetUnknown(reply)
+    return kept
 
 
 async def handle_socketmap_connection(
@@ -385,11 +423,14 @@ async def handle_socketmap_connection(
 
 
 def socketmap_handler(
-    store: AliasSource, mailboxes: MailboxProbe | None = None
+    store: AliasSource,
+    mailboxes: MailboxProbe | None = None,
+    local_domains: Iterable[str] = (),
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """A client_connected_cb for asyncio.start_unix_server / start_server; `mailboxes`
-    (a MailboxProber, or None when policyd.mailbox_lmtp is unset) serves that map."""
-    mailbox_map = MailboxMap(mailboxes)
+    (a MailboxProber, or None when policyd.mailbox_lmtp is unset) serves that map and
+    checks alias targets in `local_domains`."""
+    mailbox_map = MailboxMap(mailboxes, local_domains=local_domains)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await handle_socketmap_connection(reader, writer, store, mailboxes=mailbox_map)

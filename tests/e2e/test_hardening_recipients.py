@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.gateway import PolicydGateway
 from tests.fixtures.mail_system import MailSystem, MailSystemFactory
 from tests.fixtures.policyd_daemon import PolicydHandle, start_policyd
 
@@ -151,3 +152,20 @@ def test_deleted_user_is_refused_at_rcpt_at_once(live_mailboxes: LiveMailboxes) 
     # No verify probe (and so no cache) was involved.
     assert "verify" not in mail.postfix_log.replace("verify_cache", ""), mail.postfix_log
     assert mail.smtp_send("a@remote.test", ALICE, client_ip=OUTSIDE).accepted
+
+
+def test_an_alias_whose_mailbox_was_deleted_is_refused_at_rcpt(
+    live_mailboxes: LiveMailboxes,
+) -> None:
+    mail = live_mailboxes.mail
+    PolicydGateway(mail, live_mailboxes.policyd).cli("aliases", "add", "sales", BOB)
+    assert mail.smtp_send("a@remote.test", "sales@example.test", client_ip=OUTSIDE).accepted
+    mail.wait_for_delivery(BOB, BOB_PW)
+    users = mail.layout.users_file
+    users.write_text(
+        "".join(line for line in users.read_text().splitlines(True) if BOB not in line)
+    )
+    time.sleep(1.1)  # Dovecot looks at the users file at most once a second
+    # The alias now leads nowhere: refused at RCPT, not accepted and bounced at delivery.
+    gone = mail.smtp_send("a@remote.test", "sales@example.test", client_ip=OUTSIDE)
+    assert (gone.stage, gone.code) == ("rcpt", 550), (gone, mail.postfix_log)

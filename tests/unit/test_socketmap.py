@@ -11,9 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policyd.socketmap import (
+    ALIASES_MAP,
     MAILBOXES_MAP,
     MAX_REPLY_LENGTH,
     MAX_REQUEST_LENGTH,
+    NOT_FOUND,
     REPEAT_LOG_INTERVAL,
     BadNetstring,
     MailboxMap,
@@ -352,3 +354,53 @@ async def test_slow_mailbox_lookup_is_timeout() -> None:
         SocketmapRequest(MAILBOXES_MAP, "a@example.test"), FakeAliases({}), 0.01, MailboxMap(Slow())
     )
     assert reply.status == "TIMEOUT"
+
+
+# --- alias targets in our own domains must exist (no accept-then-bounce) -----------------
+
+
+async def _alias(
+    key: str, aliases: dict[str, list[str]], prober: FakeProber | None
+) -> SocketmapReply:
+    mailboxes = MailboxMap(prober, local_domains=["example.test"])
+    return await answer(SocketmapRequest(ALIASES_MAP, key), FakeAliases(aliases), 1.0, mailboxes)
+
+
+async def test_an_alias_whose_mailbox_was_deleted_is_not_found() -> None:
+    # sales -> bob, bob deleted: Postfix then finds no alias and no mailbox, and says 550.
+    reply = await _alias(
+        "sales@example.test",
+        {"sales@example.test": ["bob@example.test"]},
+        FakeProber({"alice@example.test"}),
+    )
+    assert reply == NOT_FOUND
+
+
+async def test_an_alias_keeps_existing_mailboxes_other_aliases_and_outside_targets() -> None:
+    aliases = {
+        "team@example.test": [
+            "bob@example.test",
+            "alice@example.test",
+            "ops@example.test",
+            "x@outside.example",
+        ],
+        "ops@example.test": ["alice@example.test"],
+    }
+    prober = FakeProber({"alice@example.test"})
+    reply = await _alias("team@example.test", aliases, prober)
+    assert reply == SocketmapReply("OK", "alice@example.test,ops@example.test,x@outside.example")
+    assert "x@outside.example" not in prober.asked  # outside targets are never probed
+
+
+async def test_an_alias_target_dovecot_cannot_answer_for_defers() -> None:
+    reply = await _alias(
+        "sales@example.test",
+        {"sales@example.test": ["bob@example.test"]},
+        FakeProber(set(), fail=REFUSED),
+    )
+    assert reply.status == "TEMP"
+
+
+async def test_without_the_mailbox_map_alias_targets_are_not_checked() -> None:
+    reply = await _alias("sales@example.test", {"sales@example.test": ["bob@example.test"]}, None)
+    assert reply == SocketmapReply("OK", "bob@example.test")
