@@ -18,10 +18,7 @@ from typing import Any
 import click
 
 from cli.context import EXIT_FAILURE, EXIT_USAGE, CliContext, pass_cli
-from postwarden.config import Config, ConfigError, load_config
-from postwarden.config.hazards import Hazard, config_hazards
-from postwarden.config.loading import config_path
-from postwarden.render import (
+from postwarden.appliance.render import (
     SECRET_FILES,
     Layout,
     RenderError,
@@ -29,6 +26,9 @@ from postwarden.render import (
     render_all,
     write_rendered,
 )
+from postwarden.config import Config, ConfigError, load_config
+from postwarden.config.hazards import Hazard, config_hazards
+from postwarden.config.loading import config_path
 
 CHECK_TIMEOUT = 60  # seconds for `postfix check` / `doveconf -n`
 

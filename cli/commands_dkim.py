@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from cli.context import EXIT_FAILURE, EXIT_USAGE, CliContext, pass_cli
 from postwarden.config.model import DkimKey
-from postwarden.dkim_keys import (
+from postwarden.dkim.keys import (
     DEFAULT_RSA_BITS,
     Algorithm,
     DkimKeyError,
@@ -33,8 +33,8 @@ from postwarden.dkim_keys import (
     txt_record,
     write_key,
 )
-from postwarden.dns_resolver import make_sync_resolver
-from postwarden.untrusted import sanitise
+from postwarden.dns.resolver import make_sync_resolver
+from postwarden.syntax.untrusted_text import sanitise
 
 
 @click.group("dkim")

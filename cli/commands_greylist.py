@@ -9,8 +9,14 @@ from datetime import UTC, datetime
 import click
 
 from cli.context import EXIT_USAGE, CliContext, pass_cli
-from postwarden.greylist import InvalidClientAddress, client_network, normalise_sender, triplet_key
-from postwarden.store.base import ClientNetworkRecord, Store, TripletRecord
+from postwarden.policy.greylisting import (
+    InvalidClientAddress,
+    client_network,
+    normalise_sender,
+    triplet_key,
+)
+from postwarden.policy.records import ClientNetworkRecord, TripletRecord
+from postwarden.store.base import Store
 
 
 def _when(timestamp: float) -> str:

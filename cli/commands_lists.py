@@ -1,6 +1,6 @@
 """`postwarden lists`: edit the permitted/forbidden lists that policyd applies.
 
-Entries are validated and canonicalised here (postwarden.lists.parse_entry) before the
+Entries are validated and canonicalised here (postwarden.policy.list_entries.parse_entry) before the
 store sees them, so a typo is refused with the reason instead of never matching.
 """
 
@@ -16,8 +16,8 @@ from typing import BinaryIO
 import click
 
 from cli.context import EXIT_FAILURE, EXIT_USAGE, CliContext, pass_cli
-from postwarden.lists import InvalidEntry, parse_entry
-from postwarden.store.base import ListEntry, ListName
+from postwarden.policy.list_entries import InvalidEntry, parse_entry
+from postwarden.policy.records import ListEntry, ListName
 
 LIST_NAME = click.Choice([name.value for name in ListName])
 MAX_REPORTED_ERRORS = 20  # a file with thousands of bad lines needs the first few, not all

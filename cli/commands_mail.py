@@ -13,7 +13,7 @@ import click
 from cli.context import EXIT_FAILURE, EXIT_USAGE, CliContext, pass_cli
 
 if TYPE_CHECKING:
-    from postwarden.mail_queue import QueuedMessage
+    from postwarden.appliance.mail_queue import QueuedMessage
     from postwarden.store.base import Store
 
 # postqueue/postsuper answer in well under a second; a hung one must not hang the CLI.
@@ -51,7 +51,7 @@ def aliases_add(cli_ctx: CliContext, address: str, targets: tuple[str, ...]) -> 
       postwarden aliases add r.johnson j.smith r.johnson    (keep a copy and forward)
       postwarden aliases add ceo ceo@gmail.com              (external address)
     """
-    from postwarden.aliases import AliasError, describe, find_loop, make_rule
+    from postwarden.appliance.aliases import AliasError, describe, find_loop, make_rule
 
     cfg = cli_ctx.config()
     try:
@@ -81,7 +81,7 @@ def aliases_add(cli_ctx: CliContext, address: str, targets: tuple[str, ...]) -> 
 @pass_cli
 def aliases_remove(cli_ctx: CliContext, address: str) -> None:
     """Remove ADDRESS's forwarding rule (exit 1 if it had none)."""
-    from postwarden.aliases import AliasError, normalize_address
+    from postwarden.appliance.aliases import AliasError, normalize_address
 
     cfg = cli_ctx.config()
     try:
@@ -103,7 +103,7 @@ def aliases_remove(cli_ctx: CliContext, address: str) -> None:
 @pass_cli
 def aliases_show(cli_ctx: CliContext, address: str | None, as_json: bool) -> None:
     """Show all forwarding rules, or ADDRESS's (exit 1 if it has none)."""
-    from postwarden.aliases import AliasError, AliasRule, describe, normalize_address
+    from postwarden.appliance.aliases import AliasError, AliasRule, describe, normalize_address
 
     cfg = cli_ctx.config()
     addr: str | None = None
@@ -158,7 +158,7 @@ def _run_postfix(argv: list[str]) -> str:
 
 def _queued(postfix_config: Path | None) -> list[QueuedMessage]:
     """Everything in the queue, from `postqueue -j`; unreadable output exits 1 with why."""
-    from postwarden.mail_queue import QueueError, list_argv, parse_queue
+    from postwarden.appliance.mail_queue import QueueError, list_argv, parse_queue
 
     try:
         return parse_queue(_run_postfix(list_argv(postfix_config)))
@@ -183,7 +183,7 @@ def queue() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of messages.")
 def queue_list(postfix_config: Path | None, queue_name: str | None, as_json: bool) -> None:
     """Each queued message with its recipients and why delivery was deferred."""
-    from postwarden.mail_queue import format_message, select
+    from postwarden.appliance.mail_queue import format_message, select
 
     messages = select(_queued(postfix_config), queue_name)
     if as_json:
@@ -206,7 +206,7 @@ def _one_or_all_argv(
     postfix_config: Path | None,
 ) -> list[str]:
     """The postqueue/postsuper command line for one ID or --all; a bad choice or ID exits 2."""
-    from postwarden.mail_queue import QueueError
+    from postwarden.appliance.mail_queue import QueueError
 
     if (queue_id is None) == (not all_):
         _fail(f"queue {command}: give a queue ID or --all (not both)", EXIT_USAGE)
@@ -222,7 +222,7 @@ def _one_or_all_argv(
 @_postfix_config_option
 def queue_resend(queue_id: str | None, all_: bool, postfix_config: Path | None) -> None:
     """Try delivering QUEUE_ID (or --all) now."""
-    from postwarden.mail_queue import resend_argv
+    from postwarden.appliance.mail_queue import resend_argv
 
     argv = _one_or_all_argv("resend", queue_id, all_, resend_argv, postfix_config)
     # `postqueue -i` exits 0 for an id it does not have: look first, so a typo is not "done".
@@ -238,7 +238,7 @@ def queue_resend(queue_id: str | None, all_: bool, postfix_config: Path | None) 
 @_postfix_config_option
 def queue_delete(queue_id: str | None, all_: bool, postfix_config: Path | None) -> None:
     """Delete QUEUE_ID (or --all) from the queue, without bouncing it."""
-    from postwarden.mail_queue import delete_argv, deleted_count
+    from postwarden.appliance.mail_queue import delete_argv, deleted_count
 
     argv = _one_or_all_argv("delete", queue_id, all_, delete_argv, postfix_config)
     count = deleted_count(_run_postfix(argv))
@@ -251,7 +251,7 @@ def queue_delete(queue_id: str | None, all_: bool, postfix_config: Path | None) 
 @_postfix_config_option
 def queue_flush(postfix_config: Path | None) -> None:
     """Attempt delivery of all queued mail now (postqueue -f)."""
-    from postwarden.mail_queue import resend_argv
+    from postwarden.appliance.mail_queue import resend_argv
 
     _run_postfix(resend_argv(postfix_config, None))
     click.echo("flushed: delivery of every queued message attempted now")
@@ -289,7 +289,12 @@ def send_test(
     timeout: float,
 ) -> None:
     """Send a test message; exit 0 when the server accepted it, 1 with its reply otherwise."""
-    from postwarden.send_test import SendTestError, build_message, send_local, send_via_relay
+    from postwarden.appliance.send_test import (
+        SendTestError,
+        build_message,
+        send_local,
+        send_via_relay,
+    )
 
     cfg = cli_ctx.config()
     message = build_message(sender, recipient, subject, hostname=cfg.mail.hostname)
@@ -327,8 +332,8 @@ def check_dns(cli_ctx: CliContext, domain: str, ip: str | None, as_json: bool) -
 
     Exit 0 when every check passes, 1 otherwise.
     """
-    from postwarden.dns_facts import gather_facts
-    from postwarden.dns_report import DnsReportError, build_report
+    from postwarden.dns.readiness_lookups import gather_facts
+    from postwarden.dns.readiness_report import DnsReportError, build_report
 
     cfg = cli_ctx.config()
     try:

@@ -1,4 +1,4 @@
-"""The pymilter adapter: collect what the MTA sends, call the engine at end of message, apply.
+"""The pymilter adapter: collect what the MTA sends, hand it to the message handler, apply.
 
 Per-step replies the MTA need not wait for (connect, MAIL, header, body) are negotiated as
 no-reply (`@Milter.noreply`, milter protocol 6); steps we do not use (HELO, RCPT, DATA, EOH,
@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 
 import Milter
 
-from milterd.engine import Changes, Engine, Envelope, MessageFault
-from postwarden.dkim_verify import AR_HEADER
-from postwarden.untrusted import sanitise
+from milterd.message_handler import Changes, Envelope, MessageFault, MessageHandler
+from postwarden.dkim.verification import AR_HEADER
+from postwarden.syntax.untrusted_text import sanitise
 
 log = logging.getLogger("postwarden.milterd")
 # pymilter is untyped: name its reply codes once, typed.
@@ -34,7 +34,7 @@ BODY_CHUNK = 65535
 class DkimMilter(Milter.Base):  # type: ignore[misc]
     """One SMTP connection's worth of state."""
 
-    engine: ClassVar[Engine]
+    handler: ClassVar[MessageHandler]
     # Messages between MAIL FROM and their end, over all connections. In shared memory
     # (set by the server), so the supervisor can let them finish before it ends the listener.
     busy: ClassVar[ctypes.c_int64] = ctypes.c_int64(0)
@@ -99,7 +99,7 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
         self.body_parts = []
         started = time.monotonic()
         try:
-            changes = self.engine.process(envelope, self.headers, body)
+            changes = self.handler.process(envelope, self.headers, body)
             if changes.reject is None:
                 self._apply(changes)
         except MessageFault as exc:
@@ -143,14 +143,14 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
                 self.replacebody(changes.body[start : start + BODY_CHUNK])
 
     def _on_error(self, queue_id: str, reason: str) -> int:
-        action = self.engine.config.milterd.on_error
+        action = self.handler.config.milterd.on_error
         log.warning("%s: %s; on_error=%s", queue_id, reason, action)
         if action == "tempfail":
             self.setreply("451", "4.7.1", "Message cannot be processed now, try again later")
             return TEMPFAIL
         # Accepted as it is, but never with an Authentication-Results claiming to be ours.
         try:
-            self._apply(Changes(remove_results=self.engine.forged(self.headers)))
+            self._apply(Changes(remove_results=self.handler.forged(self.headers)))
         except Exception as exc:  # noqa: BLE001 - the message still goes through; say why
             log.warning("%s: cannot remove forged %s: %s", queue_id, AR_HEADER, exc)
         return ACCEPT

@@ -33,11 +33,11 @@ from typing import NoReturn
 
 import Milter
 
-from milterd.engine import Engine
+from milterd.message_handler import MessageHandler
 from milterd.milter import DkimMilter
 from postwarden.config.model import Config
 from postwarden.config.types import ListenAddress
-from postwarden.socket_files import SocketInUseError, remove_stale_socket
+from postwarden.daemon.socket_files import SocketInUseError, remove_stale_socket
 
 log = logging.getLogger("postwarden.milterd")
 MILTER_NAME = "postwarden-milterd"
@@ -104,7 +104,7 @@ def run(config: Config) -> int:
             except SocketInUseError as exc:
                 raise MilterdStartError(f"milterd.listen: {exc}") from None
     # Once, before forking: every listener shares the parsed keys and the resolver.
-    DkimMilter.engine = Engine(config)
+    DkimMilter.handler = MessageHandler(config)
     Milter.factory = DkimMilter
     # Blocked before forking, so no signal slips in between; listeners keep TERM/INT/HUP
     # blocked too, which is what libmilter's signal thread (sigwait) wants.
@@ -241,15 +241,15 @@ def _listen(config: Config, address: ListenAddress, supervisor: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != supervisor:
         raise MilterdStartError("the supervising process is gone")
-    engine = DkimMilter.engine
-    keys = sum(len(k) for k in engine.keys.values())
+    handler = DkimMilter.handler
+    keys = sum(len(k) for k in handler.keys.values())
     log.info(
         "milterd listening on %s (%d signing keys, sign=%s verify=%s, authserv-id %s)",
         address,
         keys,
-        engine.sign_enabled,
-        engine.verify_enabled,
-        engine.server_id,
+        handler.sign_enabled,
+        handler.verify_enabled,
+        handler.server_id,
     )
     sys.stderr.flush()
     try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from postwarden.verdict import Verdict
+    from postwarden.policy.verdict import Verdict
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -24,9 +24,9 @@ valid Unicode.
 
 from __future__ import annotations
 
-from postwarden.request import PolicyRequest
-from postwarden.untrusted import sanitise
-from postwarden.verdict import Action, Verdict
+from postwarden.policy.request import PolicyRequest
+from postwarden.policy.verdict import Action, Verdict
+from postwarden.syntax.untrusted_text import sanitise
 
 # Postfix's longest attributes (ccert_subject, policy_context) stay far below this.
 MAX_LINE_LENGTH = 8192

@@ -29,23 +29,23 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from policyd.mailbox_probe import MailboxProber
 from policyd.metrics import Metrics, NullMetrics
 from policyd.protocol import ProtocolViolation, RequestDecoder, encode_verdict
 from policyd.socketmap import socketmap_handler
 from postwarden.config import Config, ConfigError, load_config
 from postwarden.config.types import ListenAddress
-from postwarden.dns_resolver import make_resolver
-from postwarden.dnsbl import DnsblChecker
-from postwarden.greylist import LargeSenders, LargeSendersError, load_large_senders
-from postwarden.lists_sync import LiveLists, keep_lists_fresh
-from postwarden.mailbox_probe import MailboxProber
-from postwarden.pipeline import Pipeline
-from postwarden.request import PolicyRequest
-from postwarden.socket_files import SocketInUseError, remove_stale_socket
-from postwarden.spf_check import SpfChecker
+from postwarden.daemon.socket_files import SocketInUseError, remove_stale_socket
+from postwarden.dns.resolver import make_resolver
+from postwarden.policy.dnsbl import DnsblChecker
+from postwarden.policy.greylisting import LargeSenders, LargeSendersError, load_large_senders
+from postwarden.policy.live_lists import LiveLists, keep_lists_fresh
+from postwarden.policy.pipeline import Pipeline
+from postwarden.policy.request import PolicyRequest
+from postwarden.policy.spf_check import SpfChecker
+from postwarden.policy.verdict import Rule, Verdict, dunno
 from postwarden.store.base import Store, StoreError
-from postwarden.untrusted import sanitise
-from postwarden.verdict import Rule, Verdict, dunno
+from postwarden.syntax.untrusted_text import sanitise
 
 log = logging.getLogger("postwarden.policyd")
 

@@ -3,7 +3,7 @@
 Postfix asks `virtual_alias_maps = socketmap:unix:/path:aliases` at delivery time, so an
 alias changed in the store applies to the next message without a reload. It asks
 `virtual_mailbox_maps = socketmap:unix:/path:mailboxes` at RCPT: each lookup asks Dovecot
-over LMTP (postwarden/mailbox_probe.py), so an unknown or deleted mailbox is refused at once
+over LMTP (policyd/mailbox_probe.py), so an unknown or deleted mailbox is refused at once
 and nothing is accepted that would bounce later.
 
 Each request is a netstring `<len>:<name> <key>,`; each reply is a netstring `OK <data>`,
@@ -46,9 +46,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from postwarden.mailbox_probe import MailboxStatus, ProbeResult, probe_address
+from policyd.mailbox_probe import MailboxStatus, ProbeResult, probe_address
 from postwarden.store.base import StoreError
-from postwarden.untrusted import sanitise
+from postwarden.syntax.untrusted_text import sanitise
 
 log = logging.getLogger("postwarden.socketmap")
 
@@ -210,7 +210,7 @@ def alias_reply(targets: list[str] | None) -> SocketmapReply:
 
 
 class MailboxProbe(Protocol):
-    """What the mailboxes map needs (postwarden.mailbox_probe.MailboxProber has it)."""
+    """What the mailboxes map needs (policyd.mailbox_probe.MailboxProber has it)."""
 
     async def probe(self, address: str) -> ProbeResult: ...
 

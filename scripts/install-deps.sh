@@ -18,7 +18,7 @@ RUNTIME_PACKAGES=(
 )
 # Without systemd nothing else runs logrotate's daily job.
 [[ -d /run/systemd/system ]] || RUNTIME_PACKAGES+=(cron)
-# fail2ban-regex proves the jails' filters (tests/integration/test_fail2ban_filters.py).
+# fail2ban-regex proves the jails' filters (tests/integration/scripts/test_fail2ban_filters.py).
 TEST_PACKAGES=(
     redis-server nsd swaks postgrey opendkim opendkim-tools dkimpy-milter faketime iproute2
     fail2ban

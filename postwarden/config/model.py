@@ -116,7 +116,7 @@ class MilterdConfig(Section):
     # The authserv-id in Authentication-Results; defaults to mail.hostname.
     authserv_id: str | None = None
     # A logged-in user's message whose From: address that login may not use
-    # (postwarden.sender_identity): "reject" it (550 5.7.1 at end of data) or pass it on
+    # (postwarden.policy.sender_identity): "reject" it (550 5.7.1 at end of data) or pass it on
     # "unsigned" (logged). Mail from trusted networks without a login is signed as before.
     from_mismatch: Literal["reject", "unsigned"] = "reject"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

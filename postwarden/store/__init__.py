@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from postwarden.store.base import (
+from postwarden.policy.records import (
     ClientNetworkRecord,
     ListChange,
     ListEntry,
     ListName,
-    Store,
-    StoreError,
     TripletRecord,
 )
+from postwarden.store.base import Store, StoreError
 
 __all__ = [
     "ALLOWED_URLS",

@@ -1,7 +1,7 @@
 """The store contract: lists, aliases and greylist state, behind one async interface.
 
 Two backends implement it (`sqlite.py`, the single-host default, and `redis.py`, for a
-fleet of MX hosts sharing state); `tests/integration/test_store_contract.py` runs the
+fleet of MX hosts sharing state); `tests/integration/store/test_store_contract.py` runs the
 same tests against both real backends.
 """
 
@@ -9,53 +9,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Literal
+
+from postwarden.policy.records import (
+    ClientNetworkRecord,
+    ListChange,
+    ListEntry,
+    ListName,
+    TripletRecord,
+)
 
 
 class StoreError(Exception):
     """The store could not answer (unreachable, timed out, corrupt). Callers answer a default."""
-
-
-class ListName(StrEnum):
-    PERMITTED = "permitted"
-    FORBIDDEN = "forbidden"
-
-
-@dataclass(frozen=True, slots=True)
-class ListEntry:
-    """One permitted/forbidden entry, already in canonical form (see postwarden.lists)."""
-
-    list_name: ListName
-    entry: str
-    comment: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ListChange:
-    """One change in the lists' change log; `seq` increases by one per change."""
-
-    seq: int
-    op: Literal["add", "remove"]
-    entry: ListEntry
-
-
-@dataclass(frozen=True, slots=True)
-class TripletRecord:
-    """Greylist state of one (client network, sender, recipient) triplet."""
-
-    first_seen: float  # when the triplet was first deferred
-    last_seen: float
-    passes: int = 0  # messages accepted for this triplet after the delay
-
-
-@dataclass(frozen=True, slots=True)
-class ClientNetworkRecord:
-    """Auto-whitelist state of one client network."""
-
-    passes: int
-    last_seen: float
 
 
 class Store(ABC):

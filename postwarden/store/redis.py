@@ -32,15 +32,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
-from postwarden.store.base import (
+from postwarden.policy.records import (
     ClientNetworkRecord,
     ListChange,
     ListEntry,
     ListName,
-    Store,
-    StoreError,
     TripletRecord,
 )
+from postwarden.store.base import Store, StoreError
 
 DEFAULT_CHANGE_LOG_LIMIT = 100_000
 PREFIX = "pw:"

@@ -38,15 +38,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from postwarden.store.base import (
+from postwarden.policy.records import (
     ClientNetworkRecord,
     ListChange,
     ListEntry,
     ListName,
-    Store,
-    StoreError,
     TripletRecord,
 )
+from postwarden.store.base import Store, StoreError
 
 log = logging.getLogger("postwarden.store")
 

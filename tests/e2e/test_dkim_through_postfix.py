@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from postwarden.dkim_keys import SigningKey
-from postwarden.dkim_signing import parse_message, sign
+from postwarden.dkim.keys import SigningKey
+from postwarden.dkim.signing import parse_message, sign
 from tests.fixtures.dns_server import DnsServer
 from tests.fixtures.gateway import dkim_results, publish_dkim_keys, raw_bytes
 from tests.fixtures.mail_system import MailSystem, MailSystemFactory, SmtpResult

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from postwarden.dkim_keys import SigningKey
+from postwarden.dkim.keys import SigningKey
 from tests.fixtures.dns_server import DnsServer
 from tests.fixtures.gateway import (
     PolicydGateway,

@@ -1,0 +1,1 @@
+"""What policyd and milterd share at run time: socket files, log line format, supervision."""

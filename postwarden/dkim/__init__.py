@@ -1,0 +1,1 @@
+"""DKIM: keys, signing and verification (milterd and `postwarden dkim`)."""

@@ -1,0 +1,1 @@
+"""DNS: the resolver built from `[dns]`, and the readiness report of `postwarden check dns`."""

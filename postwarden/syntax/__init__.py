@@ -1,0 +1,1 @@
+"""Values from the wire and the config, parsed once; untrusted text made safe."""

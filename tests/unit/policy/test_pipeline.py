@@ -1,0 +1,499 @@
+"""The filtering order around the pure engine: an in-memory store and fake DNS checkers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from postwarden.config import Config
+from postwarden.policy.dnsbl import DnsblResult
+from postwarden.policy.list_entries import CompiledLists, parse_entry
+from postwarden.policy.live_lists import LiveLists, keep_lists_fresh
+from postwarden.policy.pipeline import Pipeline
+from postwarden.policy.records import (
+    ClientNetworkRecord,
+    ListChange,
+    ListEntry,
+    ListName,
+    TripletRecord,
+)
+from postwarden.policy.request import PolicyRequest
+from postwarden.policy.spf_check import SpfResult
+from postwarden.policy.verdict import Action, Rule, Verdict, dunno, prepend, reject
+from postwarden.store.base import Store, StoreError
+
+CLIENT = "192.0.2.10"
+SPF_HEADER = "Received-SPF: pass (example.org: 192.0.2.10 is permitted) client-ip=192.0.2.10"
+
+
+class FakeStore(Store):
+    """Just enough of the store contract, in memory, with a switch to make it fail."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[ListName, str], ListEntry] = {}
+        self.changes: list[ListChange] = []
+        self.triplets: dict[str, TripletRecord] = {}
+        self.networks: dict[str, ClientNetworkRecord] = {}
+        self.failing = False
+        self.forget_log = False
+        self.calls: list[str] = []
+
+    def _check(self, name: str) -> None:
+        self.calls.append(name)
+        if self.failing:
+            raise StoreError("connection refused")
+
+    async def add_list_entries(self, entries: Sequence[ListEntry]) -> int:
+        self._check("add")
+        new = 0
+        for e in entries:
+            if (e.list_name, e.entry) not in self.entries:
+                new += 1
+                self.changes.append(ListChange(len(self.changes) + 1, "add", e))
+            self.entries[(e.list_name, e.entry)] = e
+        return new
+
+    async def remove_list_entries(self, list_name: ListName, entries: Sequence[str]) -> int:
+        self._check("remove")
+        gone = 0
+        for text in entries:
+            e = self.entries.pop((list_name, text), None)
+            if e is not None:
+                gone += 1
+                self.changes.append(ListChange(len(self.changes) + 1, "remove", e))
+        return gone
+
+    async def list_entries(self, list_name: ListName | None = None) -> list[ListEntry]:
+        self._check("list_entries")
+        return sorted(self.entries.values(), key=lambda e: (e.list_name, e.entry))
+
+    async def list_changes_since(self, seq: int) -> tuple[int, list[ListChange]] | None:
+        self._check("changes")
+        if self.forget_log:
+            return None
+        return len(self.changes), self.changes[seq:]
+
+    async def lists_version(self) -> int:
+        self._check("version")
+        return len(self.changes)
+
+    async def set_alias(self, address: str, targets: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    async def remove_alias(self, address: str) -> bool:
+        raise NotImplementedError
+
+    async def get_alias(self, address: str) -> list[str] | None:
+        raise NotImplementedError
+
+    async def list_aliases(self) -> dict[str, list[str]]:
+        raise NotImplementedError
+
+    async def greylist_lookup(
+        self, triplet: str, client_network: str
+    ) -> tuple[TripletRecord | None, ClientNetworkRecord | None]:
+        self._check("greylist_lookup")
+        return self.triplets.get(triplet), self.networks.get(client_network)
+
+    async def greylist_update(
+        self,
+        triplet: str,
+        record: TripletRecord | None,
+        client_network: str,
+        network_record: ClientNetworkRecord | None,
+        ttl: float,
+    ) -> None:
+        self._check("greylist_update")
+        if record is not None:
+            self.triplets[triplet] = record
+        if network_record is not None:
+            self.networks[client_network] = network_record
+
+    async def greylist_triplets(self, limit: int = 1000) -> list[tuple[str, TripletRecord]]:
+        raise NotImplementedError
+
+    async def greylist_client_networks(
+        self, limit: int = 1000
+    ) -> list[tuple[str, ClientNetworkRecord]]:
+        raise NotImplementedError
+
+    async def greylist_delete(self, triplet_prefix: str = "") -> int:
+        raise NotImplementedError
+
+    async def greylist_purge_expired(self, now: float, expiry: float) -> int:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+class FakeChecker:
+    """A DNSBL or SPF checker whose answer (a verdict or None) is set by the test."""
+
+    def __init__(self, name: str, calls: list[str], answer: Verdict | None = None) -> None:
+        self.name = name
+        self.calls = calls
+        self.answer = answer
+        self.delay = 0.0
+        self.error: Exception | None = None
+
+    async def check(self, *args: str) -> Verdict | None:
+        self.calls.append(self.name)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _identity(result: object) -> Verdict | None:
+    assert result is None or isinstance(result, Verdict)
+    return result
+
+
+def make_config(**sections: Any) -> Config:
+    data: dict[str, Any] = {"greylisting": {"enabled": True, "delay": 300}}
+    data.update(sections)
+    return Config.model_validate(data)
+
+
+def rcpt(**attrs: str) -> PolicyRequest:
+    base = {
+        "request": "smtpd_access_policy",
+        "protocol_state": "RCPT",
+        "client_address": CLIENT,
+        "client_name": "mail.example.org",
+        "sender": "alice@example.org",
+        "recipient": "bob@example.com",
+        "instance": "a1.b2.c3",
+        "queue_id": "ABC123",
+        "helo_name": "mail.example.org",
+    }
+    base.update(attrs)
+    return PolicyRequest(base)
+
+
+class Rig:
+    """A pipeline wired to fakes, recording the order in which checks ran."""
+
+    def __init__(self, cfg: Config, entries: Sequence[tuple[ListName, str]] = ()) -> None:
+        self.calls: list[str] = []
+        self.store = FakeStore()
+        self.clock = Clock()
+        self.dnsbl = FakeChecker("dnsbl", self.calls)
+        self.spf = FakeChecker("spf", self.calls)
+        lists = CompiledLists.from_entries(ListEntry(n, parse_entry(e)) for n, e in entries)
+        self.pipeline = Pipeline(
+            cfg,
+            self.store,
+            LiveLists(lists, 0),
+            self.dnsbl,
+            self.spf,
+            None,
+            self.clock,
+            dnsbl_verdict=_identity,
+            spf_verdict=_identity,
+        )
+
+    async def evaluate(self, request: PolicyRequest) -> Verdict:
+        return await self.pipeline.evaluate(request)
+
+
+ALL_ON = {
+    "dnsbl": {"enabled": True, "zones": [{"zone": "dnsbl.test"}]},
+    "spf": {"enabled": True},
+}
+
+
+async def test_only_rcpt_stage_is_judged() -> None:
+    rig = Rig(make_config(**ALL_ON))
+    for state in ("CONNECT", "EHLO", "MAIL", "DATA", "END-OF-MESSAGE"):
+        verdict = await rig.evaluate(rcpt(protocol_state=state))
+        assert verdict == dunno(Rule.NOT_APPLICABLE)
+    assert rig.calls == [] and rig.store.calls == []
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [{"sasl_username": "alice"}, {"client_address": "127.0.0.1"}, {"client_address": "::1"}],
+)
+async def test_sasl_and_trusted_networks_skip_every_check(attrs: dict[str, str]) -> None:
+    rig = Rig(make_config(**ALL_ON), [(ListName.FORBIDDEN, "example.org")])
+    assert await rig.evaluate(rcpt(**attrs)) == dunno(Rule.TRUSTED)
+    assert rig.calls == [] and rig.store.calls == []
+
+
+async def test_forbidden_ip_rejects_before_spam_checks() -> None:
+    rig = Rig(make_config(**ALL_ON), [(ListName.FORBIDDEN, "192.0.2.0/24")])
+    verdict = await rig.evaluate(rcpt())
+    assert verdict.action is Action.REJECT and verdict.rule is Rule.IP_FORBIDDEN
+    assert rig.calls == [] and rig.store.calls == []
+
+
+async def test_permitted_mailbox_passes_without_spam_checks() -> None:
+    rig = Rig(make_config(**ALL_ON), [(ListName.PERMITTED, "Alice@Example.org")])
+    assert await rig.evaluate(rcpt()) == dunno(Rule.MAILBOX_PERMITTED)
+    assert rig.calls == [] and rig.store.calls == []
+
+
+async def test_checks_run_in_order_dnsbl_spf_greylist() -> None:
+    rig = Rig(make_config(**ALL_ON))
+    verdict = await rig.evaluate(rcpt())
+    assert rig.calls == ["dnsbl", "spf"]
+    assert rig.store.calls == ["greylist_lookup", "greylist_update"]
+    assert verdict.action is Action.DEFER_IF_PERMIT and verdict.rule is Rule.GREYLIST_DEFER
+
+
+async def test_dnsbl_listing_stops_spf_and_greylisting() -> None:
+    rig = Rig(make_config(**ALL_ON))
+    rig.dnsbl.answer = reject(Rule.DNSBL, "listed")
+    verdict = await rig.evaluate(rcpt())
+    assert verdict.rule is Rule.DNSBL
+    assert rig.calls == ["dnsbl"] and rig.store.calls == []
+
+
+async def test_spf_fail_rejects_before_greylisting() -> None:
+    rig = Rig(make_config(**ALL_ON))
+    rig.spf.answer = reject(Rule.SPF_FAIL, "SPF fail")
+    verdict = await rig.evaluate(rcpt())
+    assert verdict.rule is Rule.SPF_FAIL and verdict.action is Action.REJECT
+    assert rig.calls == ["dnsbl", "spf"] and rig.store.calls == []
+
+
+async def test_disabled_checks_are_not_called() -> None:
+    rig = Rig(make_config(greylisting={"enabled": False}))
+    assert await rig.evaluate(rcpt()) == dunno(Rule.NO_CHECKS)
+    assert rig.calls == [] and rig.store.calls == []
+
+
+async def test_greylist_defers_then_passes_with_header_after_the_delay() -> None:
+    rig = Rig(make_config())
+    assert (await rig.evaluate(rcpt())).rule is Rule.GREYLIST_DEFER
+    rig.clock.now += 301
+    passed = await rig.evaluate(rcpt())
+    assert passed.action is Action.PREPEND and passed.rule is Rule.GREYLIST_PASS
+    assert passed.text.startswith("X-Greylist: delayed 301 seconds")
+    rig.clock.now += 10
+    assert await rig.evaluate(rcpt(instance="next.message")) == dunno(Rule.GREYLIST_KNOWN)
+
+
+async def test_received_spf_wins_over_x_greylist_then_next_recipient_gets_the_other() -> None:
+    rig = Rig(make_config(**ALL_ON))
+    rig.spf.answer = prepend(Rule.SPF, SPF_HEADER)
+    # Defer both recipients once, then let the delay pass.
+    await rig.evaluate(rcpt(recipient="one@example.com"))
+    await rig.evaluate(rcpt(recipient="two@example.com"))
+    await rig.evaluate(rcpt(recipient="three@example.com"))
+    rig.clock.now += 400
+    first = await rig.evaluate(rcpt(recipient="one@example.com"))
+    assert first.action is Action.PREPEND and first.text == SPF_HEADER
+    assert first.rule is Rule.GREYLIST_PASS
+    second = await rig.evaluate(rcpt(recipient="two@example.com"))
+    assert second.action is Action.PREPEND and second.text.startswith("X-Greylist:")
+    # Both headers already went into this message: the third recipient adds nothing.
+    third = await rig.evaluate(rcpt(recipient="three@example.com"))
+    assert third == dunno(Rule.GREYLIST_PASS)
+
+
+async def test_spf_header_is_not_repeated_for_each_recipient_of_one_message() -> None:
+    rig = Rig(make_config(greylisting={"enabled": False}, spf={"enabled": True}))
+    rig.spf.answer = prepend(Rule.SPF, SPF_HEADER)
+    first = await rig.evaluate(rcpt(recipient="one@example.com"))
+    second = await rig.evaluate(rcpt(recipient="two@example.com"))
+    other_message = await rig.evaluate(rcpt(recipient="two@example.com", instance="other"))
+    assert first == prepend(Rule.SPF, SPF_HEADER)
+    assert second == dunno(Rule.SPF)
+    assert other_message == prepend(Rule.SPF, SPF_HEADER)
+
+
+async def test_store_error_answers_the_default_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(make_config())
+    rig.store.failing = True
+    with caplog.at_level(logging.ERROR, logger="postwarden.policy.pipeline"):
+        for _ in range(5):
+            assert await rig.evaluate(rcpt()) == dunno(Rule.DEFAULT)
+    lines = [r for r in caplog.records if "store failure" in r.getMessage()]
+    assert len(lines) == 1
+    assert not lines[0].exc_info  # an expected failure: no traceback
+
+
+async def test_default_action_comes_from_the_config() -> None:
+    rig = Rig(make_config(policyd={"default_action": "DEFER_IF_PERMIT"}))
+    rig.store.failing = True
+    verdict = await rig.evaluate(rcpt())
+    assert verdict.action is Action.DEFER_IF_PERMIT and verdict.rule is Rule.DEFAULT
+
+
+async def test_slow_check_hits_request_timeout_and_answers_default() -> None:
+    rig = Rig(make_config(policyd={"request_timeout": 0.05}, **ALL_ON))
+    rig.dnsbl.delay = 5.0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await rig.evaluate(rcpt()) == dunno(Rule.DEFAULT)
+    assert loop.time() - started < 1.0
+
+
+async def test_unexpected_exception_answers_default_with_one_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(make_config(**ALL_ON))
+    rig.spf.error = ZeroDivisionError("bug")
+    with caplog.at_level(logging.ERROR, logger="postwarden.policy.pipeline"):
+        assert await rig.evaluate(rcpt()) == dunno(Rule.DEFAULT)
+        assert await rig.evaluate(rcpt()) == dunno(Rule.DEFAULT)
+    lines = [r for r in caplog.records if "unexpected failure" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is not None
+
+
+async def test_failure_hook_counts_every_failure() -> None:
+    rig = Rig(make_config())
+    kinds: list[str] = []
+    rig.pipeline.on_failure = kinds.append
+    rig.store.failing = True
+    for _ in range(3):
+        await rig.evaluate(rcpt())
+    assert kinds == ["store", "store", "store"]
+
+
+async def test_unparseable_client_address_skips_greylisting() -> None:
+    rig = Rig(make_config())
+    assert await rig.evaluate(rcpt(client_address="unknown")) == dunno(Rule.NO_CHECKS)
+
+
+# --- live lists -------------------------------------------------------------------------
+
+
+async def test_live_lists_pick_up_additions_and_removals() -> None:
+    store = FakeStore()
+    live = LiveLists()
+    await live.reload(store)
+    await store.add_list_entries([ListEntry(ListName.FORBIDDEN, parse_entry("192.0.2.10"))])
+    assert await live.refresh(store)
+    assert live.current.forbidden.contains_ip(CLIENT)
+    assert not await live.refresh(store)  # nothing new: one cheap version poll
+    await store.remove_list_entries(ListName.FORBIDDEN, [parse_entry("192.0.2.10")])
+    await live.refresh(store)
+    assert not live.current.forbidden.contains_ip(CLIENT)
+
+
+async def test_live_lists_reload_everything_when_the_change_log_is_gone() -> None:
+    store = FakeStore()
+    live = LiveLists()
+    await live.reload(store)
+    await store.add_list_entries([ListEntry(ListName.PERMITTED, parse_entry("example.org"))])
+    store.forget_log = True
+    await live.refresh(store)
+    assert live.current.permitted.contains_domain("example.org")
+    assert live.version == 1
+
+
+async def test_store_outage_keeps_the_last_good_lists() -> None:
+    store = FakeStore()
+    await store.add_list_entries([ListEntry(ListName.FORBIDDEN, parse_entry("192.0.2.0/24"))])
+    live = LiveLists()
+    await live.reload(store)
+    store.failing = True
+    task = asyncio.create_task(keep_lists_fresh(live, store, 0.01))
+    await asyncio.sleep(0.05)
+    assert live.current.forbidden.contains_ip(CLIENT)
+    store.failing = False
+    await store.add_list_entries([ListEntry(ListName.FORBIDDEN, parse_entry("198.51.100.7"))])
+    for _ in range(100):
+        if live.current.forbidden.contains_ip("198.51.100.7"):
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    assert live.current.forbidden.contains_ip("198.51.100.7")
+    assert live.current.forbidden.contains_ip(CLIENT)
+
+
+async def test_a_full_reload_leaves_the_event_loop_answering() -> None:
+    store = FakeStore()
+    rows = [
+        ListEntry(ListName.FORBIDDEN, f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
+        for n in range(30_000)
+    ]
+    await store.add_list_entries(rows)
+    live = LiveLists()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    await live.reload(store)  # the fake store never yields: only the compiling thread lets go
+    task.cancel()
+    assert live.current.forbidden.contains_ip("10.0.117.47")
+    assert ticks - before > 1
+
+
+async def test_lists_unreachable_at_start_are_loaded_on_first_refresh() -> None:
+    store = FakeStore()
+    await store.add_list_entries([ListEntry(ListName.FORBIDDEN, parse_entry("192.0.2.0/24"))])
+    live = LiveLists()  # as the server does when the store was down at start
+    assert await live.refresh(store)
+    assert live.current.forbidden.contains_ip(CLIENT)
+
+
+# --- the real DNSBL/SPF verdict functions, wired by default ------------------------------
+
+
+async def test_default_wiring_uses_dnsbl_and_spf_verdict_functions() -> None:
+    cfg = make_config(**ALL_ON)
+    calls: list[str] = []
+    dnsbl_fake = FakeChecker("dnsbl", calls)
+    spf_fake = FakeChecker("spf", calls)
+    pipeline = Pipeline(
+        cfg,
+        FakeStore(),
+        LiveLists(CompiledLists.from_entries(()), 0),
+        dnsbl_fake,
+        spf_fake,
+        None,
+        Clock(),
+    )
+    dnsbl_fake.answer = DnsblResult(score=1, listed=(("dnsbl.test", "127.0.0.2"),))
+    listed = await pipeline.evaluate(rcpt())
+    assert listed.action is Action.REJECT and listed.rule is Rule.DNSBL
+    assert "dnsbl.test" in listed.text
+
+    dnsbl_fake.answer = DnsblResult()
+    spf_fake.answer = SpfResult("fail", "not permitted", "Received-SPF: fail x")
+    failed = await pipeline.evaluate(rcpt())
+    assert failed.action is Action.REJECT and failed.rule is Rule.SPF_FAIL
+
+    spf_fake.answer = SpfResult("pass", "ok", SPF_HEADER)
+    passed = await pipeline.evaluate(rcpt(recipient="new@example.com"))
+    # SPF passed, greylisting deferred the new triplet: the deferral wins over the header.
+    assert passed.action is Action.DEFER_IF_PERMIT
+
+
+def test_a_request_timeout_shorter_than_the_dns_checks_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="postwarden.policy.pipeline"):
+        Rig(make_config(**ALL_ON))  # defaults: 10 s for 2 s DNSBL + 5 s SPF
+        assert not caplog.records
+        Rig(make_config(**ALL_ON, policyd={"request_timeout": 6.0}))
+    [record] = caplog.records
+    assert "request_timeout (6s)" in record.getMessage()
+    assert "(7s)" in record.getMessage()
