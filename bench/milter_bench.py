@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from postwarden.dkim_keys import generate_key, txt_record, write_key
-from postwarden.dkim_verify import KeyNotFoundError, verify_message
+from postwarden.dkim.keys import generate_key, txt_record, write_key
+from postwarden.dkim.verification import KeyNotFoundError, verify_message
 from tests.fixtures.milter_client import MilterClient, MilterProtocolError
 
 DOMAIN = "bench.test"

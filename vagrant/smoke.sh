@@ -56,7 +56,7 @@ from pathlib import Path
 import dkim
 
 from postwarden.config import load_config
-from postwarden.dns_report import dkim_record
+from postwarden.dns.readiness_report import dkim_record
 
 config_path, user, password, alias = sys.argv[1:5]
 cfg = load_config(config_path)
