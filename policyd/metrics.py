@@ -17,6 +17,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from postwarden.syntax.endpoints import parse_ip_port
+
 if TYPE_CHECKING:
     from postwarden.policy.verdict import Verdict
 
@@ -44,11 +46,11 @@ LATENCY_BUCKETS = (
 
 
 def parse_metrics_listen(value: str) -> tuple[str, int]:
-    """`127.0.0.1:9641` or `[::1]:9641` as (host, port); the config validator checks loopback."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError('must look like "127.0.0.1:9641" or "[::1]:9641"')
-    return host.strip("[]"), int(port)
+    """`127.0.0.1:9641` or `[::1]:9641` as (host, port); the config validator checks loopback.
+
+    The same parser `policyd.metrics_listen` is validated with, so a checked value binds.
+    """
+    return parse_ip_port(value)
 
 
 class NullMetrics:

@@ -7,7 +7,6 @@ files live on disk (config dirs, sockets, queue) belongs to the render layout in
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,9 @@ from pydantic import (
 )
 
 from postwarden.config.types import IPNetwork, parse_network
+from postwarden.syntax.domain_names import DomainNameError, parse_domain_name
+from postwarden.syntax.networks import NetworkSyntaxError, parse_ip_address
 
-_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 _MAILBOX_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
 
 
@@ -38,10 +37,18 @@ class _Table(BaseModel):
 
 def check_domain(value: str) -> str:
     """A lower-cased DNS domain name, or ValueError saying what is allowed."""
-    text = value.strip().rstrip(".").lower()
-    if not _DOMAIN_RE.match(text):
-        raise ValueError(f"{value!r} is not a domain name (letters, digits, '-' and dots)")
-    return text
+    try:
+        return parse_domain_name(value)
+    except DomainNameError as exc:
+        raise ValueError(f"{value!r} is not a domain name: {exc}") from None
+
+
+def check_host(value: str) -> str:
+    """An IP address (brackets tolerated) in its normal spelling, or a host name."""
+    try:
+        return str(parse_ip_address(value.strip().strip("[]")))
+    except NetworkSyntaxError:
+        return check_domain(value)
 
 
 def _check_mailbox(value: str) -> str:
@@ -112,11 +119,7 @@ def parse_relay_domain(value: object) -> RelayDomain:
         if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise ValueError(f"{text!r}: port must be 1..65535")
         port = int(port_text)
-    try:
-        host = str(ipaddress.ip_address(host))
-    except ValueError:
-        host = check_domain(host)
-    return RelayDomain(check_domain(domain), host, port)
+    return RelayDomain(check_domain(domain), check_host(host), port)
 
 
 RelayDomainEntry = Annotated[
@@ -126,16 +129,7 @@ RelayDomainEntry = Annotated[
 
 def parse_client_pattern(value: object) -> IPNetwork:
     """A connection-control entry: IP, CIDR, `addr:mask`, IPv6 prefix or `192.168.1.*`."""
-    text = _text(value).strip()
-    if "*" in text:
-        parts = text.split(".")
-        # Wildcards stand for whole trailing octets only ("10.1.*" or "10.1.*.*").
-        fixed = [p for p in parts if p != "*"]
-        if len(parts) > 4 or any(p == "*" for p in parts[: len(fixed)]) or "*" in "".join(fixed):
-            raise ValueError(f"{text!r}: '*' may only replace whole trailing IPv4 octets")
-        octets = [*fixed, *["0"] * (4 - len(fixed))]
-        return parse_network(f"{'.'.join(octets)}/{8 * len(fixed)}")
-    return parse_network(text)
+    return parse_network(_text(value))
 
 
 ClientPattern = Annotated[
@@ -191,10 +185,7 @@ class RelayServer(_Table):
     @field_validator("host")
     @classmethod
     def _valid_host(cls, value: str) -> str:
-        try:
-            return str(ipaddress.ip_address(value.strip("[]")))
-        except ValueError:
-            return check_domain(value)
+        return check_host(value)
 
     @model_validator(mode="after")
     def _credentials_together(self) -> RelayServer:

@@ -7,14 +7,21 @@ naming the key rather than a silently ignored setting. Defaults make an empty fi
 from __future__ import annotations
 
 import ipaddress
-import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    field_validator,
+    model_validator,
+)
 
 from postwarden.config.hazards import open_relay_networks
-from postwarden.config.mail import MailConfig, check_domain
+from postwarden.config.mail import Domain, MailConfig, check_domain
 from postwarden.config.types import (
     IPNetwork,
     Listen,
@@ -23,6 +30,30 @@ from postwarden.config.types import (
     Seconds,
     parse_network,
 )
+from postwarden.syntax.domain_names import MAX_NAME, DomainNameError, check_labels
+from postwarden.syntax.endpoints import parse_ip_port, parse_nameserver
+from postwarden.syntax.networks import parse_ipv4_range
+
+
+def _checked_by(parse: Callable[[str], object]) -> Callable[[object], str]:
+    """A validator keeping the text as written once `parse` (the consumer's parser) took it."""
+
+    def check(value: object) -> str:
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    return check
+
+
+# Kept as text, validated by the parser the consumer runs on it (postwarden.dns.resolver,
+# postwarden.policy.dnsbl), so each item's error names its own key (`dns.nameservers[0]`).
+Nameserver = Annotated[str, PlainValidator(_checked_by(parse_nameserver))]
+DnsblCode = Annotated[str, PlainValidator(_checked_by(parse_ipv4_range))]
 
 
 class Section(BaseModel):
@@ -90,13 +121,8 @@ class PolicydConfig(Section):
         # Metrics reveal traffic patterns: they are served on loopback only.
         if value is None:
             return value
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError('must look like "127.0.0.1:9641" or "[::1]:9641"')
-        try:
-            loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
-        except ValueError:
-            loopback = False
+        host, _ = parse_ip_port(value)  # the grammar policyd.metrics serves with
+        loopback = ipaddress.ip_address(host).is_loopback
         if not loopback:
             raise ValueError("must be a loopback address (127.0.0.0/8 or [::1]) and a port")
         return value
@@ -126,20 +152,9 @@ class DnsConfig(Section):
     """The resolver used for DNSBL, SPF and DKIM lookups."""
 
     # "IP" or "IP:port" ("[v6]:port"); empty means the system's /etc/resolv.conf.
-    nameservers: list[str] = Field(default_factory=list)
+    nameservers: list[Nameserver] = Field(default_factory=list)
     # Per-query timeout in seconds.
     timeout: Annotated[float, Field(gt=0, le=30)] = 2.0
-
-    @field_validator("nameservers")
-    @classmethod
-    def _valid_nameservers(cls, value: list[str]) -> list[str]:
-        for item in value:
-            host = item
-            m = re.fullmatch(r"\[(.+)\]:(\d+)", item) or re.fullmatch(r"([0-9.]+):(\d+)", item)
-            if m:
-                host = m.group(1)
-            parse_network(host)  # raises ValueError naming the bad item
-        return value
 
 
 class GreylistingConfig(Section):
@@ -167,18 +182,11 @@ class GreylistingConfig(Section):
 
 
 class DnsblZone(Section):
-    zone: str
+    zone: Domain
     weight: int = 1
-    # Return codes that count: "127.0.0.2", or ranges "127.0.0.2-127.0.0.11". Empty: any 127/8.
-    codes: list[str] = Field(default_factory=list)
-
-    @field_validator("codes")
-    @classmethod
-    def _valid_codes(cls, value: list[str]) -> list[str]:
-        for code in value:
-            for part in code.split("-"):
-                parse_network(part)
-        return value
+    # Return codes that count: "127.0.0.2", ranges "127.0.0.2-127.0.0.11" or networks
+    # "127.0.0.0/24". Empty: any 127/8.
+    codes: list[DnsblCode] = Field(default_factory=list)
 
 
 class DnsblConfig(Section):
@@ -200,9 +208,6 @@ class SpfConfig(Section):
     add_header: bool = True
 
 
-_SELECTOR_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
-
-
 class DkimKey(Section):
     domain: str
     selector: str
@@ -218,8 +223,13 @@ class DkimKey(Section):
     @classmethod
     def _valid_selector(cls, value: str) -> str:
         # s= and a DNS name (and keygen's file name): labels of letters, digits and '-'.
-        if not _SELECTOR_RE.fullmatch(value):
-            raise ValueError(f"{value!r} is not a selector (letters, digits, '-', dots)")
+        # The case is kept: it is part of the file name keygen wrote.
+        try:
+            if not value.isascii() or len(value) > MAX_NAME:
+                raise DomainNameError("letters, digits, '-' and dots")
+            check_labels(value.lower())
+        except DomainNameError as exc:
+            raise ValueError(f"{value!r} is not a selector: {exc}") from None
         return value
 
 

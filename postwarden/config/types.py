@@ -1,30 +1,30 @@
-"""Value types shared by the config sections: listen addresses, networks, durations."""
+"""Value types shared by the config sections: listen addresses, networks, durations.
+
+Each type validates through the one parser of its grammar in `postwarden.syntax`, which the
+daemons use too, so what `config check` accepts is what they run with.
+"""
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import AfterValidator, PlainSerializer, PlainValidator
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from postwarden.syntax import networks
+from postwarden.syntax.endpoints import ListenAddress
+from postwarden.syntax.endpoints import parse_listen_address as _parse_listen_text
+from postwarden.syntax.networks import NETWORK_FORMS, IPNetwork
 
-
-@dataclass(frozen=True)
-class ListenAddress:
-    """Where a daemon listens: `unix:/path` or `inet:host:port` (IPv6 host in brackets)."""
-
-    kind: str  # "unix" or "inet"
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"inet:{host}:{self.port}"
+__all__ = [
+    "IPNetwork",
+    "Listen",
+    "ListenAddress",
+    "Network",
+    "Seconds",
+    "parse_listen_address",
+    "parse_network",
+]
 
 
 def parse_listen_address(value: object) -> ListenAddress:
@@ -33,39 +33,20 @@ def parse_listen_address(value: object) -> ListenAddress:
         return value
     if not isinstance(value, str):
         raise ValueError('must be a string like "unix:/run/x.sock" or "inet:127.0.0.1:10040"')
-    if value.startswith("unix:"):
-        path = value[len("unix:") :]
-        if not path.startswith("/"):
-            raise ValueError("a unix socket path must be absolute")
-        return ListenAddress("unix", path=path)
-    if value.startswith("inet:"):
-        rest = value[len("inet:") :]
-        host, sep, port_text = rest.rpartition(":")
-        if not sep or not host or not port_text.isdigit():
-            raise ValueError('must look like "inet:127.0.0.1:10040" or "inet:[::1]:10040"')
-        host = host.strip("[]")
-        port = int(port_text)
-        if not 1 <= port <= 65535:
-            raise ValueError("port must be 1..65535")
-        return ListenAddress("inet", host=host, port=port)
-    raise ValueError('must start with "unix:" or "inet:"')
+    return _parse_listen_text(value)
 
 
 def parse_network(value: object) -> IPNetwork:
-    """A network as CIDR (`10.0.0.0/8`), `addr/netmask`, `addr:netmask` or a bare address."""
+    """A network in any form `postwarden.syntax.networks` reads; ValueError naming the forms."""
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return value
+        return networks.unmapped_network(value)
     if not isinstance(value, str):
         raise ValueError("must be a string such as 192.168.0.0/16 or 10.0.0.5/255.255.255.255")
-    text = value.strip()
-    if text.count(":") == 1 and "." in text:  # IPv4 addr:mask as in the seed's import format
-        text = text.replace(":", "/")
     try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
+        return networks.parse_network(value)
+    except networks.NetworkSyntaxError as exc:
         raise ValueError(
-            f"{value!r} is not an IP network (use CIDR like 192.168.0.0/16, "
-            "addr/mask like 10.0.0.5/255.255.255.255, or an IPv6 prefix like 2001:db8::/32)"
+            f"{value!r} is not an IP network: {exc} (allowed: {NETWORK_FORMS})"
         ) from None
 
 

@@ -7,28 +7,15 @@ system's /etc/resolv.conf when none is configured.
 
 from __future__ import annotations
 
-import ipaddress
-import re
-
 import dns.asyncresolver
 import dns.nameserver
 import dns.resolver
 
 from postwarden.config.model import DnsConfig
+from postwarden.syntax.endpoints import DNS_PORT, parse_nameserver
 
-DNS_PORT = 53
-
-
-def parse_nameserver(value: str) -> tuple[str, int]:
-    """Split "IP", "IP:port" or "[v6]:port" into (ip, port); raises ValueError."""
-    host, port = value, DNS_PORT
-    m = re.fullmatch(r"\[(.+)\]:(\d+)", value) or re.fullmatch(r"([0-9.]+):(\d+)", value)
-    if m:
-        host, port = m.group(1), int(m.group(2))
-    ip = ipaddress.ip_address(host.strip("[]"))
-    if not 1 <= port <= 65535:
-        raise ValueError(f"nameserver port out of range: {value!r}")
-    return str(ip), port
+# Re-exported: the config validates `[dns] nameservers` with this same parser.
+__all__ = ["DNS_PORT", "make_resolver", "make_sync_resolver", "parse_nameserver"]
 
 
 def _configure(resolver: dns.resolver.BaseResolver, cfg: DnsConfig) -> None:

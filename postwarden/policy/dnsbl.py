@@ -30,6 +30,7 @@ import dns.resolver
 from postwarden.config.model import DnsblConfig, DnsblZone
 from postwarden.policy.verdict import Rule, Verdict, reject
 from postwarden.syntax.ip_addresses import parse_client_ip
+from postwarden.syntax.networks import parse_ipv4_range
 
 log = logging.getLogger("postwarden.policy.dnsbl")
 
@@ -84,14 +85,12 @@ def query_label(ip: str) -> str:
 
 
 def parse_codes(codes: Sequence[str]) -> tuple[tuple[int, int], ...]:
-    """`["127.0.0.2", "127.0.0.4-127.0.0.11"]` as inclusive integer ranges; empty: 127/8."""
-    ranges: list[tuple[int, int]] = []
-    for code in codes:
-        low, _, high = code.partition("-")
-        lo = int(ipaddress.IPv4Address(low.strip()))
-        hi = int(ipaddress.IPv4Address(high.strip())) if high else lo
-        ranges.append((min(lo, hi), max(lo, hi)))
-    return tuple(ranges) or (LISTED_RANGE,)
+    """`["127.0.0.2", "127.0.0.4-127.0.0.11", "127.0.1.0/24"]` as inclusive integer ranges.
+
+    Empty: any 127/8 answer.
+    """
+    # The grammar `[dnsbl] zones.codes` was validated with, so a checked config parses here.
+    return tuple(parse_ipv4_range(code) for code in codes) or (LISTED_RANGE,)
 
 
 def is_refusal(code: str) -> bool:

@@ -14,15 +14,15 @@ entries the list holds.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from postwarden.policy.records import ListChange, ListEntry, ListName
+from postwarden.syntax.domain_names import DomainNameError, parse_domain_name
 from postwarden.syntax.ip_addresses import IPAddress, unmapped
+from postwarden.syntax.networks import NetworkSyntaxError, parse_network
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,6 @@ _ALLOWED = (
     "addr:mask (192.168.2.0:255.255.255.0), an IPv4 wildcard (192.168.1.*), "
     "a mailbox (j.smith@test.com), a domain (example.com) or its subdomains (.example.com)"
 )
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-_DOTTED_QUAD = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
 _MAX_ENTRY = 320  # 64 (local part) + 1 + 253 (domain) + slack; longer is never an address
 _MAX_LOCAL = 64
 
@@ -66,96 +64,22 @@ def parse_entry(text: str) -> str:
         raise _invalid(entry, "contains a space or a control character")
     if "@" in entry:
         return _parse_mailbox(entry)
-    if "*" in entry:
-        return _parse_wildcard(entry)
-    if "/" in entry:
-        return _parse_cidr(entry)
-    if ":" in entry and "." in entry and _DOTTED_QUAD.fullmatch(entry.partition(":")[0]):
-        return _parse_addr_mask(entry)
-    if ":" in entry:
-        return _format_network(_ip_address(entry, entry), None)
+    if "*" in entry or "/" in entry or ":" in entry:
+        return _parse_network(entry)
     if all(ch.isdigit() or ch == "." for ch in entry):
-        return _format_network(_ip_address(entry, entry), None)
+        return _parse_network(entry)
     return _parse_domain(entry, entry)
 
 
-def _ip_address(part: str, entry: str) -> IPAddress:
-    if "%" in part:
-        raise _invalid(entry, "an IPv6 zone (%...) has no meaning for a remote client")
+def _parse_network(entry: str) -> str:
+    """Canonical text of an address or network entry, read by the one network grammar."""
     try:
-        return ipaddress.ip_address(part)
-    except ValueError as exc:
-        raise _invalid(entry, f"not a valid IP address: {exc}") from None
-
-
-def _format_network(address: IPAddress, prefix: int | None) -> str:
-    """Canonical text of address/prefix: host bits cleared, IPv4-mapped as IPv4."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        mapped = address.ipv4_mapped
-        if prefix is None or prefix >= 96:
-            return _format_network(mapped, None if prefix is None else prefix - 96)
-    bits = _V4_BITS if address.version == 4 else _V6_BITS
-    if prefix is None or prefix == bits:
-        return str(address)
-    network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+        network = parse_network(entry)
+    except NetworkSyntaxError as exc:
+        raise _invalid(entry, str(exc)) from None
+    if network.prefixlen == network.max_prefixlen:
+        return str(network.network_address)
     return str(network)
-
-
-def _parse_cidr(entry: str) -> str:
-    addr_text, _, prefix_text = entry.partition("/")
-    address = _ip_address(addr_text, entry)
-    bits = _V4_BITS if address.version == 4 else _V6_BITS
-    if prefix_text.isdigit() and len(prefix_text) <= 3:
-        prefix = int(prefix_text)
-    elif address.version == 4 and _DOTTED_QUAD.fullmatch(prefix_text):
-        prefix = _mask_length(prefix_text, entry)
-    else:
-        raise _invalid(entry, f"the prefix length after '/' must be a number 0..{bits}")
-    if prefix > bits:
-        raise _invalid(entry, f"prefix length {prefix} is longer than {bits} bits")
-    return _format_network(address, prefix)
-
-
-def _parse_addr_mask(entry: str) -> str:
-    addr_text, _, mask_text = entry.partition(":")
-    address = _ip_address(addr_text, entry)
-    if not _DOTTED_QUAD.fullmatch(mask_text):
-        raise _invalid(entry, "addr:mask needs a dotted netmask such as 255.255.255.0")
-    return _format_network(address, _mask_length(mask_text, entry))
-
-
-def _mask_length(mask_text: str, entry: str) -> int:
-    try:
-        mask = int(ipaddress.IPv4Address(mask_text))
-    except ValueError:
-        raise _invalid(entry, f"{mask_text} is not a valid netmask") from None
-    length = _V4_BITS - (((1 << _V4_BITS) - 1) ^ mask).bit_length()
-    if _V4_MASKS[length] != mask:
-        raise _invalid(entry, f"netmask {mask_text} is not contiguous (ones then zeros)")
-    return length
-
-
-def _parse_wildcard(entry: str) -> str:
-    parts = entry.split(".")
-    if len(parts) > 4:
-        raise _invalid(entry, "an IPv4 wildcard has at most four octets")
-    octets: list[int] = []
-    for index, part in enumerate(parts):
-        if part == "*":
-            if any(later != "*" for later in parts[index + 1 :]):
-                raise _invalid(entry, "a '*' may only stand for trailing octets (192.168.*)")
-            break
-        if "*" in part:
-            raise _invalid(entry, "a '*' must be a whole octet (192.168.1.*)")
-        if not part.isdigit() or len(part) > 3 or int(part) > 255:
-            raise _invalid(entry, f"octet {part!r} is not a number 0..255")
-        octets.append(int(part))
-    else:
-        raise _invalid(entry, "an IPv4 wildcard must end with '*'")
-    if not octets:
-        raise _invalid(entry, "a lone '*' matches every address; write 0.0.0.0/0 if you mean it")
-    address = ipaddress.IPv4Address(bytes([*octets, 0, 0, 0, 0][:4]))
-    return _format_network(address, 8 * len(octets))
 
 
 def _parse_mailbox(entry: str) -> str:
@@ -172,23 +96,15 @@ def _parse_mailbox(entry: str) -> str:
 
 
 def _parse_domain(text: str, entry: str) -> str:
-    name = text.lower().rstrip(".") if not text.endswith("..") else text.lower()
-    subdomains = name.startswith(".")
-    labels = (name[1:] if subdomains else name).split(".")
-    if not name.isascii():
-        raise _invalid(entry, "use the ASCII (xn--) form of an internationalised domain")
-    if len(name) > 254:
-        raise _invalid(entry, "a domain name is at most 253 characters")
-    for label in labels:
-        if not label:
-            raise _invalid(entry, "a domain has an empty label (two dots in a row?)")
-        if not _LABEL.fullmatch(label):
-            raise _invalid(entry, f"{label!r} is not a valid domain label (letters, digits, '-')")
-    if not subdomains and len(labels) < 2:
+    """`example.com` or `.example.com`; the label rule is the one of every DNS name."""
+    subdomains = text.startswith(".")
+    try:
+        name = parse_domain_name(text[1:] if subdomains else text, underscore=True)
+    except DomainNameError as exc:
+        raise _invalid(entry, str(exc)) from None
+    if not subdomains and "." not in name:
         raise _invalid(entry, "a domain needs at least one dot; use .tld for a whole TLD")
-    if labels[-1].isdigit():
-        raise _invalid(entry, "not a valid IP address, and a domain cannot end in a number")
-    return name
+    return f".{name}" if subdomains else name
 
 
 @dataclass(slots=True)

@@ -88,7 +88,7 @@ trusted = ["127.0.0.0/8", "::1/128", "10.0.0.5/255.255.255.255"]
         ('[[dkim.keys]]\ndomain="a"\nselector="s"\nkey="/k"\nalgorithm="rsa-sha1"\n', "rsa-sha256"),
         ('[policyd]\ndefault_action = "REJECT"\n', "'DUNNO' or 'DEFER_IF_PERMIT'"),
         ("[greylisting]\nipv4_prefix = 33\n", "greylisting.ipv4_prefix = 33"),
-        ('[dns]\nnameservers = ["not-an-ip"]\n', "is not an IP network"),
+        ('[dns]\nnameservers = ["not-an-ip"]\n', "dns.nameservers[0] = 'not-an-ip': not a valid"),
         ("[store]\nrefresh_interval = 5\n", "store.refresh_interval = 5"),
         ('[network]\ntrusted = ["0.0.0.0/0"]\n', "network.trusted: 0.0.0.0/0 would trust"),
     ],
