@@ -1,30 +1,27 @@
-"""The inbound filtering order of DESIGN.md for one policy request (no sockets here).
+"""The I/O around the pure filtering order for one policy request (no sockets here).
 
-`Pipeline.evaluate()` does the I/O (store, DNS) around the pure decision functions:
+`Pipeline.evaluate()` derives the request's facts once (`filtering_order.request_facts`),
+asks `filtering_order.next_step()` what it needs, fetches that (DNSBL, SPF within its time
+budget, the greylist records from the store), adds the answer to what is gathered and asks
+again, until the order answers a `Decision`; then it writes the greylist records and
+remembers the prepended header the decision names. The order itself, which header wins
+and what a failure means live in `filtering_order.py` (docs/ARCHITECTURE.md, "Filtering
+order").
 
-1. only RCPT-stage requests are judged (others: DUNNO, not_applicable);
-2. outgoing mail (SASL or a trusted network): DUNNO, trusted;
-3. the permitted/forbidden lists, steps A-D (`precedence.decide_lists`);
-4. DNSBL, then SPF (a fail may reject; otherwise its Received-SPF header is kept),
-   then greylisting (store lookup, pure `greylisting.decide`, store update).
+Every recipient of one message gets its own request with the same `instance`, so the
+headers already prepended for that instance are remembered here (a bounded LRU) and handed
+to the order, which does not repeat them.
 
-Postfix takes ONE action per reply, so when SPF and greylisting both want a PREPEND the
-Received-SPF header wins (it carries the authentication result other tools read;
-X-Greylist is informational). Every recipient of one message gets its own request with
-the same `instance`, so headers already prepended for that instance are remembered (a
-bounded LRU) and not repeated; a later recipient then prepends the next header that was
-not sent yet, so a multi-recipient message can carry both.
-
-Any store or DNS failure, unexpected exception or the request timeout gives the
-configured `policyd.default_action` with rule `default`: mail is never refused by our
-fault. Each failure kind is logged at most once per `FAILURE_LOG_INTERVAL`, with a
-traceback only for unexpected exceptions.
+A store or DNS failure is handed to the order as `Unavailable` (it answers the configured
+`policyd.default_action` with rule `default`); the request timeout and unexpected
+exceptions give the same answer: mail is never refused by our fault. Each failure kind is
+logged at most once per `FAILURE_LOG_INTERVAL`, with a traceback only for unexpected
+exceptions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import OrderedDict
@@ -33,35 +30,46 @@ from collections.abc import Callable
 import dns.exception
 
 from postwarden.config.model import Config
-from postwarden.policy import dnsbl, greylisting, precedence, spf_check
+from postwarden.policy import dnsbl, filtering_order, greylisting, spf_check
+from postwarden.policy.filtering_order import (
+    Decision,
+    DnsblLookup,
+    FilteringSettings,
+    Gathered,
+    GreylistLookup,
+    GreylistRecords,
+    SpfLookup,
+    Unavailable,
+)
 from postwarden.policy.live_lists import LiveLists
 from postwarden.policy.request import PolicyRequest
-from postwarden.policy.verdict import Action, Rule, Verdict, dunno
+from postwarden.policy.verdict import Verdict
 from postwarden.store.base import Store, StoreError
 
 log = logging.getLogger("postwarden.policy.pipeline")
 
 FAILURE_LOG_INTERVAL = 60.0  # seconds between log lines for one kind of failure
 INSTANCE_MEMORY = 10_000  # messages whose prepended headers are remembered
+# DNSBL, SPF, greylist lookup, a failed greylist write, the decision: the order never
+# needs more steps; the bound only turns a bug into the default answer, never a hang.
+MAX_STEPS = 8
 
-_NOT_APPLICABLE = dunno(Rule.NOT_APPLICABLE)
-_TRUSTED = dunno(Rule.TRUSTED)
-
-
-DnsblVerdict = Callable[[dnsbl.DnsblResult], Verdict | None]
-SpfVerdict = Callable[[spf_check.SpfResult], Verdict | None]
+RequestTimer = Callable[[float], asyncio.Timeout]
 
 
 class FailureLog:
     """Logs each kind of failure at most once per interval, counting what it held back."""
 
-    def __init__(self, interval: float = FAILURE_LOG_INTERVAL) -> None:
+    def __init__(
+        self, interval: float = FAILURE_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._interval = interval
+        self._clock = clock
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
     def report(self, kind: str, message: str, *, traceback: bool = False) -> None:
-        now = time.monotonic()
+        now = self._clock()
         last = self._last.get(kind)
         if last is not None and now - last < self._interval:
             self._held[kind] = self._held.get(kind, 0) + 1
@@ -78,6 +86,11 @@ class FailureLog:
         )
 
 
+def _unavailable(exc: StoreError | dns.exception.DNSException) -> Unavailable:
+    kind = "store" if isinstance(exc, StoreError) else "dns"
+    return Unavailable(kind, str(exc) or type(exc).__name__)
+
+
 class Pipeline:
     """Judges one policy request at a time; safe to share across connections of one loop."""
 
@@ -91,15 +104,17 @@ class Pipeline:
         large_senders: greylisting.LargeSenders | None = None,
         clock: Callable[[], float] = time.time,
         *,
-        dnsbl_verdict: DnsblVerdict | None = None,
-        spf_verdict: SpfVerdict | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        request_timer: RequestTimer = asyncio.timeout,
     ) -> None:
         self.store = store
         self.lists = lists
-        self.clock = clock
-        self.failures = FailureLog()
+        self.clock = clock  # wall clock: greylist records outlive the process
+        self.failures = FailureLog(clock=monotonic)
+        # The request timeout as an async context manager (tests expire it by hand).
+        self._request_timer = request_timer
         self._sent_headers: OrderedDict[str, set[str]] = OrderedDict()
-        self.configure(cfg, dnsbl_checker, spf_checker, large_senders, dnsbl_verdict, spf_verdict)
+        self.configure(cfg, dnsbl_checker, spf_checker, large_senders)
         # Called with the kind of each failure (metrics hook; set by the server).
         self.on_failure: Callable[[str], None] = lambda kind: None
 
@@ -109,28 +124,25 @@ class Pipeline:
         dnsbl_checker: dnsbl.DnsblChecker | None,
         spf_checker: spf_check.SpfChecker | None,
         large_senders: greylisting.LargeSenders | None,
-        dnsbl_verdict: DnsblVerdict | None = None,
-        spf_verdict: SpfVerdict | None = None,
     ) -> None:
         """Swap in a (reloaded) config and the checkers built from it."""
         self.cfg = cfg
         self.dnsbl = dnsbl_checker if cfg.dnsbl.enabled else None
         self.spf = spf_checker if cfg.spf.enabled else None
         self.large_senders = large_senders
-        self._dnsbl_verdict: DnsblVerdict = dnsbl_verdict or functools.partial(
-            dnsbl.verdict_for, cfg=cfg.dnsbl
+        self.settings = FilteringSettings.from_config(
+            cfg,
+            dnsbl=self.dnsbl is not None,
+            spf=self.spf is not None,
+            large_senders=large_senders,
         )
-        self._spf_verdict: SpfVerdict = spf_verdict or functools.partial(
-            spf_check.verdict_for, cfg=cfg.spf
-        )
-        self.default = Verdict(Action(cfg.policyd.default_action), Rule.DEFAULT)
+        self.default = self.settings.default
         self._timeout = cfg.policyd.request_timeout
         # Only DNS and a networked store can make a request wait; the SQLite store answers
         # synchronously, so without DNS checks the timeout (~12 µs a request) bounds nothing.
         self._bounded = not (
             self.dnsbl is None and self.spf is None and getattr(self.store, "synchronous", False)
         )
-        self._trusted = tuple(cfg.network.trusted)
         checks = (cfg.dnsbl.budget if self.dnsbl else 0.0) + (cfg.spf.timeout if self.spf else 0.0)
         if checks >= self._timeout:
             # Slow DNS would then end requests in the default answer before greylisting runs.
@@ -143,88 +155,85 @@ class Pipeline:
 
     async def evaluate(self, request: PolicyRequest) -> Verdict:
         """The verdict for one request; never raises (failures give the default)."""
-        if request.protocol_state != "RCPT":
-            return _NOT_APPLICABLE
+        traceback = False
         try:
             if not self._bounded:
-                return await self._judge(request)
-            async with asyncio.timeout(self._timeout):
-                return await self._judge(request)
+                decision = await self._judge(request)
+            else:
+                async with self._request_timer(self._timeout):
+                    decision = await self._judge(request)
         except TimeoutError:
-            self._fail("timeout", f"no verdict within {self._timeout:g}s")
-        except StoreError as exc:
-            self._fail("store", str(exc) or type(exc).__name__)
-        except dns.exception.DNSException as exc:
-            self._fail("dns", str(exc) or type(exc).__name__)
+            failure = Unavailable("timeout", f"no verdict within {self._timeout:g}s")
+            decision = filtering_order.failed(self.settings, failure)
         except Exception as exc:  # noqa: BLE001 - never die of a request: answer the default
-            self._fail("unexpected", repr(exc), traceback=True)
-        return self.default
-
-    def _fail(self, kind: str, message: str, *, traceback: bool = False) -> None:
-        self.on_failure(kind)
-        self.failures.report(kind, message, traceback=traceback)
-
-    async def _judge(self, request: PolicyRequest) -> Verdict:
-        if precedence.is_outgoing(request, self._trusted):
-            return _TRUSTED
-        verdict = precedence.decide_lists(request, self.lists.current)
-        if verdict.final:
-            return verdict
-        rule = Rule.NO_CHECKS
-        headers: list[Verdict] = []
-        if self.dnsbl is not None:
-            found = self._dnsbl_verdict(await self.dnsbl.check(request.client_address))
-            if found is not None:
-                if found.action is not Action.PREPEND and found.action is not Action.DUNNO:
-                    return found
-                rule = found.rule
-        if self.spf is not None:
-            spf_result = await self.spf.check(
-                request.client_address, request.sender, request.helo_name
-            )
-            found = self._spf_verdict(spf_result)
-            if found is not None:
-                if found.action is Action.PREPEND:
-                    headers.append(found)
-                elif found.action is not Action.DUNNO:
-                    return found
-                rule = found.rule
-        if self.cfg.greylisting.enabled:
-            found = await self._greylist(request)
-            if found.action is Action.PREPEND:
-                headers.append(found)
-            elif found.action is not Action.DUNNO:
-                return found
-            rule = found.rule
-        if not headers:
-            return dunno(rule)
-        return self._first_unsent_header(request.instance, headers, rule)
-
-    async def _greylist(self, request: PolicyRequest) -> Verdict:
-        gcfg = self.cfg.greylisting
-        try:
-            network = greylisting.client_network(
-                request.client_address, gcfg.ipv4_prefix, gcfg.ipv6_prefix
-            )
-        except greylisting.InvalidClientAddress:
-            return dunno(Rule.NO_CHECKS)  # no address to group by: nothing to greylist
-        key = greylisting.triplet_key(
-            network, greylisting.normalise_sender(request.sender), request.recipient.lower()
-        )
-        exempt = self.large_senders is not None and self.large_senders.matches(
-            request.client_name, request.client_address
-        )
-        triplet, known_network = await self.store.greylist_lookup(key, network)
-        decision = greylisting.decide(triplet, known_network, self.clock(), gcfg, exempt=exempt)
-        if decision.triplet_record is not None or decision.network_record is not None:
-            await self.store.greylist_update(
-                key, decision.triplet_record, network, decision.network_record, gcfg.expiry
+            decision = filtering_order.failed(self.settings, Unavailable("unexpected", repr(exc)))
+            traceback = True
+        if decision.failure is not None:
+            self.on_failure(decision.failure.kind)
+            self.failures.report(
+                decision.failure.kind, decision.failure.reason, traceback=traceback
             )
         return decision.verdict
 
-    def _first_unsent_header(self, instance: str, headers: list[Verdict], rule: Rule) -> Verdict:
-        if not instance:
-            return Verdict(Action.PREPEND, rule, text=headers[0].text)
+    async def _judge(self, request: PolicyRequest) -> Decision:
+        """Ask the order, fetch what it asks for, until it decides; then write its state."""
+        lists = self.lists.current
+        instance = request.instance
+        sent = self._sent_headers.get(instance) if instance else None
+        if sent is not None:
+            self._sent_headers.move_to_end(instance)
+        gathered = Gathered(sent_headers=frozenset(sent) if sent else frozenset())
+        facts = filtering_order.request_facts(request, lists, self.settings)
+        for _ in range(MAX_STEPS):
+            step = filtering_order.next_step(facts, self.settings, gathered, self.clock())
+            if isinstance(step, Decision):
+                write = step.greylist_write
+                if write is not None and step.failure is None:
+                    try:
+                        await self.store.greylist_update(
+                            write.triplet_key,
+                            write.triplet,
+                            write.client_network,
+                            write.network,
+                            write.ttl,
+                        )
+                    except StoreError as exc:
+                        gathered.greylist_write = _unavailable(exc)
+                        continue
+                if step.remember_header is not None:
+                    self._remember(instance, step.remember_header)
+                return step
+            await self._fetch(step, gathered)
+        raise RuntimeError(f"the filtering order took more than {MAX_STEPS} steps")
+
+    async def _fetch(
+        self, lookup: DnsblLookup | SpfLookup | GreylistLookup, gathered: Gathered
+    ) -> None:
+        """Add the answer to `lookup` to `gathered`; a store or DNS failure as Unavailable."""
+        try:
+            if isinstance(lookup, DnsblLookup):
+                assert self.dnsbl is not None  # the order asks only for steps that are on
+                gathered.dnsbl = await self.dnsbl.check(lookup.client_address)
+            elif isinstance(lookup, SpfLookup):
+                assert self.spf is not None
+                gathered.spf = await self.spf.check(
+                    lookup.client_address, lookup.sender, lookup.helo
+                )
+            else:
+                triplet, network = await self.store.greylist_lookup(
+                    lookup.triplet_key, lookup.client_network
+                )
+                gathered.greylist = GreylistRecords(triplet, network)
+        except (StoreError, dns.exception.DNSException) as exc:
+            failure = _unavailable(exc)
+            if isinstance(lookup, DnsblLookup):
+                gathered.dnsbl = failure
+            elif isinstance(lookup, SpfLookup):
+                gathered.spf = failure
+            else:
+                gathered.greylist = failure
+
+    def _remember(self, instance: str, header: str) -> None:
         sent = self._sent_headers.get(instance)
         if sent is None:
             sent = set()
@@ -233,9 +242,4 @@ class Pipeline:
                 self._sent_headers.popitem(last=False)
         else:
             self._sent_headers.move_to_end(instance)
-        for header in headers:
-            name = header.text.partition(":")[0].strip().lower()
-            if name not in sent:
-                sent.add(name)
-                return Verdict(Action.PREPEND, rule, text=header.text)
-        return dunno(rule)
+        sent.add(header)

@@ -38,7 +38,7 @@ def is_outgoing(request: PolicyRequest, trusted: Sequence[Network]) -> bool:
 
 
 def decide_lists(request: PolicyRequest, lists: CompiledLists) -> Verdict:
-    """DESIGN.md's precedence table, steps A-D; NO_CHECKS when no list decides.
+    """docs/ARCHITECTURE.md "Precedence", steps A-D; NO_CHECKS when no list decides.
 
     A pass is DUNNO (never OK): it skips our spam checks but leaves Postfix's own
     restrictions, anti-relay above all, in force, since a sender address is forgeable.

@@ -13,7 +13,7 @@ from postwarden.config import Config
 from postwarden.policy.dnsbl import DnsblResult
 from postwarden.policy.list_entries import CompiledLists, parse_entry
 from postwarden.policy.live_lists import LiveLists, keep_lists_fresh
-from postwarden.policy.pipeline import Pipeline
+from postwarden.policy.pipeline import FailureLog, Pipeline
 from postwarden.policy.records import (
     ClientNetworkRecord,
     ListChange,
@@ -23,11 +23,16 @@ from postwarden.policy.records import (
 )
 from postwarden.policy.request import PolicyRequest
 from postwarden.policy.spf_check import SpfResult
-from postwarden.policy.verdict import Action, Rule, Verdict, dunno, prepend, reject
+from postwarden.policy.verdict import Action, Rule, Verdict, dunno, prepend
 from postwarden.store.base import Store, StoreError
 
 CLIENT = "192.0.2.10"
 SPF_HEADER = "Received-SPF: pass (example.org: 192.0.2.10 is permitted) client-ip=192.0.2.10"
+NOT_LISTED = DnsblResult()
+LISTED = DnsblResult(score=1, listed=(("dnsbl.test", "127.0.0.2"),))
+SPF_NONE = SpfResult("none", "no SPF record", "Received-SPF: none (no record) client-ip=192.0.2.10")
+SPF_PASS = SpfResult("pass", "sender SPF authorized", SPF_HEADER)
+SPF_FAIL = SpfResult("fail", "SPF fail - not authorized", "Received-SPF: fail x")
 
 
 class FakeStore(Store):
@@ -39,12 +44,13 @@ class FakeStore(Store):
         self.triplets: dict[str, TripletRecord] = {}
         self.networks: dict[str, ClientNetworkRecord] = {}
         self.failing = False
+        self.failing_calls: set[str] = set()  # fail only these calls
         self.forget_log = False
         self.calls: list[str] = []
 
     def _check(self, name: str) -> None:
         self.calls.append(name)
-        if self.failing:
+        if self.failing or name in self.failing_calls:
             raise StoreError("connection refused")
 
     async def add_list_entries(self, entries: Sequence[ListEntry]) -> int:
@@ -132,19 +138,21 @@ class FakeStore(Store):
 
 
 class FakeChecker:
-    """A DNSBL or SPF checker whose answer (a verdict or None) is set by the test."""
+    """A DNSBL or SPF checker whose answer is set by the test; it can be made to hang."""
 
-    def __init__(self, name: str, calls: list[str], answer: Verdict | None = None) -> None:
+    def __init__(self, name: str, calls: list[str], answer: object) -> None:
         self.name = name
         self.calls = calls
         self.answer = answer
-        self.delay = 0.0
+        self.hang = False  # wait until the request timeout cancels the check
+        self.entered = asyncio.Event()
         self.error: Exception | None = None
 
-    async def check(self, *args: str) -> Verdict | None:
+    async def check(self, *args: str) -> Any:
         self.calls.append(self.name)
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        self.entered.set()
+        if self.hang:
+            await asyncio.Event().wait()  # never set: only a cancellation ends this
         if self.error is not None:
             raise self.error
         return self.answer
@@ -156,11 +164,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def _identity(result: object) -> Verdict | None:
-    assert result is None or isinstance(result, Verdict)
-    return result
 
 
 def make_config(**sections: Any) -> Config:
@@ -192,8 +195,9 @@ class Rig:
         self.calls: list[str] = []
         self.store = FakeStore()
         self.clock = Clock()
-        self.dnsbl = FakeChecker("dnsbl", self.calls)
-        self.spf = FakeChecker("spf", self.calls)
+        self.dnsbl = FakeChecker("dnsbl", self.calls, NOT_LISTED)
+        self.spf = FakeChecker("spf", self.calls, SPF_NONE)
+        self.timers: list[tuple[float, asyncio.Timeout]] = []
         lists = CompiledLists.from_entries(ListEntry(n, parse_entry(e)) for n, e in entries)
         self.pipeline = Pipeline(
             cfg,
@@ -203,9 +207,14 @@ class Rig:
             self.spf,
             None,
             self.clock,
-            dnsbl_verdict=_identity,
-            spf_verdict=_identity,
+            request_timer=self.timer,
         )
+
+    def timer(self, seconds: float) -> asyncio.Timeout:
+        """The request timeout, never expiring by itself: the test expires it."""
+        timeout = asyncio.timeout(None)
+        self.timers.append((seconds, timeout))
+        return timeout
 
     async def evaluate(self, request: PolicyRequest) -> Verdict:
         return await self.pipeline.evaluate(request)
@@ -258,7 +267,7 @@ async def test_checks_run_in_order_dnsbl_spf_greylist() -> None:
 
 async def test_dnsbl_listing_stops_spf_and_greylisting() -> None:
     rig = Rig(make_config(**ALL_ON))
-    rig.dnsbl.answer = reject(Rule.DNSBL, "listed")
+    rig.dnsbl.answer = LISTED
     verdict = await rig.evaluate(rcpt())
     assert verdict.rule is Rule.DNSBL
     assert rig.calls == ["dnsbl"] and rig.store.calls == []
@@ -266,7 +275,7 @@ async def test_dnsbl_listing_stops_spf_and_greylisting() -> None:
 
 async def test_spf_fail_rejects_before_greylisting() -> None:
     rig = Rig(make_config(**ALL_ON))
-    rig.spf.answer = reject(Rule.SPF_FAIL, "SPF fail")
+    rig.spf.answer = SPF_FAIL
     verdict = await rig.evaluate(rcpt())
     assert verdict.rule is Rule.SPF_FAIL and verdict.action is Action.REJECT
     assert rig.calls == ["dnsbl", "spf"] and rig.store.calls == []
@@ -291,7 +300,7 @@ async def test_greylist_defers_then_passes_with_header_after_the_delay() -> None
 
 async def test_received_spf_wins_over_x_greylist_then_next_recipient_gets_the_other() -> None:
     rig = Rig(make_config(**ALL_ON))
-    rig.spf.answer = prepend(Rule.SPF, SPF_HEADER)
+    rig.spf.answer = SPF_PASS
     # Defer both recipients once, then let the delay pass.
     await rig.evaluate(rcpt(recipient="one@example.com"))
     await rig.evaluate(rcpt(recipient="two@example.com"))
@@ -309,7 +318,7 @@ async def test_received_spf_wins_over_x_greylist_then_next_recipient_gets_the_ot
 
 async def test_spf_header_is_not_repeated_for_each_recipient_of_one_message() -> None:
     rig = Rig(make_config(greylisting={"enabled": False}, spf={"enabled": True}))
-    rig.spf.answer = prepend(Rule.SPF, SPF_HEADER)
+    rig.spf.answer = SPF_PASS
     first = await rig.evaluate(rcpt(recipient="one@example.com"))
     second = await rig.evaluate(rcpt(recipient="two@example.com"))
     other_message = await rig.evaluate(rcpt(recipient="two@example.com", instance="other"))
@@ -331,6 +340,38 @@ async def test_store_error_answers_the_default_and_logs_once(
     assert not lines[0].exc_info  # an expected failure: no traceback
 
 
+async def test_a_failed_greylist_write_answers_the_default() -> None:
+    rig = Rig(make_config(spf={"enabled": True}))
+    rig.spf.answer = SPF_PASS
+    rig.store.failing_calls = {"greylist_update"}
+    kinds: list[str] = []
+    rig.pipeline.on_failure = kinds.append
+    assert await rig.evaluate(rcpt()) == dunno(Rule.DEFAULT)
+    assert kinds == ["store"]
+    rig.store.failing_calls = set()
+    rig.clock.now += 400
+    # The deferral was not stored: the retry is a new triplet again, deferred again.
+    assert (await rig.evaluate(rcpt())).rule is Rule.GREYLIST_DEFER
+
+
+async def test_each_failure_kind_is_logged_again_after_the_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(make_config())
+    monotonic = Clock()
+    rig.pipeline.failures = FailureLog(interval=60.0, clock=monotonic)
+    rig.store.failing = True
+    with caplog.at_level(logging.ERROR, logger="postwarden.policy.pipeline"):
+        await rig.evaluate(rcpt())
+        monotonic.now += 59
+        await rig.evaluate(rcpt())
+        monotonic.now += 1
+        await rig.evaluate(rcpt())
+    lines = [r.getMessage() for r in caplog.records if "store failure" in r.getMessage()]
+    assert len(lines) == 2
+    assert lines[1].endswith("(1 more since last logged)")
+
+
 async def test_default_action_comes_from_the_config() -> None:
     rig = Rig(make_config(policyd={"default_action": "DEFER_IF_PERMIT"}))
     rig.store.failing = True
@@ -339,12 +380,18 @@ async def test_default_action_comes_from_the_config() -> None:
 
 
 async def test_slow_check_hits_request_timeout_and_answers_default() -> None:
-    rig = Rig(make_config(policyd={"request_timeout": 0.05}, **ALL_ON))
-    rig.dnsbl.delay = 5.0
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    assert await rig.evaluate(rcpt()) == dunno(Rule.DEFAULT)
-    assert loop.time() - started < 1.0
+    rig = Rig(make_config(policyd={"request_timeout": 8.0}, **ALL_ON))
+    rig.dnsbl.hang = True
+    kinds: list[str] = []
+    rig.pipeline.on_failure = kinds.append
+    judged = asyncio.create_task(rig.evaluate(rcpt()))
+    await asyncio.wait_for(rig.dnsbl.entered.wait(), 5)  # a bound, never reached
+    [(seconds, timeout)] = rig.timers
+    assert seconds == 8.0  # the configured policyd.request_timeout
+    timeout.reschedule(asyncio.get_running_loop().time())  # the deadline passes now
+    assert await asyncio.wait_for(judged, 5) == dunno(Rule.DEFAULT)
+    assert kinds == ["timeout"]
+    assert rig.calls == ["dnsbl"] and rig.store.calls == []
 
 
 async def test_unexpected_exception_answers_default_with_one_traceback(
@@ -407,15 +454,21 @@ async def test_store_outage_keeps_the_last_good_lists() -> None:
     live = LiveLists()
     await live.reload(store)
     store.failing = True
-    task = asyncio.create_task(keep_lists_fresh(live, store, 0.01))
-    await asyncio.sleep(0.05)
+    store.calls.clear()
+    # Interval 0: the refresher only yields between refreshes, so the test never waits.
+    task = asyncio.create_task(keep_lists_fresh(live, store, 0))
+    for _ in range(100):
+        if store.calls.count("version") >= 3:
+            break
+        await asyncio.sleep(0)
+    assert store.calls.count("version") >= 3  # three refreshes failed meanwhile
     assert live.current.forbidden.contains_ip(CLIENT)
     store.failing = False
     await store.add_list_entries([ListEntry(ListName.FORBIDDEN, parse_entry("198.51.100.7"))])
     for _ in range(100):
         if live.current.forbidden.contains_ip("198.51.100.7"):
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
     task.cancel()
     assert live.current.forbidden.contains_ip("198.51.100.7")
     assert live.current.forbidden.contains_ip(CLIENT)
@@ -460,8 +513,8 @@ async def test_lists_unreachable_at_start_are_loaded_on_first_refresh() -> None:
 async def test_default_wiring_uses_dnsbl_and_spf_verdict_functions() -> None:
     cfg = make_config(**ALL_ON)
     calls: list[str] = []
-    dnsbl_fake = FakeChecker("dnsbl", calls)
-    spf_fake = FakeChecker("spf", calls)
+    dnsbl_fake = FakeChecker("dnsbl", calls, NOT_LISTED)
+    spf_fake = FakeChecker("spf", calls, SPF_NONE)
     pipeline = Pipeline(
         cfg,
         FakeStore(),

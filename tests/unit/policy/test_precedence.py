@@ -1,4 +1,4 @@
-"""The list precedence table of DESIGN.md (steps A-D), and who counts as outgoing."""
+"""The list precedence of docs/ARCHITECTURE.md "Precedence" (steps A-D), and who is outgoing."""
 
 from __future__ import annotations
 

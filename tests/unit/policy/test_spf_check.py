@@ -121,9 +121,11 @@ async def test_closing_the_checker_on_reload_still_answers_queued_checks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     release = threading.Event()
+    started = threading.Event()
 
     def slow(_resolver: object, ip: str, identity: str, *_rest: object) -> SpfResult:
-        release.wait(5)
+        started.set()
+        release.wait(5)  # a bound, never reached: the test sets it
         return SpfResult("pass", "ok", f"Received-SPF: pass client-ip={ip}")
 
     monkeypatch.setattr(spf_check, "_evaluate", slow)
@@ -132,8 +134,47 @@ async def test_closing_the_checker_on_reload_still_answers_queued_checks(
     )
     running = asyncio.ensure_future(checker.check("192.0.2.1", "a@example.org", "h"))
     queued = asyncio.ensure_future(checker.check("192.0.2.2", "b@example.org", "h"))
-    await asyncio.sleep(0.05)  # one check in the only thread, one waiting for it
+    # One check in the only thread (the other, handed in with it, waits for that thread).
+    assert await asyncio.to_thread(started.wait, 5)
     checker.close()  # what a SIGHUP reload does to the old checker
     release.set()
     results = await asyncio.wait_for(asyncio.gather(running, queued), 5)
     assert [r.result for r in results] == ["pass", "pass"]
+
+
+async def test_no_result_within_the_time_budget_is_temperror(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    release = threading.Event()
+    started = threading.Event()
+    timers: list[tuple[float, asyncio.Timeout]] = []
+
+    def hanging(*_args: object) -> SpfResult:
+        started.set()
+        release.wait(5)  # a bound, never reached: the test sets it
+        return SpfResult("pass", "too late", "Received-SPF: pass")
+
+    def timer(seconds: float) -> asyncio.Timeout:
+        timeout = asyncio.timeout(None)  # never expires by itself: the test expires it
+        timers.append((seconds, timeout))
+        return timeout
+
+    monkeypatch.setattr(spf_check, "_evaluate", hanging)
+    checker = spf_check.SpfChecker(
+        SpfConfig(enabled=True, timeout=4),
+        DnsConfig(nameservers=["127.0.0.1"]),
+        receiver="mx.example.org",
+        workers=1,
+        timer=timer,
+    )
+    checking = asyncio.ensure_future(checker.check("192.0.2.1", "a@example.org", "h"))
+    assert await asyncio.to_thread(started.wait, 5)
+    [(seconds, timeout)] = timers
+    assert seconds == 4  # spf.timeout
+    timeout.reschedule(asyncio.get_running_loop().time())  # the budget runs out now
+    result = await asyncio.wait_for(checking, 5)
+    release.set()
+    checker.close()
+    assert result.result == "temperror"
+    assert result.received_spf.startswith("Received-SPF: temperror")
+    assert 'problem="no result within 4.0s"' in result.received_spf
