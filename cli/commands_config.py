@@ -142,15 +142,48 @@ def _plain(value: Any) -> str:
     return json.dumps(value)
 
 
+def _lines(value: Any, fields: list[str] | None) -> list[str]:
+    """A value as lines for a shell loop: a list one item per line (a single value is one
+    item, an unset one none), each item plain; with `fields`, the named fields of each table
+    item, tab-separated (defaults included).
+
+    ValueError when an item is not a scalar, or (with fields) not a table with those fields."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    if fields is None:
+        if any(isinstance(item, dict | list) for item in items):
+            raise ValueError("is not a list of single values (try --fields or --json)")
+        return [_plain(item) for item in items]
+    lines = []
+    for item in items:
+        if not isinstance(item, dict) or any(f not in item for f in fields):
+            raise ValueError(f"has no field(s) {', '.join(fields)} in every item")
+        lines.append("\t".join(_plain(item[f]) for f in fields))
+    return lines
+
+
 @config_group.command("get")
 @click.argument("key")
 @click.option("--json", "as_json", is_flag=True, help="Print the value as JSON, even a scalar.")
+@click.option(
+    "--lines",
+    "as_lines",
+    is_flag=True,
+    help="Print a list one item per line, each plain (a single value: one line, unset: none).",
+)
+@click.option(
+    "--fields",
+    metavar="NAME,...",
+    help="Print these fields of each table in a list (or of one table), tab-separated, "
+    "one line per table (e.g. dkim.keys --fields domain,selector,algorithm,key).",
+)
 @pass_cli
-def get(cli_ctx: CliContext, key: str, as_json: bool) -> None:
+def get(cli_ctx: CliContext, key: str, as_json: bool, as_lines: bool, fields: str | None) -> None:
     """Print the effective value of KEY (e.g. mail.hostname), defaults included.
 
-    Scalars print plain (true/false, an empty line when unset), lists and tables as JSON.
-    An unknown key exits 2.
+    Scalars print plain (true/false, an empty line when unset), lists and tables as JSON;
+    --lines and --fields print lists for shell loops. An unknown key exits 2.
     """
     cfg = cli_ctx.config()
     try:
@@ -162,6 +195,16 @@ def get(cli_ctx: CliContext, key: str, as_json: bool) -> None:
             err=True,
         )
         raise SystemExit(EXIT_USAGE) from None
+    if as_lines or fields is not None:
+        names = [f.strip() for f in fields.split(",") if f.strip()] if fields else None
+        try:
+            lines = _lines(value, names)
+        except ValueError as exc:
+            click.echo(f"error: {key!r} {exc}", err=True)
+            raise SystemExit(EXIT_USAGE) from None
+        for line in lines:
+            click.echo(line)
+        return
     click.echo(json.dumps(value) if as_json else _plain(value))
 
 

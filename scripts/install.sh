@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Turn a fresh Debian 12 host into the running postwarden gateway:
-#   Debian's Postfix + Dovecot (imapd, pop3d, lmtpd), postwarden in a venv at /opt/postwarden,
+#   Debian's Postfix + Dovecot (imapd, pop3d, lmtpd), postwarden (a wheel) in a venv at /opt/postwarden,
 #   the service user `postwarden`, /etc/postwarden/postwarden.toml (written once, never
 #   overwritten), the SQLite store in /var/lib/postwarden, a self-signed TLS pair and a DKIM
 #   key when none exist, the Postfix/Dovecot config rendered and applied, and the services
 #   running: systemd units when systemd is PID 1, else Debian's init scripts and
 #   start-stop-daemon (CI machines, containers). Run as root from a checkout:
 #       sudo scripts/install.sh
-# Idempotent: a second run changes nothing and says so.
+# Idempotent: a second run changes nothing and says so. postwarden itself is a wheel built
+# from the checkout; a run from changed sources upgrades it in place (and says so).
 # Environment: POSTWARDEN_HOSTNAME, POSTWARDEN_DOMAIN (first install only; default from
 # `hostname -f`), POSTWARDEN_SKIP_DEPS=1 (packages already installed).
 set -euo pipefail
@@ -128,7 +129,9 @@ elif ! cmp -s "$SRC/scripts/logrotate/postwarden-mail" /etc/logrotate.d/postward
 fi
 
 # --- 3. postwarden in its own venv -------------------------------------------------------
-# The installed copy lives in $APP (templates included), independent of this checkout.
+# A wheel built from this checkout (templates and the shipped lists are package data), so
+# the installed copy is independent of the checkout. Built from a clean copy: nothing a
+# build left in the checkout (build/, *.egg-info) can end up in the wheel.
 APP_PATHS=()
 for p in pyproject.toml README.md postwarden policyd milterd cli postfix-config dovecot-config; do
     [[ -e $SRC/$p ]] && APP_PATHS+=("$p")
@@ -146,26 +149,61 @@ if [[ -e $VENV/pyvenv.cfg ]] && ! grep -qx "home = $(dirname "$PYTHON")" "$VENV/
     rm -rf "$VENV"
     changed "removed $VENV (made by another interpreter than $PYTHON)"
 fi
-if [[ $want != "$have" || ! -x $BIN ]]; then
+# Scratch space for the wheel build and the rendered config, removed on any exit.
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+# An editable install (what install.sh made before the wheel) is replaced by the wheel.
+editable=0
+if [[ -x $VENV/bin/pip ]] \
+    && "$VENV/bin/pip" show postwarden 2>/dev/null | grep -q '^Editable project location:'; then
+    editable=1
+fi
+if [[ $want != "$have" || ! -x $BIN ]] || ((editable)); then
     install -d -m 0755 "$PREFIX"
-    rm -rf "$APP.new"
-    install -d -m 0755 "$APP.new"
-    (cd "$SRC" && cp -a --parents "${APP_PATHS[@]}" "$APP.new"/)
-    # pyproject.toml names README.md as the long description; the build needs the file.
-    [[ -e $APP.new/README.md ]] || echo "postwarden" >"$APP.new/README.md"
-    find "$APP.new" -name __pycache__ -prune -exec rm -rf {} +
-    rm -rf "$APP" && mv "$APP.new" "$APP"
     [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
-    # Editable from $APP so the Postfix/Dovecot templates next to the code are found.
+    before=$("$VENV/bin/pip" show postwarden 2>/dev/null | awk '/^Version:/ {print $2}' || true)
+    install -d "$WORK/src" "$WORK/dist"
+    # cp -a keeps postwarden/appliance/templates/ as links; their targets are copied too.
+    (cd "$SRC" && cp -a --parents "${APP_PATHS[@]}" "$WORK/src"/)
+    # pyproject.toml names README.md as the long description; the build needs the file.
+    [[ -e $WORK/src/README.md ]] || echo "postwarden" >"$WORK/src/README.md"
+    find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
+    # The wheel's dependencies are installed as pip resolves them; postwarden itself is then
+    # reinstalled even at the same version number, so the new code replaces the old in place.
     # pip's build chatter goes to a log, shown only when the install fails.
+    wheel=""
     if ! { "$VENV/bin/pip" install --quiet --upgrade pip \
-        && "$VENV/bin/pip" install --quiet -e "$APP"; } >"$PREFIX/pip.log" 2>&1; then
+        && "$VENV/bin/pip" wheel --quiet --no-deps --wheel-dir "$WORK/dist" "$WORK/src" \
+        && wheel=$(find "$WORK/dist" -name 'postwarden-*.whl' -print -quit) && [[ -n $wheel ]] \
+        && "$VENV/bin/pip" install --quiet "$wheel" \
+        && "$VENV/bin/pip" install --quiet --force-reinstall --no-deps "$wheel"; } \
+        >"$PREFIX/pip.log" 2>&1; then
         cat "$PREFIX/pip.log" >&2
         die "pip install of postwarden failed (log: $PREFIX/pip.log)"
     fi
+    # The source copy the editable install ran from is no longer used.
+    if [[ -e $APP ]]; then
+        rm -rf "$APP"
+        say "removed $APP (the editable install's source copy)"
+    fi
     echo "$want" >"$PREFIX/.source-sha256"
     restart_daemons=1
-    changed "installed postwarden $("$BIN" --version | awk '{print $NF}') into $VENV"
+    version=$("$BIN" --version | awk '{print $NF}')
+    if ((editable)); then
+        changed "upgraded postwarden $version in place in $VENV: the wheel" \
+            "$(basename "$wheel") replaces the editable install"
+    elif [[ -n $before ]]; then
+        [[ $before == "$version" ]] && from="new code, same version" || from="was $before"
+        changed "upgraded postwarden $version in place in $VENV ($from;" \
+            "wheel $(basename "$wheel") built from $SRC)"
+    else
+        changed "installed postwarden $version into $VENV (wheel $(basename "$wheel"))"
+    fi
+fi
+# The README that the units' Documentation= names.
+if [[ -e $SRC/README.md ]] && ! cmp -s "$SRC/README.md" "$PREFIX/README.md"; then
+    install -m 0644 "$SRC/README.md" "$PREFIX/README.md"
+    changed "installed $PREFIX/README.md"
 fi
 if [[ $(readlink /usr/local/bin/postwarden 2>/dev/null) != "$BIN" ]]; then
     ln -sfn "$BIN" /usr/local/bin/postwarden
@@ -193,7 +231,8 @@ pw config check >/dev/null || die "$CONFIG is not valid (see above); fix it and 
 # Postfix or Dovecot (greylisting, DNSBL, SPF, DKIM keys) still needs them restarted.
 config_sum=$(sha256sum "$CONFIG" | cut -d' ' -f1)
 [[ $config_sum == "$(cat "$PREFIX/.config-sha256" 2>/dev/null || true)" ]] || restart_daemons=1
-hostname_cfg=$("$PYTHON" -c 'import sys,tomllib; print(tomllib.load(open(sys.argv[1],"rb")).get("mail",{}).get("hostname","localhost"))' "$CONFIG")
+# Values come through postwarden's own config model (defaults included), never the TOML.
+hostname_cfg=$(pw config get mail.hostname) || die "cannot read mail.hostname (config get)"
 
 # Dovecot's passwd-file of mailbox users: `user@domain:{SCHEME}hash::::::` per line.
 if [[ ! -e $ETC/users ]]; then
@@ -214,16 +253,11 @@ if [[ ! -s $ETC/tls/self-signed.crt || ! -s $ETC/tls/self-signed.key ]] \
     changed "generated a self-signed certificate for $hostname_cfg"
 fi
 
-missing_keys=$("$PYTHON" - "$CONFIG" <<'EOF'
-import os, sys, tomllib
-cfg = tomllib.load(open(sys.argv[1], "rb"))
-for k in cfg.get("dkim", {}).get("keys", []):
-    if not os.path.exists(k["key"]):
-        print(k["domain"], k["selector"], k.get("algorithm", "rsa-sha256"), k["key"])
-EOF
-)
-while read -r domain selector algorithm keyfile; do
-    [[ -n $domain ]] || continue
+dkim_keys=$(pw config get dkim.keys --fields domain,selector,algorithm,key) \
+    || die "cannot read dkim.keys (config get)"
+# Only the keys whose file is missing are generated.
+while IFS=$'\t' read -r domain selector algorithm keyfile; do
+    [[ -n $domain && ! -e $keyfile ]] || continue
     keydir=$(dirname "$keyfile")
     install -d -o "$USER_NAME" -g "$USER_NAME" -m 0700 "$keydir"
     # keygen writes <dir>/<domain>.<selector>.key (0600); the config may name another file.
@@ -236,14 +270,13 @@ while read -r domain selector algorithm keyfile; do
     restart_daemons=1
     changed "generated DKIM key $keyfile ($domain, selector $selector, $algorithm);" \
         "publish the record \`postwarden dkim dns $domain\` prints"
-done <<<"$missing_keys"
+done <<<"$dkim_keys"
 
 # --- 6. Postfix and Dovecot configuration ----------------------------------------------------
 # Render to a scratch directory first: when every file already matches what is live, there
 # is nothing to apply. Otherwise `config apply` checks (postfix check, doveconf -n), installs
 # and reloads; a failing check leaves the running configuration untouched.
-scratch=$(mktemp -d)
-trap 'rm -rf "$scratch"' EXIT
+scratch=$WORK/rendered
 pw config render --to "$scratch" >/dev/null
 config_differs=0
 while IFS= read -r -d '' f; do
@@ -268,13 +301,14 @@ fi
 # connect as user postfix, which also proves the group and mode let Postfix in.
 wait_until_postfix_reaches_daemons() { # hint for the error
     local sock deadline=$((SECONDS + 15))
-    for sock in $("$VENV/bin/python" -c '
-import sys
-from postwarden.config import load_config
-c = load_config(sys.argv[1])
-for a in [*c.policyd.listen, c.policyd.aliases_listen, *c.milterd.listen]:
-    if a is not None and a.kind == "unix":
-        print(a.path)' "$CONFIG"); do
+    local key addr addrs sockets=()
+    for key in policyd.listen policyd.aliases_listen milterd.listen; do
+        addrs=$(pw config get --lines "$key") || die "cannot read $key (config get)"
+        for addr in $addrs; do
+            if [[ $addr == unix:* ]]; then sockets+=("${addr#unix:}"); fi
+        done
+    done
+    for sock in "${sockets[@]}"; do
         until runuser -u postfix -- "$PYTHON" -c \
             'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' \
             "$sock" 2>/dev/null; do

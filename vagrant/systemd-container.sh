@@ -76,7 +76,7 @@ chmod 0755 "$MACHINE_DIR/usr/sbin/policy-rc.d"
     /tmp/venv/bin/pip install -q --upgrade pip
     mkdir /tmp/src
     cp -a /src/pyproject.toml /src/README.md /src/postwarden /src/policyd /src/milterd \
-        /src/cli /tmp/src/
+        /src/cli /src/postfix-config /src/dovecot-config /tmp/src/
     /tmp/venv/bin/pip wheel -q -w /wheels pip setuptools wheel /tmp/src
     rm -f /wheels/postwarden-*.whl
 ' >"$LOG" 2>&1 || die_with_log "packages or wheels inside the machine"

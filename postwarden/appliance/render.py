@@ -1,16 +1,22 @@
 """Postfix and Dovecot configuration rendered from the one config.
 
 The templates in `postfix-config/` and `dovecot-config/` are data; this module only computes
-the values that fill them. Product settings come from `Config`; where things live on disk
-(config dirs, queue, sockets, chroot, test port overrides) comes from a `Layout`, so the
-appliance and the private test instance render from the same templates.
+the values that fill them. They ship as package data of `postwarden.appliance` (its
+`templates/postfix` and `templates/dovecot` link to those folders, and a wheel holds them as
+files), so an installed wheel renders without a source checkout. Product settings come from
+`Config`; where things live on disk (config dirs, queue, sockets, chroot, test port
+overrides) comes from a `Layout`, so the appliance and the private test instance render from
+the same templates.
 """
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from cryptography import x509
@@ -21,9 +27,9 @@ from postwarden.config.mail import MailConfig, RelayServer, parse_client_pattern
 from postwarden.config.model import Config
 from postwarden.config.types import IPNetwork, ListenAddress
 
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]
-POSTFIX_TEMPLATES = _PROJECT_ROOT / "postfix-config"
-DOVECOT_TEMPLATES = _PROJECT_ROOT / "dovecot-config"
+_TEMPLATES = resources.files("postwarden.appliance") / "templates"
+POSTFIX_TEMPLATES = _TEMPLATES / "postfix"
+DOVECOT_TEMPLATES = _TEMPLATES / "dovecot"
 
 # Files holding secrets (relay passwords): written 0600, never printed.
 SECRET_FILES = frozenset({"postfix/relay_passwords"})
@@ -175,8 +181,13 @@ def check_tls_files(cfg: Config) -> None:
         )
 
 
-def _template(directory: Path, name: str) -> _Template:
-    return _Template((directory / name).read_text(encoding="utf-8"))
+def _template(directory: Traversable, name: str) -> _Template:
+    return _Template(directory.joinpath(name).read_text(encoding="utf-8"))
+
+
+def _postfix_seconds(seconds: float) -> str:
+    """A Postfix time value: whole seconds, rounded up (Postfix takes no fractions), >= 1s."""
+    return f"{max(1, math.ceil(seconds))}s"
 
 
 def _table(entries: list[tuple[str, str]]) -> str:
@@ -455,8 +466,13 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
     smuggling = mail.smuggling_protection
 
     # An empty policyd socket (test instances without policyd) leaves the policy check out.
+    # Postfix waits as long as policyd may take for one request, and when policyd does not
+    # answer at all it acts as policyd would have on a failure: both follow the config.
+    policy_timeout = _postfix_seconds(cfg.policyd.request_timeout)
+    policy_default = cfg.policyd.default_action
     policy_check = (
-        f",\n    check_policy_service {{ {policyd}, timeout=10s, default_action=DUNNO }}"
+        f",\n    check_policy_service {{ {policyd}, timeout={policy_timeout}, "
+        f"default_action={policy_default} }}"
         if policyd
         else ""
     )
@@ -496,6 +512,9 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
         "sender_bcc_maps": f"texthash:{conf}/sender_bcc",
         "client_restrictions": client_restrictions,
         "policy_check": policy_check,
+        "policy_default_action": policy_default,
+        # Postfix keeps an idle connection to policyd no longer than policyd keeps it open.
+        "policy_max_idle": _postfix_seconds(cfg.policyd.idle_timeout),
         "xclient_hosts": " ".join(layout.xclient_hosts),
         "auth_socket": layout.postfix_path(layout.auth_socket),
         "tls_only_auth": "yes" if mail.tls_only_auth else "no",

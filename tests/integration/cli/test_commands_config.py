@@ -215,6 +215,53 @@ def test_get_reads_the_defaults_without_a_file(tmp_path: Path) -> None:
     assert result.stdout == "sqlite:///var/lib/postwarden/state.db\n"
 
 
+def test_get_lines_prints_a_list_one_plain_item_per_line(tmp_path: Path) -> None:
+    path = write(tmp_path, '[policyd]\nlisten = ["unix:/run/a.sock", "inet:127.0.0.1:10040"]\n')
+    result = run(path, "config", "get", "--lines", "policyd.listen")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "unix:/run/a.sock\ninet:127.0.0.1:10040\n"
+    # A single value is one item, an unset optional one none, an empty list no line.
+    one = run(path, "config", "get", "--lines", "milterd.listen[0]")
+    assert (one.exit_code, one.stdout) == (0, "unix:/run/postwarden/milterd.sock\n")
+    unset = run(path, "config", "get", "--lines", "policyd.aliases_listen")
+    assert (unset.exit_code, unset.stdout) == (0, "")
+    empty = run(path, "config", "get", "--lines", "mail.additional_domains")
+    assert (empty.exit_code, empty.stdout) == (0, "")
+
+
+def test_get_fields_prints_each_table_tab_separated_with_defaults(tmp_path: Path) -> None:
+    # The DKIM keys as install.sh reads them: the algorithm is the model's default here.
+    path = write(
+        tmp_path,
+        '[[dkim.keys]]\ndomain = "example.com"\nselector = "s1"\nkey = "/k/a b.key"\n'
+        '[[dkim.keys]]\ndomain = "example.org"\nselector = "s2"\n'
+        'algorithm = "ed25519-sha256"\nkey = "/k/b.key"\n',
+    )
+    result = run(path, "config", "get", "dkim.keys", "--fields", "domain,selector,algorithm,key")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        "example.com\ts1\trsa-sha256\t/k/a b.key\nexample.org\ts2\ted25519-sha256\t/k/b.key\n"
+    )
+    none = run(write(tmp_path, ""), "config", "get", "dkim.keys", "--fields", "domain")
+    assert (none.exit_code, none.stdout) == (0, "")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--lines", "mail.relays"],  # items are tables
+        ["--lines", "mail.tls"],  # a table
+        ["--fields", "name,nope", "mail.relays"],  # no such field
+        ["--fields", "name", "network.trusted"],  # items are not tables
+    ],
+)
+def test_get_lines_or_fields_of_the_wrong_shape_exits_2(tmp_path: Path, args: list[str]) -> None:
+    result = run(write(tmp_path, CONFIG), "config", "get", *args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ")
+
+
 @pytest.mark.parametrize(
     "key",
     ["mail.hostnam", "nope", "mail.hostname.x", "mail..hostname", "", "mail.relays[1]", "mail["],

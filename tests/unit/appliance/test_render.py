@@ -76,6 +76,26 @@ def test_mailbox_check_first_and_policyd_after_anti_relay() -> None:
     )
 
 
+def test_policy_check_takes_timeout_default_action_and_idle_time_from_policyd() -> None:
+    """What Postfix does when policyd is slow, silent or idle follows the [policyd] keys."""
+    defaults = main_cf()
+    assert "timeout=10s, default_action=DUNNO }" in defaults["smtpd_recipient_restrictions"]
+    assert defaults["smtpd_policy_service_default_action"] == "DUNNO"
+    assert defaults["smtpd_policy_service_max_idle"] == "300s"
+    policyd = {"request_timeout": 4, "default_action": "DEFER_IF_PERMIT", "idle_timeout": 60}
+    params = main_cf(parse_config({"policyd": policyd}))
+    assert "timeout=4s, default_action=DEFER_IF_PERMIT }" in params["smtpd_recipient_restrictions"]
+    assert params["smtpd_policy_service_default_action"] == "DEFER_IF_PERMIT"
+    assert params["smtpd_policy_service_max_idle"] == "60s"
+
+
+def test_fractional_policyd_seconds_round_up_to_whole_postfix_seconds() -> None:
+    # Postfix time values are whole seconds: rounding down could make Postfix give up first.
+    params = main_cf(parse_config({"policyd": {"request_timeout": 2.5, "idle_timeout": 0.2}}))
+    assert "timeout=3s," in params["smtpd_recipient_restrictions"]
+    assert params["smtpd_policy_service_max_idle"] == "1s"
+
+
 def test_unknown_mailboxes_in_our_domains_are_verified_at_rcpt() -> None:
     out = files(cfg(additional_domains=["example.org"], relay_domains=["in.example.net|10.0.0.1"]))
     assert out["postfix/mailbox_domains"] == (
