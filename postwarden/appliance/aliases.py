@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from postwarden.syntax.domain_names import DomainNameError, parse_domain_name
+
 # Postfix's virtual_alias_expansion_limit default is 1000 addresses per message.
 MAX_TARGETS = 1000
 # RFC 5321: local part 64, whole path 254 octets.
@@ -28,8 +30,6 @@ MAX_LOCAL_PART = 64
 MAX_ADDRESS = 254
 
 _LOCAL_RE = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
-_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 
 AliasKind = Literal["alias", "group", "copy", "external"]
 
@@ -48,9 +48,17 @@ def normalize_address(text: str, main_domain: str) -> str:
         raise AliasError(f"{text!r} is not a mail address (local part {local!r})")
     if len(local) > MAX_LOCAL_PART or len(value) > MAX_ADDRESS:
         raise AliasError(f"{text!r} is too long for a mail address")
-    if not _DOMAIN_RE.match(domain):
+    if not _is_plain_domain(domain):
         raise AliasError(f"{text!r} is not a mail address (domain {domain!r})")
     return value
+
+
+def _is_plain_domain(domain: str) -> bool:
+    """The one domain-name rule (postwarden.syntax.domain_names), spelled exactly as stored."""
+    try:
+        return parse_domain_name(domain) == domain
+    except DomainNameError:
+        return False
 
 
 def domain_of(address: str) -> str:

@@ -1,7 +1,7 @@
 """Verdicts: what postwarden decided about one request, as a value.
 
 A verdict carries the Postfix action, the SMTP codes, the human text and the rule that
-fired. Adapters turn it into bytes (`policyd.protocol.encode_verdict`); nothing else
+fired. Adapters turn it into bytes (`policyd.policy_codec.encode_verdict`); nothing else
 builds `action=` strings.
 """
 

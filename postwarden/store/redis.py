@@ -40,6 +40,7 @@ from postwarden.policy.records import (
     TripletRecord,
 )
 from postwarden.store.base import Store, StoreError
+from postwarden.syntax.endpoints import EndpointError, parse_port, split_host_port
 
 DEFAULT_CHANGE_LOG_LIMIT = 100_000
 PREFIX = "pw:"
@@ -669,13 +670,14 @@ def _host_ports(hosts: str, url: str) -> list[tuple[str, int]]:
     """Parse `h1:p1,h2:p2` (IPv6 in brackets); the port is required."""
     result = []
     for item in hosts.split(","):
-        host, colon, port = item.strip().rpartition(":")
-        host = host.strip("[]")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        try:
+            host, port_text = split_host_port(item.strip())
+            port = parse_port(port_text)
+        except EndpointError:
             raise ValueError(
                 f"store url {_redacted(url)!r}: {item!r} is not HOST:PORT (port 1-65535)"
-            )
-        result.append((host, int(port)))
+            ) from None
+        result.append((host, port))
     return result
 
 
