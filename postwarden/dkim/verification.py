@@ -22,6 +22,7 @@ import dns.resolver
 
 from postwarden.config.model import Config, DnsConfig
 from postwarden.dns.resolver import make_sync_resolver
+from postwarden.syntax.domain_names import DomainNameError, check_labels
 from postwarden.syntax.untrusted_text import sanitise
 
 log = logging.getLogger("postwarden.milterd")
@@ -139,22 +140,39 @@ def authserv_id(config: Config) -> str:
 
 # What may stand unquoted in a property. Everything here is sender-controlled (the tags of a
 # DKIM-Signature): a value that is not exactly this shape is left out, never passed through.
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PROPERTY_SHAPES = {
-    "header.d": re.compile(_DOMAIN),
-    "header.s": re.compile(_DOMAIN),  # a selector is dot-separated labels too (RFC 6376 3.1)
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_ALGORITHM = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
+def _record_name(value: str) -> bool:
+    """Dot-separated DNS labels, `_` allowed (the one label rule, postwarden.syntax)."""
+    try:
+        check_labels(value.lower(), underscore=True)
+    except DomainNameError:
+        return False
+    return True
+
+
+def _identity(value: str) -> bool:
     # [dot-atom local-part] "@" domain: atext holds no blank, ";", "(", quote or backslash.
-    "header.i": re.compile(rf"(?:{_ATOM}(?:\.{_ATOM})*)?@{_DOMAIN}"),
-    "header.a": re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*"),
+    local, at, domain = value.rpartition("@")
+    return (
+        bool(at) and (not local or _DOT_ATOM.fullmatch(local) is not None) and _record_name(domain)
+    )
+
+
+_PROPERTY_SHAPES: dict[str, Callable[[str], bool]] = {
+    "header.d": _record_name,
+    "header.s": _record_name,  # a selector is dot-separated labels too (RFC 6376 3.1)
+    "header.i": _identity,
+    "header.a": lambda value: _ALGORITHM.fullmatch(value) is not None,
 }
 # A header longer than this is folded between its results (Postfix would cut it at 998).
 _FOLD_AT = 900
 
 
 def _property(name: str, value: str) -> str | None:
-    return f"{name}={value}" if value and _PROPERTY_SHAPES[name].fullmatch(value) else None
+    return f"{name}={value}" if value and _PROPERTY_SHAPES[name](value) else None
 
 
 def quoted_string(text: str) -> str:
