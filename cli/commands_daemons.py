@@ -17,7 +17,7 @@ from cli.context import CliContext, pass_cli
 @pass_cli
 def policyd(cli_ctx: CliContext, workers: int | None) -> None:
     """Run the Postfix policy server (check_policy_service) until SIGTERM."""
-    from policyd.server import run
+    from policyd.supervisor import run
     from postwarden.config.loading import config_path
 
     cfg = cli_ctx.config()  # a bad file: file, key and reason on stderr, exit 2

@@ -6,25 +6,24 @@ import logging
 
 import click
 
-from cli.context import EXIT_USAGE, CliContext, pass_cli
+from cli.context import CliContext, pass_cli
 
 
 @click.command("milterd")
 @pass_cli
 def milterd(cli_ctx: CliContext) -> None:
     """Run the DKIM milter (Postfix smtpd_milters, protocol 6) until SIGTERM."""
-    from milterd.server import MilterdStartError, run
+    from milterd.server import run
+    from postwarden.daemon.log_lines import setup_logging
+    from postwarden.daemon.startup import StartupError, log_startup_failure
 
     cfg = cli_ctx.config()  # a bad file: file, key and reason on stderr, exit 2
-    logging.basicConfig(
-        level=cfg.milterd.log_level.upper(),
-        format="%(asctime)s milterd[%(process)d] %(levelname)s %(message)s",
-    )
+    # Unbuffered: libmilter's threads have no housekeeping task that would flush a batch.
+    setup_logging(cfg.milterd.log_level, buffered=False)
     try:
         code = run(cfg)
-    except MilterdStartError as exc:
-        click.echo(f"milterd: {exc}", err=True)
-        raise SystemExit(EXIT_USAGE) from None
+    except StartupError as exc:
+        code = log_startup_failure(logging.getLogger("postwarden.milterd"), "milterd", exc)
     raise SystemExit(code)
 
 

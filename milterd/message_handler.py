@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from postwarden.config.model import Config
 from postwarden.config.types import IPNetwork
@@ -57,9 +58,21 @@ class MessageFault(Exception):
     """This message cannot be handled as configured: answer per `milterd.on_error`."""
 
 
+class MessageRule(StrEnum):
+    """What decided what milterd did with a message: the `rule=` of its log line."""
+
+    SIGN = "sign"  # outgoing (login, trusted network or local) and signed
+    NO_KEY = "no_key"  # outgoing, no key for the From: domain: passed on unsigned
+    SIGN_OFF = "sign_off"  # outgoing, dkim.sign is off: unsigned
+    FROM_MISMATCH = "from_mismatch"  # the login may not use the From: address
+    VERIFY = "verify"  # inbound: signatures checked, Authentication-Results added
+    VERIFY_OFF = "verify_off"  # inbound, dkim.verify is off: passed on as it is
+
+
 @dataclass
 class Changes:
-    """What the MTA is to do with the message, in the order the adapter applies it.
+    """What the MTA is to do with the message, in the order the adapter applies it, and
+    what the message's log line says about it (`log_fields()`).
 
     Header values are as the milter API holds them: no leading space, folds as LF.
     """
@@ -71,7 +84,39 @@ class Changes:
     refold: list[tuple[str, int, str]] = field(default_factory=list)
     body: bytes | None = None  # the new body, when long lines had to be broken
     reject: str | None = None  # "550 5.7.1 <this text>" instead of delivery
-    summary: str = ""
+    rule: MessageRule = MessageRule.SIGN
+    # The DKIM domain: the d= we signed with or of each signature checked; for mail left
+    # unsigned (or without signatures), the From: domain. None: no From: domain either.
+    domains: tuple[str, ...] = ()
+    selectors: tuple[str, ...] = ()  # the s= of each signature added or checked
+    # signed | unsigned | rejected (outgoing); pass | fail | none | temperror | permerror |
+    # neutral | policy per signature checked, or unverified (inbound)
+    dkim: str = "none"
+
+    def log_fields(self) -> tuple[tuple[str, str], ...]:
+        """`domain=, selector=, dkim=, rule=` and, when they happened, `long_lines=broken`
+        (lines over 998 octets broken as Postfix would) and `forged_ar_removed=N`.
+
+        Several signatures: their values joined by "/", in order. A value not known: "-".
+        """
+        fields = [
+            ("domain", "/".join(self.domains) or "-"),
+            ("selector", "/".join(self.selectors) or "-"),
+            ("dkim", self.dkim),
+            ("rule", self.rule.value),
+        ]
+        if self.body is not None or self.refold:
+            fields.append(("long_lines", "broken"))
+        if self.remove_results:
+            fields.append(("forged_ar_removed", str(len(self.remove_results))))
+        return tuple(fields)
+
+    @property
+    def summary(self) -> str:
+        """The log fields as one line of text (sanitised: the sender chose some of them)."""
+        return ", ".join(
+            f"{name}={sanitise(value, LOG_LIMIT)}" for name, value in self.log_fields()
+        )
 
 
 @dataclass
@@ -180,10 +225,11 @@ class MessageHandler:
         elif self.verify_enabled:
             changes = self._verify(envelope, headers, body)
         else:
-            changes = Changes(summary=f"{_from_text(headers)}, not verified: dkim.verify is off")
+            changes = Changes(
+                rule=MessageRule.VERIFY_OFF, domains=_from_domains(headers), dkim="unverified"
+            )
         if forged and changes.reject is None:
             changes.remove_results = forged
-            changes.summary += f"; removed {len(forged)} forged {AR_HEADER}"
         return changes
 
     def forged(self, headers: Sequence[tuple[bytes, bytes]]) -> list[int]:
@@ -196,7 +242,7 @@ class MessageHandler:
         dkim_headers = [[name, _header_value(value)] for name, value in headers]
         domain = from_domain(dkim_headers)
         address = from_address(dkim_headers)
-        shown = _from_text(headers, domain)
+        shown = () if domain is None else (domain,)
         login = envelope.auth_authen
         if login and (domain is None or address is None or not self._may_use(envelope, address)):
             what = (
@@ -205,11 +251,15 @@ class MessageHandler:
                 else f"From: address in domain {_reply_domain(domain)} is not one this login "
                 "may use"
             )
-            if self.config.milterd.from_mismatch == "reject":
-                return Changes(reject=what, summary=f"{shown}, rejected: {what}")
-            return Changes(summary=f"{shown}, not signed: {what} (from_mismatch=unsigned)")
+            rejected = self.config.milterd.from_mismatch == "reject"
+            return Changes(
+                reject=what if rejected else None,
+                rule=MessageRule.FROM_MISMATCH,
+                domains=shown,
+                dkim="rejected" if rejected else "unsigned",
+            )
         if not self.sign_enabled:
-            return Changes(summary=f"{shown}, not signed: dkim.sign is off")
+            return Changes(rule=MessageRule.SIGN_OFF, domains=shown, dkim="unsigned")
         if domain is None:
             raise MessageFault("outgoing message without a single parsable From address")
         # The most specific domain with any configured key decides, as in keys_for_domain.
@@ -220,7 +270,7 @@ class MessageHandler:
                 break
         chosen = keys_for_domain(domain, self.keys, subdomains=self.subdomains)
         if chosen is None:
-            return Changes(summary=f"{shown}, not signed: no key for {sanitise(domain, LOG_LIMIT)}")
+            return Changes(rule=MessageRule.NO_KEY, domains=shown, dkim="unsigned")
         signing_domain, keys = chosen
         include = sign_headers_for(dkim_headers)
         refold = _refold(headers, frozenset(include))
@@ -233,15 +283,14 @@ class MessageHandler:
         except SigningError as exc:
             raise MessageFault(str(exc)) from None
         add = [("DKIM-Signature", _milter_value(sig.value)) for sig in signatures]
-        selectors = ",".join(f"{s.selector}/{s.algorithm}" for s in signatures)
-        summary = f"{shown}, signed d={signing_domain} s={selectors}"
-        if refold or new_body is not None:
-            summary += " (lines over 998 octets broken as Postfix would)"
         return Changes(
             add=add,
             refold=_by_name(headers, refold),
             body=new_body,
-            summary=summary,
+            rule=MessageRule.SIGN,
+            domains=tuple(signing_domain for _ in signatures),
+            selectors=tuple(s.selector for s in signatures),
+            dkim="signed",
         )
 
     def _may_use(self, envelope: Envelope, address: str) -> bool:
@@ -263,21 +312,27 @@ class MessageHandler:
                     raise MessageFault(f"d={item.domain} s={item.selector}: {item.reason}")
         log_results(results, envelope.queue_id)
         value = results_header(self.server_id, results)
-        verdicts = " ".join(
-            f"dkim={r.result}" + (f" d={sanitise(r.domain, LOG_LIMIT)}" if r.domain else "")
-            for r in results
-        )
+        checked = [r for r in results if r.result != "none"]
+        if not checked:
+            return Changes(
+                add=[(AR_HEADER, value)],
+                rule=MessageRule.VERIFY,
+                domains=_from_domains(headers),
+                dkim="none",
+            )
         return Changes(
             add=[(AR_HEADER, value)],
-            summary=f"{_from_text(headers)}, verified: {verdicts or 'dkim=none'}",
+            rule=MessageRule.VERIFY,
+            domains=tuple(r.domain or "-" for r in checked),
+            selectors=tuple(r.selector or "-" for r in checked),
+            dkim="/".join(r.result for r in checked),
         )
 
 
-def _from_text(headers: Sequence[tuple[bytes, bytes]], domain: str | None = None) -> str:
-    """`from_domain=...` for the log line (sanitised: the sender chose it)."""
-    if domain is None:
-        domain = from_domain([[name, _header_value(value)] for name, value in headers])
-    return f"from_domain={sanitise(domain, LOG_LIMIT) if domain else '(none)'}"
+def _from_domains(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, ...]:
+    """The From: domain, for the log line of a message without signatures."""
+    domain = from_domain([[name, _header_value(value)] for name, value in headers])
+    return () if domain is None else (domain,)
 
 
 def _reply_domain(domain: str) -> str:

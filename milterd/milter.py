@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import Milter
 
 from milterd.message_handler import Changes, Envelope, MessageFault, MessageHandler
+from postwarden.daemon.log_lines import decision_line
 from postwarden.dkim.verification import AR_HEADER
-from postwarden.syntax.untrusted_text import sanitise
 
 log = logging.getLogger("postwarden.milterd")
 # pymilter is untyped: name its reply codes once, typed.
@@ -43,6 +43,7 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
         self.client_ip: str | None = None
+        self.client_name: str | None = None
         self.in_message = False
         self._reset()
 
@@ -66,6 +67,7 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
 
     @Milter.noreply  # type: ignore[untyped-decorator]
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        self.client_name = hostname or None
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
             self.client_ip = str(hostaddr[0])
         return CONTINUE
@@ -109,11 +111,9 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
         finally:
             self._reset()
             self._end_message()
-        # One line per message, in Postfix's style (queue id first, key=value).
-        client = self.client_ip or "local"
-        login = f", login={sanitise(envelope.auth_authen, 255)}" if envelope.auth_authen else ""
-        elapsed = (time.monotonic() - started) * 1000
-        log.info("%s: client=%s%s, %s (%.1f ms)", queue_id, client, login, changes.summary, elapsed)
+        log.info(
+            "%s", message_line(envelope, self.client_name, changes, time.monotonic() - started)
+        )
         if changes.reject is not None:
             self.setreply("550", "5.7.1", changes.reject)
             return REJECT
@@ -154,3 +154,32 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - the message still goes through; say why
             log.warning("%s: cannot remove forged %s: %s", queue_id, AR_HEADER, exc)
         return ACCEPT
+
+
+def message_line(
+    envelope: Envelope, client_name: str | None, changes: Changes, elapsed: float
+) -> str:
+    """The one log line per message, in policyd's format (docs/ARCHITECTURE.md, "Log lines"):
+
+    `milterd: QID: client=name[ip], from=<envelope sender>[, login=L], domain=D, selector=S,
+    dkim=R, rule=X[, long_lines=broken][, forged_ar_removed=N], ms=Z`
+
+    - client: the SMTP client's name and address as Postfix reports them (`unknown[local]`
+      for mail injected locally, which has no client address);
+    - from: the envelope sender (MAIL FROM); login: the SASL login, only when there is one;
+    - domain, selector, dkim, rule, long_lines, forged_ar_removed: see `Changes.log_fields()`
+      and `MessageRule` in milterd/message_handler.py;
+    - ms: the time milterd spent on the message, in milliseconds.
+    """
+    fields = changes.log_fields()
+    if envelope.auth_authen:
+        fields = (("login", envelope.auth_authen), *fields)
+    return decision_line(
+        "milterd",
+        envelope.queue_id,
+        client_name or "unknown",
+        envelope.client_ip or "local",
+        envelope.mail_from or "",
+        fields,
+        elapsed * 1000.0,
+    )

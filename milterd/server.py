@@ -38,6 +38,12 @@ from milterd.milter import DkimMilter
 from postwarden.config.model import Config
 from postwarden.config.types import ListenAddress
 from postwarden.daemon.socket_files import SocketInUseError, remove_stale_socket
+from postwarden.daemon.startup import (
+    EXIT_CHILD_STARTUP_FAILED,
+    EXIT_STARTUP_FAILED,
+    StartupError,
+    log_startup_failure,
+)
 
 log = logging.getLogger("postwarden.milterd")
 MILTER_NAME = "postwarden-milterd"
@@ -52,10 +58,6 @@ DRAIN_TIMEOUT = 10.0
 WAKE_INTERVAL = 0.1
 _SUPERVISED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-class MilterdStartError(Exception):
-    """The milter cannot start as configured (socket, group, listen addresses)."""
 
 
 def socket_spec(address: ListenAddress) -> str:
@@ -83,26 +85,24 @@ def _socket_permissions(path: Path, mode: int, group: str | None) -> None:
 
 
 def run(config: Config) -> int:
-    """Serve until stopped; returns the process exit code."""
+    """Serve until stopped; returns the process exit code. Raises StartupError."""
     cfg = config.milterd
     if cfg.socket_group is not None:
         try:
             grp.getgrnam(cfg.socket_group)
         except KeyError:
-            raise MilterdStartError(
-                f"milterd.socket_group: no group {cfg.socket_group!r}"
-            ) from None
+            raise StartupError(f"milterd.socket_group: no group {cfg.socket_group!r}") from None
     for address in cfg.listen:
         if address.kind == "unix" and not Path(address.path).parent.is_dir():
             parent = Path(address.path).parent
-            raise MilterdStartError(f"milterd.listen: directory {parent} does not exist")
+            raise StartupError(f"milterd.listen: directory {parent} does not exist")
         if address.kind == "unix":
             # Removed here, not by libmilter inside the listener: the non-root listener sets
             # the group once its socket exists, and must not find (and fix) a leftover.
             try:
                 remove_stale_socket(Path(address.path))
             except SocketInUseError as exc:
-                raise MilterdStartError(f"milterd.listen: {exc}") from None
+                raise StartupError(f"milterd.listen: {exc}") from None
     # Once, before forking: every listener shares the parsed keys and the resolver.
     DkimMilter.handler = MessageHandler(config)
     Milter.factory = DkimMilter
@@ -152,7 +152,8 @@ def _supervise(children: dict[int, Listener]) -> int:
             if started is None:
                 # A listener gone on its own: stop the rest so the service manager restarts all.
                 log.error("milterd listener on %s exited with %d; stopping", address, exit_code)
-                code = exit_code if exit_code > 0 else 1
+                failed = exit_code <= 0 or exit_code == EXIT_CHILD_STARTUP_FAILED
+                code = EXIT_STARTUP_FAILED if failed else exit_code
                 started = time.monotonic()
         if started is not None:
             _stop_step(children, time.monotonic() - started)
@@ -210,9 +211,9 @@ def _serve(config: Config, address: ListenAddress, supervisor: int) -> NoReturn:
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         _listen(config, address, supervisor)
-    except MilterdStartError as exc:
-        log.error("%s", exc)
-        code = 2
+    except StartupError as exc:
+        log_startup_failure(log, "milterd", exc)
+        code = EXIT_CHILD_STARTUP_FAILED
     except BaseException as exc:  # noqa: BLE001 - a forked child must never return into the CLI
         log.error("milterd listener on %s failed: %s: %s", address, type(exc).__name__, exc)
         code = 1
@@ -240,7 +241,7 @@ def _listen(config: Config, address: ListenAddress, supervisor: int) -> None:
     # Set after setegid, which clears it; then check the supervisor did not die before.
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != supervisor:
-        raise MilterdStartError("the supervising process is gone")
+        raise StartupError("the supervising process is gone")
     handler = DkimMilter.handler
     keys = sum(len(k) for k in handler.keys.values())
     log.info(
@@ -255,7 +256,7 @@ def _listen(config: Config, address: ListenAddress, supervisor: int) -> None:
     try:
         Milter.runmilter(MILTER_NAME, socket_spec(address), MTA_TIMEOUT)
     except Milter.milter.error as exc:
-        raise MilterdStartError(f"cannot serve on {address}: {exc}") from None
+        raise StartupError(f"cannot serve on {address}: {exc}") from None
     # pymilter runs no callback once runmilter has returned: what is still in progress is cut,
     # and Postfix defers it (milter_default_action = tempfail).
     if DkimMilter.busy.value > 0:

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cli.main import cli
-from policyd.socketmap import socketmap_handler
+from policyd.lookup_maps import socketmap_handler
 from postwarden.store import open_store
 from tests.fixtures.policyd_daemon import POSTWARDEN
 

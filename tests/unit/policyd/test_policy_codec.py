@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policyd.protocol import (
+from policyd.policy_codec import (
     MAX_ATTRIBUTES,
     MAX_LINE_LENGTH,
     MAX_REQUEST_BYTES,

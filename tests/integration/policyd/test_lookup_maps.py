@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from policyd.lookup_maps import socketmap_handler
 from policyd.mailbox_probe import MailboxStatus, ProbeResult
-from policyd.socketmap import socketmap_handler
 from postwarden.store.base import StoreError
 
 POSTMAP_TIMEOUT = 10.0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from policyd.mailbox_probe import MAX_IDLE_SECONDS, MailboxProber, MailboxStatus
-from policyd.socketmap import encode_netstring
+from policyd.socketmap_codec import encode_netstring
 from postwarden.config.types import ListenAddress
 from tests.fixtures.mail_system import MailSystem, MailSystemFactory
 from tests.fixtures.policyd_daemon import PolicydHandle, StartPolicyd
