@@ -7,7 +7,6 @@ and applies the returned `Changes`. Everything loaded once per process lives her
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from postwarden.dkim.verification import (
     verify_message,
 )
 from postwarden.policy.sender_identity import may_use_from_address
+from postwarden.syntax.ip_addresses import parse_client_ip
 from postwarden.syntax.untrusted_text import sanitise
 
 log = logging.getLogger("postwarden.milterd")
@@ -131,13 +131,8 @@ class Envelope:
 
 
 def _in_networks(ip: str, networks: Sequence[IPNetwork]) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip.strip("[]"))
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)
+    addr = parse_client_ip(ip.strip("[]"))  # the one IPv4-mapped rule (postwarden.syntax)
+    return addr is not None and any(addr in net for net in networks)
 
 
 def _header_value(value: bytes) -> bytes:

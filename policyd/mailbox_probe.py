@@ -48,6 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from postwarden.config.types import ListenAddress
+from postwarden.syntax.domain_names import DomainNameError, parse_domain_name
 
 # RFC 5321: 64 octets of local part, 255 of domain. Longer keys are not addresses.
 MAX_ADDRESS_BYTES = 320
@@ -70,11 +71,9 @@ LHLO_NAME = "postwarden"
 
 _CODE = re.compile(rb"[2-5][0-9][0-9]")
 _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: |$)")
-# RFC 5322 atext plus "." for the local part; letters, digits, "-", "." for the domain.
+# RFC 5322 atext plus "." for the local part; the domain under the one domain-name rule.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _LOCAL_PART = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
 
 class LmtpProtocolError(Exception):
@@ -98,9 +97,18 @@ def probe_address(key: str) -> str | None:
     local, at, domain = key.rpartition("@")
     if not at or len(local) > 64 or len(domain) > 255:
         return None
-    if _LOCAL_PART.fullmatch(local) is None or _DOMAIN.fullmatch(domain) is None:
+    if _LOCAL_PART.fullmatch(local) is None or not _is_exact_domain(domain):
         return None
     return key
+
+
+def _is_exact_domain(domain: str) -> bool:
+    """The one domain-name rule, with nothing forgiven: parse_domain_name strips blanks
+    and a trailing dot, which must not be written to the LMTP stream."""
+    try:
+        return parse_domain_name(domain) == domain.lower()
+    except DomainNameError:
+        return False
 
 
 def encode_probe(address: str) -> bytes:
