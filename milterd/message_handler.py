@@ -3,6 +3,8 @@
 The adapter (milterd/milter.py) hands over the client facts, the header fields and the body
 and applies the returned `Changes`. Everything loaded once per process lives here: the keys
 (parsed at start, never per message), the DNS function and the settings.
+
+Contract: docs/ARCHITECTURE.md, "What each daemon owns".
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ the policy server starts as an extra listener. Besides the codec's own refusals:
 
 A closed connection makes Postfix log a lookup error and defer the message, so a broken
 client never loses mail.
+
+Contract: docs/ARCHITECTURE.md, "What each daemon owns".
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ SIGHUP reloads the config file (a bad file keeps the old config and logs why).
 
 The sockets come bound (listeners.py), the store and checkers are built by wiring.py, and
 supervisor.py runs one server per process.
+
+Contract: docs/ARCHITECTURE.md, "What each daemon owns".
 """
 
 from __future__ import annotations

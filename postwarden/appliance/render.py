@@ -7,6 +7,8 @@ files), so an installed wheel renders without a source checkout. Product setting
 `Config`; where things live on disk (config dirs, queue, sockets, chroot, test port
 overrides) comes from a `Layout`, so the appliance and the private test instance render from
 the same templates.
+
+Contract: docs/ARCHITECTURE.md, "Layers".
 """
 
 from __future__ import annotations

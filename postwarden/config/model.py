@@ -2,6 +2,8 @@
 
 Each section is a frozen pydantic model that forbids unknown keys, so a typo is an error
 naming the key rather than a silently ignored setting. Defaults make an empty file run.
+
+Contract: docs/ARCHITECTURE.md, "Layers".
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class PolicydConfig(Section):
     socket_mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0660"
     socket_group: str | None = None
     max_connections: Annotated[int, Field(ge=1)] = 1000
-    # Close a connection after this much silence (Postfix closes idle ones after max_idle=100s).
+    # Seconds of silence before a connection is closed (also Postfix's policy max_idle).
     idle_timeout: Annotated[float, Field(gt=0)] = 300.0
     # Total time one request may take before the default action is answered.
     request_timeout: Annotated[float, Field(gt=0)] = 10.0

@@ -2,6 +2,8 @@
 
 A daemon killed with SIGKILL (or a machine that lost power) leaves its socket file. The
 next start must replace it, but never a socket another running server answers on.
+
+Contract: docs/ARCHITECTURE.md, "Runtime conventions".
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Canonical forms (what the store holds and `parse_entry` returns):
 `ListIndex` answers membership in time that depends on the number of distinct prefix
 lengths present (at most 33 + 129) and on the labels of a domain, never on how many
 entries the list holds.
+
+Contract: docs/ARCHITECTURE.md, "Precedence".
 """
 
 from __future__ import annotations

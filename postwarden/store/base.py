@@ -3,6 +3,8 @@
 Two backends implement it (`sqlite.py`, the single-host default, and `redis.py`, for a
 fleet of MX hosts sharing state); `tests/integration/store/test_store_contract.py` runs the
 same tests against both real backends.
+
+Contract: docs/ARCHITECTURE.md, "Layers".
 """
 
 from __future__ import annotations
