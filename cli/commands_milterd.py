@@ -13,7 +13,7 @@ from cli.context import CliContext, pass_cli
 @pass_cli
 def milterd(cli_ctx: CliContext) -> None:
     """Run the DKIM milter (Postfix smtpd_milters, protocol 6) until SIGTERM."""
-    from milterd.server import run
+    from milterd.listener_processes import run
     from postwarden.daemon.log_lines import setup_logging
     from postwarden.daemon.startup import StartupError, log_startup_failure
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from milterd.listener_processes import socket_spec
 from milterd.message_handler import Envelope, MessageFault, MessageHandler
-from milterd.server import socket_spec
 from postwarden.config.model import Config
 from postwarden.config.types import parse_listen_address
 from postwarden.dkim.keys import SigningKey, generate_key, write_key
