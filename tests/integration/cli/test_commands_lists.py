@@ -1,4 +1,4 @@
-"""`postwarden lists` and `postwarden greylist` against a real SQLite store in a temp dir."""
+"""`postwarden lists` against a real SQLite store in a temp dir."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 from cli import commands_lists
 from cli.main import cli
+from tests.integration.cli.conftest import Postwarden
 
 # The sample import file of the seed (003): addresses, addr:mask groups, IPv6 prefixes.
 SEED_IMPORT = """\
@@ -24,32 +25,6 @@ SEED_IMPORT = """\
 2001:db8:10ff::ae:44f2
 2001:db8::/32
 """
-
-
-class Postwarden:
-    """Runs `postwarden --config <tmp config> ...` in-process."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.config = tmp_path / "postwarden.toml"
-        self.config.write_text(
-            f'[store]\nurl = "sqlite://{tmp_path}/state.db"\n\n[greylisting]\ndelay = 300\n',
-            encoding="utf-8",
-        )
-        self.runner = CliRunner()
-
-    def __call__(self, *args: str, stdin: str | None = None) -> Result:
-        return self.runner.invoke(cli, ["--config", str(self.config), *args], input=stdin)
-
-    def entries(self, list_name: str) -> list[dict[str, str]]:
-        result = self("lists", "show", list_name, "--json")
-        assert result.exit_code == 0, result.output
-        rows: list[dict[str, str]] = json.loads(result.stdout)
-        return rows
-
-
-@pytest.fixture
-def postwarden(tmp_path: Path) -> Postwarden:
-    return Postwarden(tmp_path)
 
 
 def test_add_show_remove(postwarden: Postwarden) -> None:
@@ -185,29 +160,6 @@ def test_export_import_round_trip_keeps_entries_and_comments(
     assert postwarden.entries("permitted") == before
 
 
-def test_greylist_pass_show_and_purge(postwarden: Postwarden) -> None:
-    marked = postwarden("greylist", "pass", "192.0.2.7", "Bounce-1234@Lists.Example", "bob@x.org")
-    assert marked.exit_code == 0, marked.output
-    assert "192.0.2.0/24 bounce-#@lists.example bob@x.org" in marked.stdout
-    shown = json.loads(postwarden("greylist", "show", "--json").stdout)
-    [triplet] = shown["triplets"]
-    assert triplet["key"] == "192.0.2.0/24 bounce-#@lists.example bob@x.org"
-    assert triplet["passes"] == 1
-    assert "passed 1x" in postwarden("greylist", "show").stdout
-    assert postwarden("greylist", "purge", "--expired").exit_code == 0
-    assert len(json.loads(postwarden("greylist", "show", "--json").stdout)["triplets"]) == 1
-    purged = postwarden("greylist", "purge", "--all")
-    assert purged.exit_code == 0
-    assert "1 triplets deleted" in purged.stdout
-    assert json.loads(postwarden("greylist", "show", "--json").stdout)["triplets"] == []
-
-
-def test_greylist_pass_refuses_a_bad_address(postwarden: Postwarden) -> None:
-    result = postwarden("greylist", "pass", "not-an-ip", "a@b.org", "c@d.org")
-    assert result.exit_code == 2
-    assert "not an IP address" in result.stderr
-
-
 def test_an_unusable_store_exits_1_with_the_reason(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -224,12 +176,6 @@ def test_a_malformed_store_url_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["--config", str(config), "lists", "show"])
     assert result.exit_code == 2
     assert "absolute" in result.stderr
-
-
-def test_greylist_purge_takes_one_mode(postwarden: Postwarden) -> None:
-    result = postwarden("greylist", "purge", "--all", "--expired")
-    assert result.exit_code == 2
-    assert "not both" in result.stderr
 
 
 # --- import of untrusted files: bounded reading, sanitised errors ---------------------------
