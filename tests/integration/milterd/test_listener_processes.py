@@ -224,6 +224,7 @@ def test_outgoing_message_without_from(
     assert len(daemon.session(MESSAGE, auth_authen=ALICE).headers_named("DKIM-Signature")) == 1
 
 
+@pytest.mark.expect_log(r"DKIM key .*nonexistent\.key: file not found")
 @pytest.mark.parametrize("on_error", ["accept", "tempfail"])
 def test_missing_key_file(
     milterd_daemon: StartMilterd, keys: Keys, tmp_path: Path, on_error: str

@@ -177,6 +177,7 @@ async def test_idle_connection_is_closed_after_idle_timeout(policyd_daemon: Star
     writer.close()
 
 
+@pytest.mark.expect_log(r"reload failed, keeping the running config")
 async def test_sighup_reloads_a_good_config_and_keeps_the_old_on_a_bad_one(
     policyd_daemon: StartPolicyd,
 ) -> None:

@@ -8,6 +8,8 @@ import re
 import signal
 import time
 
+import pytest
+
 from tests.fixtures.policyd_daemon import (
     StartPolicyd,
 )
@@ -33,6 +35,7 @@ async def test_workers_share_the_sockets_and_stop_together(policyd_daemon: Start
     assert await asyncio.to_thread(daemon.stop) == 0, daemon.logs()
 
 
+@pytest.mark.expect_log(r"worker \d+ exited \(-9\), restarting it")
 async def test_supervisor_restarts_a_dead_worker_and_forwards_sighup(
     policyd_daemon: StartPolicyd,
 ) -> None:

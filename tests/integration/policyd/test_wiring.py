@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from postwarden.store import open_store
 from tests.fixtures.dns_server import DNSBL_ZONE, SPF_ZONE, DnsServer
 from tests.fixtures.policyd_daemon import (
@@ -60,6 +62,7 @@ async def test_dnsbl_listing_and_spf_results_come_from_real_dns(
     assert failed.startswith(b"action=550 5.7.23 ")
 
 
+@pytest.mark.expect_log(r"store failure, answering the default action")
 async def test_unreachable_store_answers_the_default_and_logs_once(
     policyd_daemon: StartPolicyd,
 ) -> None:
