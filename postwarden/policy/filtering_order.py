@@ -28,6 +28,7 @@ from postwarden.policy.precedence import Network
 from postwarden.policy.records import ClientNetworkRecord, TripletRecord
 from postwarden.policy.request import PolicyRequest
 from postwarden.policy.verdict import Action, Rule, Verdict, dunno, prepend
+from postwarden.syntax.ip_addresses import parse_client_ip
 
 # -- what the order is given ---------------------------------------------------------------
 
@@ -180,7 +181,8 @@ def request_facts(
     """Steps 1-3 of the order (stage, outgoing, lists) and the greylist triplet."""
     if request.protocol_state != "RCPT":
         return RequestFacts(request, _NOT_APPLICABLE)
-    if precedence.is_outgoing(request, settings.trusted):
+    ip = parse_client_ip(request.client_address)  # once: every step below needs it
+    if precedence.is_outgoing_from(request, ip, settings.trusted):
         return RequestFacts(request, _TRUSTED)
     listed = precedence.decide_lists(request, lists)
     if listed.final:
@@ -188,12 +190,9 @@ def request_facts(
     gcfg = settings.greylisting
     if gcfg is None:
         return RequestFacts(request, None)
-    try:
-        network = greylisting.client_network(
-            request.client_address, gcfg.ipv4_prefix, gcfg.ipv6_prefix
-        )
-    except greylisting.InvalidClientAddress:
+    if ip is None:
         return RequestFacts(request, None)
+    network = greylisting.client_network(ip, gcfg.ipv4_prefix, gcfg.ipv6_prefix)
     key = greylisting.triplet_key(
         network, greylisting.normalise_sender(request.sender), request.recipient.lower()
     )

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from postwarden.policy.list_entries import CompiledLists, sender_parts
 from postwarden.policy.request import PolicyRequest
 from postwarden.policy.verdict import Rule, Verdict, dunno, reject
-from postwarden.syntax.ip_addresses import parse_client_ip
+from postwarden.syntax.ip_addresses import IPAddress, parse_client_ip
 from postwarden.syntax.untrusted_text import sanitise
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -29,9 +29,15 @@ def _shown(value: str) -> str:
 
 def is_outgoing(request: PolicyRequest, trusted: Sequence[Network]) -> bool:
     """True for SASL-authenticated clients and clients in a trusted network."""
+    return is_outgoing_from(request, parse_client_ip(request.client_address), trusted)
+
+
+def is_outgoing_from(
+    request: PolicyRequest, ip: IPAddress | None, trusted: Sequence[Network]
+) -> bool:
+    """is_outgoing with the client address already parsed (None: not an IP address)."""
     if request.sasl_username:
         return True
-    ip = parse_client_ip(request.client_address)
     if ip is None:
         return False
     return any(ip.version == net.version and ip in net for net in trusted)
