@@ -12,19 +12,16 @@ import pytest
 from postwarden.config import Config
 from postwarden.policy.dnsbl import DnsblResult
 from postwarden.policy.list_entries import CompiledLists, parse_entry
-from postwarden.policy.live_lists import LiveLists, keep_lists_fresh
+from postwarden.policy.live_lists import LiveLists
 from postwarden.policy.pipeline import FailureLog, Pipeline
 from postwarden.policy.records import (
-    ClientNetworkRecord,
-    ListChange,
     ListEntry,
     ListName,
-    TripletRecord,
 )
 from postwarden.policy.request import PolicyRequest
 from postwarden.policy.spf_check import SpfResult
 from postwarden.policy.verdict import Action, Rule, Verdict, dunno, prepend
-from postwarden.store.base import Store, StoreError
+from tests.unit.policy.fake_store import FakeStore
 
 CLIENT = "192.0.2.10"
 SPF_HEADER = "Received-SPF: pass (example.org: 192.0.2.10 is permitted) client-ip=192.0.2.10"
@@ -33,108 +30,6 @@ LISTED = DnsblResult(score=1, listed=(("dnsbl.test", "127.0.0.2"),))
 SPF_NONE = SpfResult("none", "no SPF record", "Received-SPF: none (no record) client-ip=192.0.2.10")
 SPF_PASS = SpfResult("pass", "sender SPF authorized", SPF_HEADER)
 SPF_FAIL = SpfResult("fail", "SPF fail - not authorized", "Received-SPF: fail x")
-
-
-class FakeStore(Store):
-    """Just enough of the store contract, in memory, with a switch to make it fail."""
-
-    def __init__(self) -> None:
-        self.entries: dict[tuple[ListName, str], ListEntry] = {}
-        self.changes: list[ListChange] = []
-        self.triplets: dict[str, TripletRecord] = {}
-        self.networks: dict[str, ClientNetworkRecord] = {}
-        self.failing = False
-        self.failing_calls: set[str] = set()  # fail only these calls
-        self.forget_log = False
-        self.calls: list[str] = []
-
-    def _check(self, name: str) -> None:
-        self.calls.append(name)
-        if self.failing or name in self.failing_calls:
-            raise StoreError("connection refused")
-
-    async def add_list_entries(self, entries: Sequence[ListEntry]) -> int:
-        self._check("add")
-        new = 0
-        for e in entries:
-            if (e.list_name, e.entry) not in self.entries:
-                new += 1
-                self.changes.append(ListChange(len(self.changes) + 1, "add", e))
-            self.entries[(e.list_name, e.entry)] = e
-        return new
-
-    async def remove_list_entries(self, list_name: ListName, entries: Sequence[str]) -> int:
-        self._check("remove")
-        gone = 0
-        for text in entries:
-            e = self.entries.pop((list_name, text), None)
-            if e is not None:
-                gone += 1
-                self.changes.append(ListChange(len(self.changes) + 1, "remove", e))
-        return gone
-
-    async def list_entries(self, list_name: ListName | None = None) -> list[ListEntry]:
-        self._check("list_entries")
-        return sorted(self.entries.values(), key=lambda e: (e.list_name, e.entry))
-
-    async def list_changes_since(self, seq: int) -> tuple[int, list[ListChange]] | None:
-        self._check("changes")
-        if self.forget_log:
-            return None
-        return len(self.changes), self.changes[seq:]
-
-    async def lists_version(self) -> int:
-        self._check("version")
-        return len(self.changes)
-
-    async def set_alias(self, address: str, targets: Sequence[str]) -> None:
-        raise NotImplementedError
-
-    async def remove_alias(self, address: str) -> bool:
-        raise NotImplementedError
-
-    async def get_alias(self, address: str) -> list[str] | None:
-        raise NotImplementedError
-
-    async def list_aliases(self) -> dict[str, list[str]]:
-        raise NotImplementedError
-
-    async def greylist_lookup(
-        self, triplet: str, client_network: str
-    ) -> tuple[TripletRecord | None, ClientNetworkRecord | None]:
-        self._check("greylist_lookup")
-        return self.triplets.get(triplet), self.networks.get(client_network)
-
-    async def greylist_update(
-        self,
-        triplet: str,
-        record: TripletRecord | None,
-        client_network: str,
-        network_record: ClientNetworkRecord | None,
-        ttl: float,
-    ) -> None:
-        self._check("greylist_update")
-        if record is not None:
-            self.triplets[triplet] = record
-        if network_record is not None:
-            self.networks[client_network] = network_record
-
-    async def greylist_triplets(self, limit: int = 1000) -> list[tuple[str, TripletRecord]]:
-        raise NotImplementedError
-
-    async def greylist_client_networks(
-        self, limit: int = 1000
-    ) -> list[tuple[str, ClientNetworkRecord]]:
-        raise NotImplementedError
-
-    async def greylist_delete(self, triplet_prefix: str = "") -> int:
-        raise NotImplementedError
-
-    async def greylist_purge_expired(self, now: float, expiry: float) -> int:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        return None
 
 
 class FakeChecker:
@@ -422,89 +317,6 @@ async def test_unparseable_client_address_skips_greylisting() -> None:
 
 
 # --- live lists -------------------------------------------------------------------------
-
-
-async def test_live_lists_pick_up_additions_and_removals() -> None:
-    store = FakeStore()
-    live = LiveLists()
-    await live.reload(store)
-    await store.add_list_entries([ListEntry(ListName.FORBIDDEN, parse_entry("192.0.2.10"))])
-    assert await live.refresh(store)
-    assert live.current.forbidden.contains_ip(CLIENT)
-    assert not await live.refresh(store)  # nothing new: one cheap version poll
-    await store.remove_list_entries(ListName.FORBIDDEN, [parse_entry("192.0.2.10")])
-    await live.refresh(store)
-    assert not live.current.forbidden.contains_ip(CLIENT)
-
-
-async def test_live_lists_reload_everything_when_the_change_log_is_gone() -> None:
-    store = FakeStore()
-    live = LiveLists()
-    await live.reload(store)
-    await store.add_list_entries([ListEntry(ListName.PERMITTED, parse_entry("example.org"))])
-    store.forget_log = True
-    await live.refresh(store)
-    assert live.current.permitted.contains_domain("example.org")
-    assert live.version == 1
-
-
-async def test_store_outage_keeps_the_last_good_lists() -> None:
-    store = FakeStore()
-    await store.add_list_entries([ListEntry(ListName.FORBIDDEN, parse_entry("192.0.2.0/24"))])
-    live = LiveLists()
-    await live.reload(store)
-    store.failing = True
-    store.calls.clear()
-    # Interval 0: the refresher only yields between refreshes, so the test never waits.
-    task = asyncio.create_task(keep_lists_fresh(live, store, 0))
-    for _ in range(100):
-        if store.calls.count("version") >= 3:
-            break
-        await asyncio.sleep(0)
-    assert store.calls.count("version") >= 3  # three refreshes failed meanwhile
-    assert live.current.forbidden.contains_ip(CLIENT)
-    store.failing = False
-    await store.add_list_entries([ListEntry(ListName.FORBIDDEN, parse_entry("198.51.100.7"))])
-    for _ in range(100):
-        if live.current.forbidden.contains_ip("198.51.100.7"):
-            break
-        await asyncio.sleep(0)
-    task.cancel()
-    assert live.current.forbidden.contains_ip("198.51.100.7")
-    assert live.current.forbidden.contains_ip(CLIENT)
-
-
-async def test_a_full_reload_leaves_the_event_loop_answering() -> None:
-    store = FakeStore()
-    rows = [
-        ListEntry(ListName.FORBIDDEN, f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
-        for n in range(30_000)
-    ]
-    await store.add_list_entries(rows)
-    live = LiveLists()
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    before = ticks
-    await live.reload(store)  # the fake store never yields: only the compiling thread lets go
-    task.cancel()
-    assert live.current.forbidden.contains_ip("10.0.117.47")
-    assert ticks - before > 1
-
-
-async def test_lists_unreachable_at_start_are_loaded_on_first_refresh() -> None:
-    store = FakeStore()
-    await store.add_list_entries([ListEntry(ListName.FORBIDDEN, parse_entry("192.0.2.0/24"))])
-    live = LiveLists()  # as the server does when the store was down at start
-    assert await live.refresh(store)
-    assert live.current.forbidden.contains_ip(CLIENT)
 
 
 # --- the real DNSBL/SPF verdict functions, wired by default ------------------------------
