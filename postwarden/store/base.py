@@ -1,7 +1,7 @@
 """The store contract: lists, aliases and greylist state, behind one async interface.
 
 Two backends implement it (`sqlite.py`, the single-host default, and `redis.py`, for a
-fleet of MX hosts sharing state); `tests/integration/store/test_store_contract.py` runs the
+fleet of MX hosts sharing state); `tests/integration/store/test_base.py` runs the
 same tests against both real backends.
 
 Contract: docs/ARCHITECTURE.md, "Layers".
