@@ -54,6 +54,9 @@ log = logging.getLogger("postwarden.milterd")
 # Sender-chosen text (a From domain) in a log line or SMTP reply: one line, bounded.
 LOG_LIMIT = 255
 _DOMAIN_TEXT = re.compile(r"[a-z0-9_.-]{1,253}")
+# RFC 5322 ftext: printable ASCII but ":". Postfix hands over nothing else as a field name
+# (its is_header()); a name starting with a blank would be a fold of the field before it.
+_FIELD_NAME = re.compile(rb"[!-9;-~]+")
 
 
 class MessageFault(Exception):
@@ -214,8 +217,11 @@ class MessageHandler:
         """Sign outgoing or verify inbound mail; raises MessageFault.
 
         On every path, signed or not, Authentication-Results claiming our authserv-id are
-        removed: only the one we add may carry it.
+        removed: only the one we add may carry it. A field name that is not one (empty,
+        blanks, control or 8-bit characters) is a MessageFault on every path: neither the
+        signer nor dkimpy's parser can tell where such a field begins.
         """
+        _check_field_names(headers)
         forged = self.forged(headers)
         if self.is_outgoing(envelope):
             changes = self._outgoing(envelope, headers, body)
@@ -324,6 +330,13 @@ class MessageHandler:
             selectors=tuple(r.selector or "-" for r in checked),
             dkim="/".join(r.result for r in checked),
         )
+
+
+def _check_field_names(headers: Sequence[tuple[bytes, bytes]]) -> None:
+    for position, (name, _) in enumerate(headers, start=1):
+        if _FIELD_NAME.fullmatch(name) is None:
+            shown = sanitise(name, 80)
+            raise MessageFault(f"malformed header field name {shown!r} (field {position})")
 
 
 def _from_domains(headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, ...]:

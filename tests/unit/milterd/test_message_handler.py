@@ -8,6 +8,7 @@ import pytest
 
 from milterd.listener_processes import socket_spec
 from milterd.message_handler import Envelope, MessageFault, MessageHandler
+from milterd.milter import ACCEPT, TEMPFAIL, DkimMilter
 from postwarden.config.model import Config
 from postwarden.config.types import parse_listen_address
 from postwarden.dkim.keys import SigningKey, generate_key, write_key
@@ -297,3 +298,68 @@ def test_each_outcome_names_the_from_domain_and_what_was_done(key: SigningKey) -
     assert verify_off.process(Envelope("203.0.113.9"), no_from, BODY).summary == (
         "domain=-, selector=-, dkim=unverified, rule=verify_off"
     )
+
+
+# Found by fuzzing (tests/unit/milterd/test_message_handler_fuzz.py): a first field name
+# starting with a blank made dkimpy's parser raise IndexError, which escaped process().
+LEADING_BLANK = [(b" X-First", b"v"), (b"From", b"alice@example.com")]
+
+
+@pytest.mark.parametrize(
+    "name", [b" X-First", b"\tX-First", b"", b"X First", b"X\rFirst", b"X:First", b"\xc3\xa9"]
+)
+@pytest.mark.parametrize("envelope", [Envelope("203.0.113.9"), Envelope("127.0.0.1")])
+def test_a_malformed_field_name_is_a_fault_on_every_path(
+    key: SigningKey, name: bytes, envelope: Envelope
+) -> None:
+    """Postfix never hands over such a name (it would not be a header line): on_error."""
+    headers = [(name, b"v"), (b"From", b"alice@example.com")]
+    with pytest.raises(MessageFault, match="malformed header field name") as fault:
+        _engine(key).process(envelope, headers, BODY)
+    assert "\n" not in str(fault.value) and "\r" not in str(fault.value)
+
+
+class _Adapter(DkimMilter):
+    """The pymilter adapter without libmilter: what it replies and changes, recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._protocol = 0  # nothing negotiated: every callback answers
+        self.replies: list[tuple[str, str, str]] = []
+        self.header_changes: list[tuple[str, int, str]] = []
+
+    def getsymval(self, name: str) -> str | None:
+        return {"i": "4QID"}.get(name)
+
+    def setreply(self, code: str, xcode: str, text: str) -> None:
+        self.replies.append((code, xcode, text))
+
+    def chgheader(self, name: str, index: int, value: str) -> None:
+        self.header_changes.append((name, index, value))
+
+    def addheader(self, name: str, value: str, index: int = -1) -> None:
+        self.header_changes.append((name, index, value))
+
+
+@pytest.mark.parametrize(("on_error", "reply"), [("accept", ACCEPT), ("tempfail", TEMPFAIL)])
+def test_a_leading_blank_field_name_gets_on_error_and_one_log_line(
+    key: SigningKey, caplog: pytest.LogCaptureFixture, on_error: str, reply: int
+) -> None:
+    DkimMilter.handler = _engine(key, milterd={"on_error": on_error})
+    milter = _Adapter()
+    milter.client_ip = "203.0.113.9"
+    for name, value in [*LEADING_BLANK, (b"Authentication-Results", b"mx.example.org; dkim=pass")]:
+        milter.header(name, value)
+    caplog.clear()
+    assert milter.eom() == reply
+    (line,) = [r for r in caplog.records if r.name == "postwarden.milterd"]
+    assert line.levelname == "WARNING"
+    assert line.getMessage() == (
+        "4QID: malformed header field name ' X-First' (field 1); on_error=" + on_error
+    )
+    if on_error == "accept":  # passed on, but never with an A-R claiming to be ours
+        assert milter.header_changes == [("Authentication-Results", 1, "")]
+    else:
+        assert milter.replies == [
+            ("451", "4.7.1", "Message cannot be processed now, try again later")
+        ]
