@@ -37,6 +37,7 @@ from milterd.message_handler import MessageHandler
 from milterd.milter import DkimMilter
 from postwarden.config.model import Config
 from postwarden.config.types import ListenAddress
+from postwarden.daemon.child_processes import die_with_parent
 from postwarden.daemon.socket_files import SocketInUseError, remove_stale_socket
 from postwarden.daemon.startup import (
     EXIT_CHILD_STARTUP_FAILED,
@@ -57,7 +58,6 @@ STOP_GRACE = 25.0
 DRAIN_TIMEOUT = 10.0
 WAKE_INTERVAL = 0.1
 _SUPERVISED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def socket_spec(address: ListenAddress) -> str:
@@ -239,8 +239,7 @@ def _listen(config: Config, address: ListenAddress, supervisor: int) -> None:
             ).start()
     # A listener must not outlive its supervisor (it would hold the socket, unsupervised).
     # Set after setegid, which clears it; then check the supervisor did not die before.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != supervisor:
+    if not die_with_parent(supervisor):
         raise StartupError("the supervising process is gone")
     handler = DkimMilter.handler
     keys = sum(len(k) for k in handler.keys.values())

@@ -22,6 +22,7 @@ from policyd.metrics import Metrics, NullMetrics
 from policyd.server import PolicyServer
 from policyd.wiring import open_store_for
 from postwarden.config import Config, ConfigError, load_config
+from postwarden.daemon.child_processes import die_with_parent
 from postwarden.daemon.log_lines import setup_logging
 from postwarden.daemon.startup import (
     EXIT_CHILD_STARTUP_FAILED,
@@ -145,10 +146,14 @@ class Supervisor:
         self._signals.append(signum)
 
     def _fork(self, main: Callable[[], int]) -> int:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                # A worker left behind by a killed supervisor would hold the sockets.
+                if not die_with_parent(parent):
+                    os._exit(EXIT_CHILD_STARTUP_FAILED)
                 for sig in (*HANDLED_SIGNALS, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 # Until the worker's loop handles it, a forwarded SIGHUP must not kill it;

@@ -318,6 +318,18 @@ wait_until_postfix_reaches_daemons() { # hint for the error
     done
 }
 
+# The pid file's process runs our supervisor and is not a zombie. start-stop-daemon
+# --status counts any process with that PID: a zombie (left where PID 1 reaps nothing) or
+# an unrelated process that reused the PID of one killed.
+runs_our() { # pid file, word its command line must hold (supervise, or a daemon's name)
+    local pid cmdline
+    [[ -r $1 ]] && read -r pid <"$1" && [[ $pid =~ ^[1-9][0-9]*$ ]] || return 1
+    [[ $(ps -o stat= -p "$pid" 2>/dev/null) != Z* ]] || return 1
+    { cmdline=$(tr '\0' '\n' <"/proc/$pid/cmdline"); } 2>/dev/null || return 1
+    grep -qxF "$BIN" <<<"$cmdline" && grep -qxF "$2" <<<"$cmdline"
+}
+supervisor_running() { runs_our "$1" supervise; }
+
 if [[ -d /run/systemd/system ]]; then
     say "service path: systemd (systemd is PID 1)"
     units_changed=0
@@ -356,21 +368,30 @@ if [[ -d /run/systemd/system ]]; then
 else
     say "service path: no systemd (PID 1 is $(ps -o comm= -p 1)); Debian init scripts + start-stop-daemon"
     ensure_dir "$RUN" root root 0755
+    # Each daemon runs under `postwarden supervise`, which starts it again within a second
+    # when it dies (and backs off when it keeps dying); the pid file holds the supervisor's.
     for d in "${DAEMONS[@]}"; do
         pidfile=$RUN/$d.pid
-        if start-stop-daemon --status --pidfile "$pidfile"; then
+        if supervisor_running "$pidfile"; then
             ((restart_daemons)) || continue
-            start-stop-daemon --stop --pidfile "$pidfile" --remove-pidfile --retry TERM/15/KILL/5
+            start-stop-daemon --stop --pidfile "$pidfile" --remove-pidfile --retry TERM/30/KILL/5
             say "stopped $d (new code, key or config)"
+        elif runs_our "$pidfile" "$d"; then
+            # An earlier install's daemon, started without a supervisor.
+            start-stop-daemon --stop --pidfile "$pidfile" --remove-pidfile --retry TERM/30/KILL/5
+            say "stopped $d (started without a supervisor by an earlier install)"
         fi
+        # A crash leaves the pid file behind, naming a dead process or, where PID 1 reaps
+        # nothing, a zombie: start-stop-daemon would take either for a running daemon.
+        rm -f "$pidfile"
         start-stop-daemon --start --background --make-pidfile --pidfile "$pidfile" \
             --chuid "$USER_NAME:$USER_NAME" --umask 0007 --output "$LOGS/$d.log" \
-            --startas "$BIN" -- --config "$CONFIG" "$d"
-        changed "started $d as $USER_NAME (pid $(cat "$pidfile"), log $LOGS/$d.log)"
+            --startas "$BIN" -- --config "$CONFIG" supervise "$d"
+        changed "started $d as $USER_NAME under postwarden supervise (pid $(cat "$pidfile"), log $LOGS/$d.log)"
     done
     for d in "${DAEMONS[@]}"; do
-        start-stop-daemon --status --pidfile "$RUN/$d.pid" \
-            || die "$d exited at start; see $LOGS/$d.log: $(tail -n 5 "$LOGS/$d.log")"
+        supervisor_running "$RUN/$d.pid" \
+            || die "$d's supervisor exited at start; see $LOGS/$d.log: $(tail -n 5 "$LOGS/$d.log")"
     done
     wait_until_postfix_reaches_daemons "see $LOGS/<daemon>.log"
     # The daemons these start must not inherit our stdout/stderr (a caller's pipe would

@@ -4,7 +4,8 @@
 # network (loopback only). Inside it, as on the Vagrant box:
 #   1. scripts/install.sh must take the systemd path (units installed, enabled, started),
 #   2. vagrant/smoke.sh must pass (mail in over 25 and 587, IMAP read back, DKIM verified),
-#   3. a second scripts/install.sh must change nothing,
+#   3. a second scripts/install.sh must change nothing; a SIGKILLed daemon or supervisor
+#      serves again with nothing run by hand (vagrant/kill_and_recover.sh),
 #   4. after a reboot, with nothing run by hand, the gateway is up and smoke.sh passes again
 #      (smoke.sh also reads Postfix's and Dovecot's lines back from the journal),
 #   5. with mail.fail2ban = true, install.sh runs fail2ban on the journal, and a client that
@@ -137,6 +138,8 @@ inside bash /src/vagrant/smoke.sh || die "vagrant/smoke.sh after the install"
 out=$(install_inside) || { echo "$out"; die "scripts/install.sh, second run"; }
 grep -q "nothing changed" <<<"$out" || { echo "$out"; die "a second install.sh changed something"; }
 say "second install.sh: nothing changed"
+# SIGKILL each daemon, then each supervisor: serving again with nothing run by hand.
+inside bash /src/vagrant/kill_and_recover.sh || die "vagrant/kill_and_recover.sh"
 
 poweroff
 boot
