@@ -51,6 +51,7 @@ wait_for_recovery() { # daemon since old child|supervisor
             all=1
             for sock in $(sockets_of "$d"); do postfix_connects "$sock" || { all=0; break; }; done
             if ((all)); then
+                elapsed=$(($(usec) - since))
                 printf '%d.%03d\n' $((elapsed / 1000000)) $((elapsed % 1000000 / 1000))
                 return
             fi
