@@ -104,8 +104,9 @@ class PolicydConfig(Section):
     max_connections: Annotated[int, Field(ge=1)] = 1000
     # Seconds of silence before a connection is closed (also Postfix's policy max_idle).
     idle_timeout: Annotated[float, Field(gt=0)] = 300.0
-    # Total time one request may take before the default action is answered.
-    request_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # Total time one request may take before the default action is answered (also how long
+    # Postfix waits for policyd). Longer than dnsbl.budget + spf.timeout (2 + 20 s) with room.
+    request_timeout: Annotated[float, Field(gt=0)] = 30.0
     # Prometheus metrics on a loopback HTTP port, e.g. "127.0.0.1:9641"; off when unset.
     metrics_listen: str | None = None
     # Forwarding aliases served to Postfix as a socketmap (virtual_alias_maps =
@@ -205,8 +206,10 @@ class SpfConfig(Section):
     enabled: bool = False
     # `fail` results: "reject" refuses the recipient, "mark" only adds Received-SPF.
     fail_action: Literal["reject", "mark"] = "reject"
-    # Time bound for one SPF evaluation (seconds), after which the result is temperror.
-    timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    # Time bound for one SPF evaluation (seconds), after which the result is temperror. Each
+    # DNS query gets at most the time left, so a lookup that times out at the end still has
+    # its own result. 20: RFC 7208 section 4.6.4 "SHOULD allow at least 20 seconds".
+    timeout: Annotated[float, Field(gt=0, le=60)] = 20.0
     add_header: bool = True
 
 

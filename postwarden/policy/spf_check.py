@@ -1,8 +1,26 @@
 """SPF (RFC 7208) with pyspf: evaluated in worker threads, bounded in time, through our resolver.
 
-pyspf is synchronous, so each evaluation runs in a bounded ThreadPoolExecutor and the event
-loop waits at most `spf.timeout` for it (then the result is temperror). pyspf's own global
-lookup-time limit (`querytime`) is set to the same bound, so an abandoned thread also ends.
+Time. One check has `spf.timeout` seconds (default 20: RFC 7208 section 4.6.4 says a limit
+"SHOULD allow at least 20 seconds"), counted from the moment the request asks for it. The
+budget is kept inside the evaluation, by the lookups themselves: every DNS query may take
+at most the time left (and at most `dns.timeout`), and no query starts once it is used up
+(temperror). So the last lookup ends with its own answer or error by the end of the budget,
+and pyspf decides what that means: a timed-out `exp=` lookup is ignored and `fail` stays
+`fail` (RFC 7208 test suite, exp-dns-error), whichever of `spf.timeout` and `dns.timeout` is
+longer. The event loop's own limit comes GRACE seconds later and is only a backstop for a
+thread that does not keep the budget, so it never races the last lookup.
+
+Concurrency. pyspf is synchronous: an evaluation holds a thread as long as its DNS takes.
+Threads are made as needed, up to MAX_THREADS (more than the concurrent SMTP sessions
+Postfix runs by default), and at most PER_DOMAIN evaluations for one sender domain run at
+once; the others wait in the event loop, within their own budget. Identical checks in flight
+(same client, sender and HELO: the recipients of one message) share one evaluation. So the
+senders of a domain whose DNS never answers hold PER_DOMAIN threads, not all of them, and an
+unrelated sender is evaluated at once.
+
+What remote parties see. A failed lookup is `temperror` with the problem "DNS lookup failed"
+(or "DNS lookup timed out"): the header never carries the resolver's address or the DNS
+library's error text; those go to postwarden's own log line.
 
 How pyspf is pointed at `[dns] nameservers`: every DNS lookup pyspf makes goes through one
 module-level function, `spf.DNSLookup(name, qtype, strict, timeout)` (pyspf itself assigns
@@ -19,11 +37,13 @@ import concurrent.futures
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import dns.exception
+import dns.name
 import dns.resolver
 import spf
 
@@ -35,8 +55,22 @@ from postwarden.syntax.ip_addresses import parse_client_ip
 log = logging.getLogger("postwarden.spf")
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
-WORKERS = 16  # concurrent SPF evaluations; more requests queue (and may hit the timeout)
+# Evaluations running at once (threads, made as needed). Postfix runs at most
+# `mail.max_connections` (default 100) smtpd processes, each waiting for one policy answer.
+MAX_THREADS = 128
+# Of those, evaluations for one sender domain: a domain whose DNS never answers holds these.
+PER_DOMAIN = 4
+# The event loop waits this much longer than spf.timeout before it gives up on a thread.
+GRACE = 1.0
 MAX_TEXT = 200  # characters of an untrusted explanation we repeat to the client
+# policyd answers the header on one PREPEND line and cuts it at this length (its codec's
+# MAX_HEADER_LENGTH; a test holds the two equal).
+HEADER_LIMIT = 990
+# The only problems a temperror shows: nothing of our resolver or the DNS library.
+DNS_FAILED = "DNS lookup failed"
+DNS_TIMED_OUT = "DNS lookup timed out"
+# pyspf's own words when its `querytime` is used up, and ours.
+_OUT_OF_TIME = frozenset({DNS_TIMED_OUT, "DNS Error: exceeded max query lookup time"})
 
 _thread_state = threading.local()
 _pyspf_lookup = spf.DNSLookup
@@ -47,14 +81,25 @@ def _lookup(name: str, qtype: str, strict: object = True, timeout: float = 30) -
     resolver: dns.resolver.Resolver | None = getattr(_thread_state, "resolver", None)
     if resolver is None:
         return list(_pyspf_lookup(name, qtype, strict, timeout))
+    left = _thread_state.deadline - time.monotonic()
+    if left <= 0:
+        raise spf.TempError(DNS_TIMED_OUT)
+    try:
+        dns.name.from_text(name)
+    except dns.exception.DNSException:
+        # Bad IDNA, an empty or over-long label: no such name can exist, as for NXDOMAIN
+        # (RFC 7208 section 4.3), not a failure of DNS.
+        return []
     found: list[Any] = []
     try:
-        answers = resolver.resolve(name, qtype, lifetime=min(timeout, resolver.lifetime))
+        answers = resolver.resolve(name, qtype, lifetime=min(timeout, resolver.lifetime, left))
     except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
         return found
-    except dns.exception.DNSException as exc:
-        # Timeouts, SERVFAIL from every server, ...: pyspf turns this into temperror.
-        raise spf.TempError(f"DNS {type(exc).__name__}: {exc}") from exc
+    except (dns.exception.DNSException, OSError, ValueError) as exc:
+        # Timeouts, SERVFAIL from every server, ...: pyspf turns this into temperror. The
+        # detail (it names our nameservers) is for our log only.
+        log.info("spf: DNS lookup %s %r failed: %s: %s", qtype, name, type(exc).__name__, exc)
+        raise spf.TempError(DNS_FAILED) from exc
     # The same shapes as pyspf's DNSLookup_dnspython returns.
     for rdata in answers:
         if qtype in ("A", "AAAA"):
@@ -111,6 +156,43 @@ def header_comment(result: str, domain: str, ip: str, problem: str = "") -> str:
     return comments[result]
 
 
+# Fitting a header into HEADER_LIMIT: the comment is shortened first (it is for people and
+# repeats the keys), then these keys are left out whole, in this order; a value is cut only
+# when the keys that remain cannot fit otherwise, which no valid input reaches (the longest
+# mailbox, HELO and receiver names with an IPv6 client take 890 characters).
+_LEFT_OUT_FIRST = ("mechanism", "problem", "receiver")
+_SHORTEST_COMMENT = 24
+_FIT_ROUNDS = 8
+
+
+def _shortened(text: str, room: int) -> str:
+    """`text` in at most `room` characters, marked "..." where it was cut."""
+    return text if len(text) <= room else text[: max(0, room - 3)].rstrip() + "..."
+
+
+def _fitted_pairs(pairs: list[tuple[str, str]], room: int) -> list[tuple[str, str]]:
+    """The key-value pairs (raw values) whose rendering fits `room` characters."""
+
+    def width(kept: list[tuple[str, str]]) -> int:
+        return len("; ".join(f"{key}={_value(val)}" for key, val in kept))
+
+    kept = list(pairs)
+    for key in _LEFT_OUT_FIRST:
+        if width(kept) <= room:
+            return kept
+        kept = [(k, v) for k, v in kept if k != key]
+    # Only hostile input gets here (values of escaped quotes): cut the longest value.
+    for _ in range(_FIT_ROUNDS):
+        over = width(kept) - room
+        if over <= 0:
+            break
+        index = max(range(len(kept)), key=lambda i: len(_value(kept[i][1])))
+        key, val = kept[index]
+        cleaned = _clean(val, 255)
+        kept[index] = (key, _shortened(cleaned, max(3, len(cleaned) - over)))
+    return kept
+
+
 def received_spf_header(
     result: str,
     *,
@@ -120,23 +202,37 @@ def received_spf_header(
     receiver: str | None = None,
     problem: str = "",
     mechanism: str = "",
+    limit: int = HEADER_LIMIT,
 ) -> str:
-    """`Received-SPF: result (comment) key=value; ...` (RFC 7208 section 9.1), one line."""
+    """`Received-SPF: result (comment) key=value; ...` (RFC 7208 section 9.1), one line.
+
+    At most `limit` characters, every key-value pair whole: the comment gives way first.
+    """
     domain = envelope_from.rpartition("@")[2]
     comment = header_comment(result, domain, client_ip, problem)
     if receiver:
         comment = f"{receiver}: {comment}"
+    comment = _comment_text(comment)
     pairs = [
-        ("client-ip", client_ip),
-        ("envelope-from", envelope_from),
-        ("helo", helo),
-        ("receiver", receiver or ""),
-        ("mechanism", mechanism),
-        ("problem", problem if result in ("permerror", "temperror") else ""),
-        ("identity", "mailfrom"),
+        (key, val)
+        for key, val in (
+            ("client-ip", client_ip),
+            ("envelope-from", envelope_from),
+            ("helo", helo),
+            ("receiver", receiver or ""),
+            ("mechanism", mechanism),
+            ("problem", problem if result in ("permerror", "temperror") else ""),
+            ("identity", "mailfrom"),
+        )
+        if val
     ]
-    values = "; ".join(f"{key}={_value(val)}" for key, val in pairs if val)
-    return f"Received-SPF: {result} ({_comment_text(comment)}) {values}"
+    start = f"Received-SPF: {result} "
+    pairs = _fitted_pairs(pairs, limit - len(start))
+    values = "; ".join(f"{key}={_value(val)}" for key, val in pairs)
+    room = limit - len(start) - len(values) - len("() ")
+    if room >= min(len(comment), _SHORTEST_COMMENT):
+        return f"{start}({_shortened(comment, room)}) {values}"
+    return f"{start}{values}"
 
 
 # -- the check -------------------------------------------------------------------------------
@@ -156,26 +252,66 @@ def mail_from_identity(sender: str, helo: str) -> str:
     return sender if sender else (f"postmaster@{helo}" if helo else "")
 
 
+def is_malformed_domain(domain: str) -> bool:
+    """True for a <domain> check_host() answers "none" at once (RFC 7208 section 4.3).
+
+    Malformed as the resolver would see it (its own IDNA conversion and label rules), or not
+    a multi-label name.
+    """
+    try:
+        name = dns.name.from_text(domain)
+    except dns.exception.DNSException:  # bad IDNA, empty label, label or name too long
+        return True
+    return len(name.labels) < 3  # "localhost." is ("localhost", "")
+
+
+def _temperror(ip: str, identity: str, helo: str, receiver: str | None, problem: str) -> SpfResult:
+    return SpfResult(
+        "temperror",
+        problem,
+        received_spf_header(
+            "temperror",
+            client_ip=ip,
+            envelope_from=identity,
+            helo=helo,
+            receiver=receiver,
+            problem=problem,
+        ),
+    )
+
+
 def _evaluate(
     resolver: dns.resolver.Resolver,
     ip: str,
     identity: str,
     helo: str,
     receiver: str | None,
-    timeout: float,
+    deadline: float,
 ) -> SpfResult:
-    """Runs in a worker thread: one pyspf evaluation through `resolver`."""
+    """Runs in a worker thread: one pyspf evaluation through `resolver`, done by `deadline`.
+
+    `deadline` is on time.monotonic()'s clock: a check that waited for a thread until it
+    passed makes no query.
+    """
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return _temperror(ip, identity, helo, receiver, DNS_TIMED_OUT)
     _thread_state.resolver = resolver
+    _thread_state.deadline = deadline
     try:
-        query = spf.query(
-            i=ip, s=identity, h=helo, receiver=receiver, timeout=timeout, querytime=timeout
-        )
+        query = spf.query(i=ip, s=identity, h=helo, receiver=receiver, timeout=left, querytime=left)
         result, _code, explanation = query.check()
     finally:
         _thread_state.resolver = None
     mechanism = str(getattr(query, "mechanism", None) or "")
-    problem = explanation if result in ("permerror", "temperror") else ""
-    if result == "permerror":
+    problem = ""
+    if result == "temperror":
+        # Ours (DNS_FAILED, DNS_TIMED_OUT) or pyspf's own ("exceeded max query lookup
+        # time"): the header says only that DNS failed.
+        timed_out = getattr(query, "prob", None) in _OUT_OF_TIME
+        problem = DNS_TIMED_OUT if timed_out else DNS_FAILED
+        explanation = f"SPF Temporary Error: {problem}"
+    elif result == "permerror":
         problem = getattr(query, "prob", None) or explanation
     return SpfResult(
         result=result,
@@ -192,6 +328,20 @@ def _evaluate(
     )
 
 
+# (client IP, MAIL FROM identity, HELO): what one evaluation depends on.
+CheckKey = tuple[str, str, str]
+
+
+class _DomainSlots:
+    """Evaluations of one sender domain: PER_DOMAIN may run, `users` counts those asking."""
+
+    __slots__ = ("running", "users")
+
+    def __init__(self, limit: int) -> None:
+        self.running = asyncio.Semaphore(limit)
+        self.users = 0
+
+
 class SpfChecker:
     """Evaluates SPF off the event loop, through the `[dns]` resolver, within `cfg.timeout`."""
 
@@ -200,12 +350,13 @@ class SpfChecker:
         cfg: SpfConfig,
         dns_cfg: DnsConfig,
         receiver: str | None = None,
-        workers: int = WORKERS,
+        workers: int = MAX_THREADS,
         *,
+        per_domain: int = PER_DOMAIN,
         timer: Callable[[float], asyncio.Timeout] = asyncio.timeout,
     ) -> None:
         self.cfg = cfg
-        # The time budget as an async context manager (tests expire it by hand).
+        # The event loop's backstop as an async context manager (tests expire it by hand).
         self._timer = timer
         # The host name put in `receiver=` (mail.hostname); None leaves it out.
         self.receiver = receiver
@@ -213,20 +364,10 @@ class SpfChecker:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="spf"
         )
-
-    def _temperror(self, ip: str, identity: str, helo: str, problem: str) -> SpfResult:
-        return SpfResult(
-            "temperror",
-            problem,
-            received_spf_header(
-                "temperror",
-                client_ip=ip,
-                envelope_from=identity,
-                helo=helo,
-                receiver=self.receiver,
-                problem=problem,
-            ),
-        )
+        self._per_domain = per_domain
+        self._domains: dict[str, _DomainSlots] = {}
+        self._in_flight: dict[CheckKey, asyncio.Future[SpfResult]] = {}
+        self._closing = False
 
     async def check(self, ip: str, sender: str, helo: str) -> SpfResult:
         """SPF result for MAIL FROM `sender` (or postmaster@helo) from client `ip`."""
@@ -235,45 +376,87 @@ class SpfChecker:
         address = parse_client_ip(ip)
         if address is None:
             log.info("spf: cannot evaluate %r from %r: not an IP address", identity, ip)
-            return self._temperror(ip, identity, helo, "invalid client address")
+            return _temperror(ip, identity, helo, self.receiver, "invalid client address")
         ip = str(address)
-        if "@" not in identity or not identity.rpartition("@")[2]:
-            explanation = "no domain to check (null sender and no HELO)"
+        domain = identity.rpartition("@")[2]
+        if "@" not in identity or not domain or is_malformed_domain(domain):
+            explanation = f"malformed domain {_clean(domain)!r}" if domain else "no domain to check"
             header = received_spf_header(
                 "none", client_ip=ip, envelope_from=identity, helo=helo, receiver=self.receiver
             )
             return SpfResult("none", explanation, header)
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(
-            self._executor,
-            _evaluate,
-            self.resolver,
-            ip,
-            identity,
-            helo,
-            self.receiver,
-            self.cfg.timeout,
-        )
+        key = (ip, identity, helo)
+        evaluation = self._in_flight.get(key)
+        if evaluation is None:
+            deadline = time.monotonic() + self.cfg.timeout
+            evaluation = asyncio.ensure_future(self._evaluate_in_turn(key, domain, deadline))
+            self._in_flight[key] = evaluation
+            evaluation.add_done_callback(lambda done: self._finished(key, done))
         try:
-            async with self._timer(self.cfg.timeout):
-                return await job
+            async with self._timer(self.cfg.timeout + GRACE):
+                # Shielded: one request given up (its own time limit) leaves the evaluation
+                # to the others sharing it.
+                return await asyncio.shield(evaluation)
         except TimeoutError:
             log.warning(
                 "spf: no result for %r from %s within %.1fs: temperror",
                 identity,
                 ip,
-                self.cfg.timeout,
+                self.cfg.timeout + GRACE,
             )
-            return self._temperror(ip, identity, helo, f"no result within {self.cfg.timeout}s")
+            return _temperror(ip, identity, helo, self.receiver, DNS_TIMED_OUT)
+
+    async def _evaluate_in_turn(self, key: CheckKey, domain: str, deadline: float) -> SpfResult:
+        """One evaluation, once fewer than PER_DOMAIN of its domain are running."""
+        ip, identity, helo = key
+        domain = domain.lower().rstrip(".")
+        slots = self._domains.get(domain)
+        if slots is None:
+            slots = self._domains[domain] = _DomainSlots(self._per_domain)
+        slots.users += 1
+        try:
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await slots.running.acquire()
+            except TimeoutError:
+                log.info("spf: no turn for %r from %s before the budget ran out", identity, ip)
+                return _temperror(ip, identity, helo, self.receiver, DNS_TIMED_OUT)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._executor,
+                    _evaluate,
+                    self.resolver,
+                    ip,
+                    identity,
+                    helo,
+                    self.receiver,
+                    deadline,
+                )
+            finally:
+                slots.running.release()
+        finally:
+            slots.users -= 1
+            if slots.users == 0:
+                del self._domains[domain]
+
+    def _finished(self, key: CheckKey, evaluation: asyncio.Future[SpfResult]) -> None:
+        if self._in_flight.get(key) is evaluation:
+            del self._in_flight[key]
+        if not evaluation.cancelled():
+            evaluation.exception()  # retrieved: every asker may have given up already
+        if self._closing and not self._in_flight:
+            self._executor.shutdown(wait=False, cancel_futures=False)
 
     def close(self) -> None:
         """Take no new checks; threads end once the checks already handed in are done.
 
-        Queued checks are not cancelled: on a SIGHUP reload they belong to requests still
+        Checks in flight are not cancelled: on a SIGHUP reload they belong to requests still
         waiting for an answer, and a cancelled one would drop its Postfix connection. Each
         is bounded by its own timeout.
         """
-        self._executor.shutdown(wait=False, cancel_futures=False)
+        self._closing = True
+        if not self._in_flight:
+            self._executor.shutdown(wait=False, cancel_futures=False)
 
 
 def verdict_for(result: SpfResult, cfg: SpfConfig) -> Verdict | None:

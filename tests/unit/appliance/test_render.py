@@ -66,7 +66,7 @@ def test_mailbox_check_first_and_policyd_after_anti_relay() -> None:
         "check_recipient_access texthash:$config_directory/mailbox_domains"
     )
     assert parts[5].startswith("check_policy_service { unix:")
-    assert "timeout=10s" in parts[5] and "default_action=DUNNO" in parts[5]
+    assert "timeout=30s" in parts[5] and "default_action=DUNNO" in parts[5]
     assert params["submission_recipient_restrictions"] == (
         "$local_recipient_check, permit_sasl_authenticated, reject"
     )
@@ -75,7 +75,7 @@ def test_mailbox_check_first_and_policyd_after_anti_relay() -> None:
 def test_policy_check_takes_timeout_default_action_and_idle_time_from_policyd() -> None:
     """What Postfix does when policyd is slow, silent or idle follows the [policyd] keys."""
     defaults = main_cf()
-    assert "timeout=10s, default_action=DUNNO }" in defaults["smtpd_recipient_restrictions"]
+    assert "timeout=30s, default_action=DUNNO }" in defaults["smtpd_recipient_restrictions"]
     assert defaults["smtpd_policy_service_default_action"] == "DUNNO"
     assert defaults["smtpd_policy_service_max_idle"] == "300s"
     policyd = {"request_timeout": 4, "default_action": "DEFER_IF_PERMIT", "idle_timeout": 60}

@@ -9,6 +9,7 @@ import pytest
 
 from postwarden.config import Config, ConfigError, load_config, parse_config
 from postwarden.config.types import ListenAddress
+from postwarden.policy import spf_check
 from tests.unit.config.config_files import write
 
 
@@ -104,3 +105,13 @@ def test_check_across_keys_names_them_without_dumping_the_table(tmp_path: Path) 
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert str(caught.value) == f"{path}: mail: submission_port = 25 is already used by smtp_port"
+
+
+def test_default_spf_budget_fits_inside_the_policy_service_timeout() -> None:
+    # RFC 7208 section 4.6.4: an SPF limit "SHOULD allow at least 20 seconds". Postfix waits
+    # policyd.request_timeout for an answer, and policyd gives up on its own checks then, so
+    # the DNS checks (DNSBL, then SPF and its backstop) must end before it.
+    cfg = Config()
+    assert cfg.spf.timeout >= 20
+    checks = cfg.dnsbl.budget + cfg.spf.timeout + spf_check.GRACE
+    assert checks < cfg.policyd.request_timeout
