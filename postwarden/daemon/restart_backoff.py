@@ -1,7 +1,7 @@
 """When a supervised daemon that exited is started again: a pure decision, the clock passed in.
 
 docs/ARCHITECTURE.md, "Supervision": a daemon that dies is serving again within 2 s
-(restart after RESTART_DELAY); one that keeps dying right after it starts backs off
+(at once after a run that had stayed up, else after RESTART_DELAY); one that keeps dying right after it starts backs off
 (doubling up to MAX_DELAY) and the supervisor says so once, and once more when it stays up.
 """
 
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# A crashed daemon's replacement starts this long after the exit: long enough that a
-# daemon failing at once does not spin, short enough that Postfix's next try finds it.
+# A daemon that had stayed up and then died is started again this soon: its start-up
+# (about a second for milterd) is what Postfix waits for.
+FIRST_RESTART_DELAY = 0.1
+# After a quick exit (one within STABLE_AFTER of its start), this long: a daemon failing
+# at once does not spin, and Postfix's next try still finds it.
 RESTART_DELAY = 0.5
 # A run at least this long counts as "stayed up": the backoff starts over.
 STABLE_AFTER = 10.0
@@ -40,7 +43,8 @@ def after_exit(state: RestartState, started_at: float, exited_at: float) -> Rest
     quick_exits = state.quick_exits + 1 if quick else 0
     over = quick_exits - QUICK_EXITS_TOLERATED
     if over <= 0:
-        return RestartDecision(RESTART_DELAY, RestartState(quick_exits, False), False)
+        delay = RESTART_DELAY if quick else FIRST_RESTART_DELAY
+        return RestartDecision(delay, RestartState(quick_exits, False), False)
     delay = min(MAX_DELAY, RESTART_DELAY * 2.0**over)
     return RestartDecision(delay, RestartState(quick_exits, True), not state.backing_off)
 

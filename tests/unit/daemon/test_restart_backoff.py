@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from postwarden.daemon.restart_backoff import (
+    FIRST_RESTART_DELAY,
     MAX_DELAY,
     QUICK_EXITS_TOLERATED,
     RESTART_DELAY,
@@ -26,9 +27,9 @@ def _exits(count: int, ran: float) -> list[tuple[float, bool, RestartState]]:
     return out
 
 
-def test_a_crash_after_a_long_run_restarts_after_the_short_delay() -> None:
+def test_a_crash_after_a_long_run_restarts_at_once() -> None:
     decision = after_exit(RestartState(), started_at=100.0, exited_at=100.0 + 3600)
-    assert decision.delay == RESTART_DELAY < 2.0
+    assert decision.delay == FIRST_RESTART_DELAY < RESTART_DELAY < 2.0
     assert decision.state == RestartState(0, False)
     assert not decision.starts_backing_off
 
@@ -56,7 +57,7 @@ def test_a_run_of_stable_after_seconds_is_not_quick(ran: float, counts_as_quick:
 
 def test_a_long_run_ends_the_backoff_and_the_next_backoff_is_announced_again() -> None:
     backing = RestartState(quick_exits=QUICK_EXITS_TOLERATED + 2, backing_off=True)
-    assert after_exit(backing, 0.0, STABLE_AFTER + 1).delay == RESTART_DELAY
+    assert after_exit(backing, 0.0, STABLE_AFTER + 1).delay == FIRST_RESTART_DELAY
     again = _exits(QUICK_EXITS_TOLERATED + 1, ran=0.1)
     assert again[-1][1] is True
 
