@@ -129,8 +129,12 @@ def _clean(text: str, limit: int = MAX_TEXT) -> str:
 
 
 def _value(text: str) -> str:
-    """A key-value value: dot-atom as is, anything else as a quoted-string (RFC 5322)."""
-    text = _clean(text, 255)
+    """A key-value value: dot-atom as is, anything else as a quoted-string (RFC 5322).
+
+    Not cut here: received_spf_header() fits the whole header, leaving a key out rather
+    than cutting its value.
+    """
+    text = _clean(text, HEADER_LIMIT)
     if _DOT_ATOM.fullmatch(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -188,7 +192,7 @@ def _fitted_pairs(pairs: list[tuple[str, str]], room: int) -> list[tuple[str, st
             break
         index = max(range(len(kept)), key=lambda i: len(_value(kept[i][1])))
         key, val = kept[index]
-        cleaned = _clean(val, 255)
+        cleaned = _clean(val, HEADER_LIMIT)
         kept[index] = (key, _shortened(cleaned, max(3, len(cleaned) - over)))
     return kept
 

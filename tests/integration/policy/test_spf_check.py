@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Iterator
 
@@ -10,7 +12,7 @@ import pytest
 from postwarden.config.model import DnsConfig, SpfConfig
 from postwarden.policy.spf_check import SpfChecker, verdict_for
 from postwarden.policy.verdict import Action, Rule
-from tests.fixtures.dns_server import DnsServer
+from tests.fixtures.dns_server import SPF_ZONE, DnsServer
 
 RECEIVER = "mx.postwarden.test"
 
@@ -181,3 +183,112 @@ async def test_ipv4_mapped_client_is_checked_as_ipv4(checker: SpfChecker) -> Non
     result = await checker.check("::ffff:192.0.2.10", "alice@pass.spf.test", "mail.example.test")
     assert result.result == "pass"
     assert "client-ip=192.0.2.10;" in result.received_spf
+
+
+# -- slow DNS (issue 14, item 8) ---------------------------------------------------------------
+# A name outside NSD's zones is REFUSED there, and the resolver then asks the next configured
+# server, the black hole, which never answers: those names time out, the test zones answer.
+UNSERVED = "unserved.test"
+
+
+@pytest.fixture
+def exp_times_out(dns_server: DnsServer) -> str:
+    """RFC 7208 test suite case exp-dns-error: fail, with an exp= name that times out."""
+    dns_server.add_records(SPF_ZONE, [f'e21 TXT "v=spf1 exp=e21msg.{UNSERVED} -all"'])
+    return f"foo@e21.{SPF_ZONE}"
+
+
+@pytest.mark.parametrize(("spf_timeout", "dns_timeout"), [(1.0, 1.0), (0.8, 1.0)])
+async def test_exp_lookup_timing_out_keeps_fail_when_spf_timeout_is_not_longer(
+    dns_server: DnsServer, exp_times_out: str, spf_timeout: float, dns_timeout: float
+) -> None:
+    # The exp= lookup is the last one and runs until the end of the budget: its own
+    # timeout (ignored, RFC 7208 section 6.2) decides, not the overall limit.
+    spf = SpfChecker(
+        SpfConfig(enabled=True, timeout=spf_timeout),
+        DnsConfig(
+            nameservers=[dns_server.nameserver, dns_server.blackhole_nameserver],
+            timeout=dns_timeout,
+        ),
+        receiver=RECEIVER,
+    )
+    try:
+        result = await spf.check("1.2.3.4", exp_times_out, "mail.example.test")
+    finally:
+        spf.close()
+    assert result.result == "fail"
+
+
+async def test_senders_whose_dns_never_answers_leave_others_their_result(
+    dns_server: DnsServer,
+) -> None:
+    # Issue 14: 48 such senders filled the 16 SPF workers and an unrelated sender got
+    # temperror. Here they hold a few threads while the other sender is answered.
+    before = dns_server.blackhole_queries
+    spf = SpfChecker(
+        SpfConfig(enabled=True, timeout=3),
+        DnsConfig(nameservers=[dns_server.nameserver, dns_server.blackhole_nameserver], timeout=2),
+        receiver=RECEIVER,
+    )
+    try:
+        slow = [
+            asyncio.ensure_future(spf.check(f"198.51.100.{n}", f"u{n}@slow.{UNSERVED}", "h"))
+            for n in range(1, 49)
+        ]
+        # They asked first: their lookups are waiting on the black hole.
+        for _ in range(500):
+            if dns_server.blackhole_queries >= before + 4:
+                break
+            await asyncio.sleep(0.01)
+        good = await spf.check("192.0.2.10", "alice@pass.spf.test", "mail.example.test")
+        slow_results = await asyncio.wait_for(asyncio.gather(*slow), 10)
+    finally:
+        spf.close()
+    assert good.result == "pass"
+    assert {r.result for r in slow_results} == {"temperror"}
+
+
+async def test_temperror_shows_neither_the_resolver_nor_the_dns_library(
+    dns_server: DnsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    spf = SpfChecker(
+        SpfConfig(enabled=True, timeout=3),
+        DnsConfig(nameservers=[dns_server.blackhole_nameserver], timeout=0.3),
+        receiver=RECEIVER,
+    )
+    try:
+        with caplog.at_level(logging.INFO, logger="postwarden.spf"):
+            result = await spf.check("192.0.2.10", "alice@pass.spf.test", "mail.example.test")
+    finally:
+        spf.close()
+    assert result.result == "temperror"
+    port = dns_server.blackhole_nameserver.rpartition(":")[2]
+    for shown in (result.received_spf, result.explanation):
+        assert port not in shown
+        assert "Do53" not in shown
+        assert "LifetimeTimeout" not in shown
+    assert result.received_spf == (
+        "Received-SPF: temperror (mx.postwarden.test: temporary error in processing during"
+        " lookup of pass.spf.test: DNS lookup failed) client-ip=192.0.2.10;"
+        ' envelope-from="alice@pass.spf.test"; helo=mail.example.test;'
+        ' receiver=mx.postwarden.test; problem="DNS lookup failed"; identity=mailfrom'
+    )
+    # Our own log line keeps the detail for the operator.
+    assert any(f"@{port}" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("domain", ["\u2603.spf.test", "exa..mple.test", "localhost"])
+async def test_malformed_sender_domain_is_none_without_a_query(
+    dns_server: DnsServer, domain: str
+) -> None:
+    before = dns_server.blackhole_queries
+    spf = SpfChecker(
+        SpfConfig(enabled=True, timeout=3),
+        DnsConfig(nameservers=[dns_server.blackhole_nameserver], timeout=0.3),
+    )
+    try:
+        result = await spf.check("192.0.2.10", f"a@{domain}", "mail.example.test")
+    finally:
+        spf.close()
+    assert result.result == "none"
+    assert dns_server.blackhole_queries == before

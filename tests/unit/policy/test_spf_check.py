@@ -428,8 +428,23 @@ def test_longest_valid_inputs_give_a_whole_header_within_the_line_limit(
     assert pairs["receiver"] == LONG_DOMAIN
     assert pairs["identity"] == "mailfrom"
     assert header.endswith("; identity=mailfrom")
-    if result in ("permerror", "temperror"):
-        assert pairs.get("problem") in (None, problem)
+    # What had to give way is left out whole, never cut.
+    assert pairs.get("mechanism") in (None, mechanism or None)
+    assert pairs.get("problem") in (None, problem or None)
+
+
+def test_a_long_mechanism_is_kept_whole_beside_long_names() -> None:
+    mechanism = "include:" + LONG_DOMAIN
+    header = received_spf_header(
+        "pass",
+        client_ip="192.0.2.1",
+        envelope_from="x@" + LONG_DOMAIN,
+        helo=LONG_DOMAIN,
+        receiver="mx.example.org",
+        mechanism=mechanism,
+    )
+    assert len(header) <= MAX_HEADER_LENGTH
+    assert _key_values(header)["mechanism"] == mechanism
 
 
 def test_a_short_header_keeps_its_comment() -> None:
