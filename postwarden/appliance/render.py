@@ -187,6 +187,13 @@ def _template(directory: Traversable, name: str) -> _Template:
     return _Template(directory.joinpath(name).read_text(encoding="utf-8"))
 
 
+def _unreachable_policy_action(action: str) -> str:
+    """The access(5) action Postfix takes when policyd cannot be asked, with the reason."""
+    if action == "DEFER_IF_PERMIT":
+        return "DEFER_IF_PERMIT policy service unavailable; try again later"
+    return action
+
+
 def _postfix_seconds(seconds: float) -> str:
     """A Postfix time value: whole seconds, rounded up (Postfix takes no fractions), >= 1s."""
     return f"{max(1, math.ceil(seconds))}s"
@@ -468,13 +475,15 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
     smuggling = mail.smuggling_protection
 
     # An empty policyd socket (test instances without policyd) leaves the policy check out.
-    # Postfix waits as long as policyd may take for one request, and when policyd does not
-    # answer at all it acts as policyd would have on a failure: both follow the config.
+    # Postfix waits as long as policyd may take for one request; when it cannot reach
+    # policyd at all (down, frozen, no socket) it answers policyd.unreachable_action, by
+    # default DEFER_IF_PERMIT: the mail waits (450) unless a later check refuses it, so an
+    # outage never lets a forbidden sender in. Postfix logs each such answer as a reject.
     policy_timeout = _postfix_seconds(cfg.policyd.request_timeout)
-    policy_default = cfg.policyd.default_action
+    policy_default = _unreachable_policy_action(cfg.policyd.unreachable_action)
     policy_check = (
         f",\n    check_policy_service {{ {policyd}, timeout={policy_timeout}, "
-        f"default_action={policy_default} }}"
+        f"{{ default_action = {policy_default} }} }}"
         if policyd
         else ""
     )

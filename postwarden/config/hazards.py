@@ -196,6 +196,20 @@ def _forged_from_passes_unsigned(cfg: Config) -> Iterable[Hazard]:
     ]
 
 
+def _policy_outage_accepts_unchecked(cfg: Config) -> Iterable[Hazard]:
+    if cfg.policyd.unreachable_action != "DUNNO":
+        return []
+    return [
+        Hazard(
+            "policyd.unreachable_action",
+            "'DUNNO' accepts mail Postfix could not ask policyd about: while policyd is "
+            "down or frozen, senders on the forbidden lists, DNSBL-listed clients and SPF "
+            "failures get in unchecked (DEFER_IF_PERMIT makes that mail wait instead)",
+            refuse=False,
+        )
+    ]
+
+
 def _relay_password_in_clear(cfg: Config) -> Iterable[Hazard]:
     return [
         Hazard(
@@ -273,6 +287,7 @@ RULES: tuple[Callable[[Config], Iterable[Hazard]], ...] = (
     _clear_text_imap_pop3_login,
     _unlimited_auth_attempts,
     _forged_from_passes_unsigned,
+    _policy_outage_accepts_unchecked,
     _relay_password_in_clear,
     _recipients_checked_by_cached_probe,
     _mailbox_lmtp_without_a_listener,

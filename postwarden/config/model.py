@@ -96,8 +96,13 @@ class PolicydConfig(Section):
     )
     # Worker processes sharing the listening sockets; 0 means one per CPU core.
     workers: Annotated[int, Field(ge=0, le=64)] = 1
-    # What to answer when a check fails internally or the store/DNS is unreachable.
+    # What a running policyd answers when a check fails inside it (the store or DNS
+    # unreachable, a request over request_timeout).
     default_action: PolicyAction = "DUNNO"
+    # What Postfix does when it cannot reach policyd at all (down, frozen, socket gone):
+    # DEFER_IF_PERMIT makes the mail wait (4xx) unless something else refuses it;
+    # DUNNO accepts it unchecked (config check warns).
+    unreachable_action: PolicyAction = "DEFER_IF_PERMIT"
     # Unix socket permissions (Postfix's smtpd must be able to connect).
     socket_mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0660"
     socket_group: str | None = None
