@@ -1,4 +1,4 @@
-"""`postwarden policyd` (the Postfix policy server) and `postwarden supervise` (restarts).
+"""`postwarden policyd` (the policy server), `mapd` (its lookup maps), `supervise` (restarts).
 
 milterd's own command lives in commands_milterd.py.
 """
@@ -18,22 +18,47 @@ from postwarden.daemon.service_supervisor import SUPERVISED_DAEMONS
     default=None,
     help="Worker processes sharing the sockets (0 = one per CPU); overrides policyd.workers.",
 )
+@click.option(
+    "--maps/--no-maps",
+    default=True,
+    help="Also serve the lookup maps on policyd.aliases_listen (default), or leave them to "
+    "`postwarden mapd` (what the appliance does).",
+)
 @pass_cli
-def policyd(cli_ctx: CliContext, workers: int | None) -> None:
+def policyd(cli_ctx: CliContext, workers: int | None, maps: bool) -> None:
     """Run the Postfix policy server (check_policy_service) until SIGTERM."""
     from policyd.supervisor import run
     from postwarden.config.loading import config_path
 
     cfg = cli_ctx.config()  # a bad file: file, key and reason on stderr, exit 2
     path = config_path(cli_ctx.config_file) if cli_ctx.config_file else None
-    raise SystemExit(run(cfg, path, workers))
+    raise SystemExit(run(cfg, path, workers, "all" if maps else "policy"))
 
 
-@click.command("supervise")
-@click.argument("daemon", type=click.Choice(SUPERVISED_DAEMONS))
+@click.command("mapd")
 @pass_cli
-def supervise(cli_ctx: CliContext, daemon: str) -> None:
-    """Run DAEMON and start it again whenever it exits, until SIGTERM.
+def mapd(cli_ctx: CliContext) -> None:
+    """Serve Postfix's lookup maps (forwarding aliases, mailboxes) until SIGTERM.
+
+    The socketmap on policyd.aliases_listen, in a process of its own: Postfix resolves
+    every address through it, so it must not stop when policyd does.
+    """
+    from policyd.supervisor import run
+    from postwarden.config.loading import config_path
+
+    cfg = cli_ctx.config()
+    path = config_path(cli_ctx.config_file) if cli_ctx.config_file else None
+    raise SystemExit(run(cfg, path, 1, "maps"))
+
+
+@click.command(
+    "supervise", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@click.argument("daemon", type=click.Choice(SUPERVISED_DAEMONS))
+@click.argument("daemon_args", nargs=-1, type=click.UNPROCESSED)
+@pass_cli
+def supervise(cli_ctx: CliContext, daemon: str, daemon_args: tuple[str, ...]) -> None:
+    """Run DAEMON [ARGS] and start it again whenever it exits, until SIGTERM.
 
     What the service units and install.sh run: a daemon killed or crashed is serving again
     within a second; one that keeps dying at start is retried with a growing delay.
@@ -43,9 +68,11 @@ def supervise(cli_ctx: CliContext, daemon: str) -> None:
     from postwarden.daemon.service_supervisor import ServiceSupervisor, daemon_command
 
     cfg = cli_ctx.config()  # a bad file: file, key and reason on stderr, exit 2
-    setup_logging(getattr(cfg, daemon).log_level, buffered=False)
+    section = cfg.milterd if daemon == "milterd" else cfg.policyd
+    setup_logging(section.log_level, buffered=False)
     path = config_path(cli_ctx.config_file) if cli_ctx.config_file else None
-    raise SystemExit(ServiceSupervisor(daemon, daemon_command(daemon, path)).run())
+    command = daemon_command(daemon, path, daemon_args)
+    raise SystemExit(ServiceSupervisor(daemon, command).run())
 
 
-COMMANDS: list[click.Command] = [policyd, supervise]
+COMMANDS: list[click.Command] = [policyd, mapd, supervise]

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from postwarden.config import Config
 from postwarden.config.types import ListenAddress
@@ -20,6 +21,8 @@ from postwarden.daemon.socket_files import SocketInUseError, remove_stale_socket
 from postwarden.daemon.startup import StartupError
 
 LISTEN_BACKLOG = 1024
+# What one policyd process serves: both, the policy only, or the lookup maps only (mapd).
+Served = Literal["all", "policy", "maps"]
 
 
 @dataclass
@@ -64,14 +67,28 @@ def _inet_socket(address: ListenAddress) -> socket.socket:
         raise StartupError(f"{address}: cannot listen: {exc.strerror}") from None
 
 
-def bind_listeners(cfg: Config) -> list[Listener]:
-    """Bind every `policyd.listen` address (before any fork, so workers share them)."""
+def wanted_listeners(cfg: Config, served: Served) -> list[tuple[ListenAddress, str]]:
+    """The addresses (and their roles) a process serving `served` binds.
+
+    "all" is `postwarden policyd`; "policy" is `policyd --no-maps`, beside a `mapd`
+    ("maps") that serves the lookup maps in a process of its own, so that Postfix's address
+    resolution does not stop while policyd is down (docs/ARCHITECTURE.md, "What each
+    daemon owns").
+    """
+    wanted: list[tuple[ListenAddress, str]] = []
+    if served in ("all", "policy"):
+        wanted.extend((address, "policy") for address in cfg.policyd.listen)
+    if served in ("all", "maps") and cfg.policyd.aliases_listen is not None:
+        wanted.append((cfg.policyd.aliases_listen, "socketmap"))
+    return wanted
+
+
+def bind_listeners(cfg: Config, served: Served = "all") -> list[Listener]:
+    """Bind the addresses `served` needs (before any fork, so workers share them)."""
     mode = int(cfg.policyd.socket_mode, 8)
     listeners: list[Listener] = []
+    wanted = wanted_listeners(cfg, served)
     try:
-        wanted = [(address, "policy") for address in cfg.policyd.listen]
-        if cfg.policyd.aliases_listen is not None:
-            wanted.append((cfg.policyd.aliases_listen, "socketmap"))
         for address, role in wanted:
             if address.kind == "unix":
                 sock = _unix_socket(address, mode, cfg.policyd.socket_group)

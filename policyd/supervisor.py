@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 
-from policyd.listeners import Listener, bind_listeners, close_listeners
+from policyd.listeners import Listener, Served, bind_listeners, close_listeners
 from policyd.metrics import Metrics, NullMetrics
 from policyd.server import PolicyServer
 from policyd.wiring import open_store_for
@@ -43,10 +43,14 @@ def worker_count(cfg: Config, override: int | None) -> int:
 
 
 def _serve_in_this_process(
-    cfg: Config, config_path: Path | None, listeners: Sequence[Listener], metrics_thread: bool
+    cfg: Config,
+    config_path: Path | None,
+    listeners: Sequence[Listener],
+    metrics_thread: bool,
+    with_metrics: bool = True,
 ) -> int:
     metrics: Metrics | NullMetrics = NullMetrics()
-    if cfg.policyd.metrics_listen is not None:
+    if with_metrics and cfg.policyd.metrics_listen is not None:
         from policyd.metrics import create_metrics, serve_in_thread
 
         metrics = create_metrics()
@@ -77,14 +81,29 @@ def _run_event_loop(main: Coroutine[object, object, None]) -> None:
         runner.run(main)
 
 
-def run(cfg: Config, config_path: Path | None, workers: int | None = None) -> int:
-    """Run the policy server until SIGTERM; return the process exit code."""
+def run(
+    cfg: Config, config_path: Path | None, workers: int | None = None, served: Served = "all"
+) -> int:
+    """Run the policy server (or mapd, `served="maps"`) until SIGTERM; the exit code."""
     setup_logging(cfg.policyd.log_level)
     try:
-        listeners = bind_listeners(cfg)
+        listeners = bind_listeners(cfg, served)
     except StartupError as exc:
-        return log_startup_failure(log, "policyd", exc)
+        return log_startup_failure(log, "mapd" if served == "maps" else "policyd", exc)
+    if served == "maps" and not listeners:
+        # The appliance runs mapd always; a config without the maps leaves it nothing to do.
+        log.warning("mapd: policyd.aliases_listen is not set: no map to serve; idle until stopped")
+        stops = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        signal.sigwait(stops)
+        return EXIT_OK
     try:
+        if served == "maps":
+            # One process: a lookup is a store read; policyd's metrics port is policyd's.
+            code = _serve_in_this_process(
+                cfg, config_path, listeners, metrics_thread=False, with_metrics=False
+            )
+            return EXIT_STARTUP_FAILED if code == EXIT_CHILD_STARTUP_FAILED else code
         count = worker_count(cfg, workers)
         if count == 1:
             code = _serve_in_this_process(cfg, config_path, listeners, metrics_thread=True)

@@ -25,7 +25,11 @@ RUN=/run/postwarden
 LOGS=/var/log/postwarden
 USER_NAME=postwarden
 BIN=$VENV/bin/postwarden
-DAEMONS=(policyd milterd)
+# mapd serves Postfix's lookup maps (forwarding aliases, mailboxes) apart from policyd, so
+# an outage of policyd stops no address resolution (README "Reliability").
+DAEMONS=(policyd mapd milterd)
+# What `postwarden supervise` runs for each: policyd leaves the maps to mapd.
+daemon_args() { if [[ $1 == policyd ]]; then echo "policyd --no-maps"; else echo "$1"; fi; }
 # Debian's interpreter, never one from root's PATH (pyenv under /root): the service user
 # must be able to run the venv's python.
 PYTHON=/usr/bin/python3
@@ -348,7 +352,7 @@ if [[ -d /run/systemd/system ]]; then
         if [[ $1 == postfix ]]; then postfix status >/dev/null 2>&1
         else systemctl is-active --quiet "$1"; fi
     }
-    for unit in postwarden-policyd postwarden-milterd dovecot postfix; do
+    for unit in postwarden-policyd postwarden-mapd postwarden-milterd dovecot postfix; do
         if ! systemctl is-enabled --quiet "$unit"; then
             systemctl enable --quiet "$unit"
             changed "enabled $unit"
@@ -362,7 +366,8 @@ if [[ -d /run/systemd/system ]]; then
             changed "restarted $unit (new code, key, config or unit)"
         fi
         if [[ $unit == postwarden-milterd ]]; then
-            wait_until_postfix_reaches_daemons "see journalctl -u postwarden-policyd -u $unit"
+            wait_until_postfix_reaches_daemons \
+                "see journalctl -u postwarden-policyd -u postwarden-mapd -u $unit"
         fi
     done
 else
@@ -374,11 +379,11 @@ else
         pidfile=$RUN/$d.pid
         if supervisor_running "$pidfile"; then
             ((restart_daemons)) || continue
-            start-stop-daemon --stop --pidfile "$pidfile" --remove-pidfile --retry TERM/30/KILL/5
+            start-stop-daemon --stop --pidfile "$pidfile" --remove-pidfile --retry TERM/35/KILL/5
             say "stopped $d (new code, key or config)"
         elif runs_our "$pidfile" "$d"; then
             # An earlier install's daemon, started without a supervisor.
-            start-stop-daemon --stop --pidfile "$pidfile" --remove-pidfile --retry TERM/30/KILL/5
+            start-stop-daemon --stop --pidfile "$pidfile" --remove-pidfile --retry TERM/35/KILL/5
             say "stopped $d (started without a supervisor by an earlier install)"
         fi
         # A crash leaves the pid file behind, naming a dead process or, where PID 1 reaps
@@ -386,7 +391,7 @@ else
         rm -f "$pidfile"
         start-stop-daemon --start --background --make-pidfile --pidfile "$pidfile" \
             --chuid "$USER_NAME:$USER_NAME" --umask 0007 --output "$LOGS/$d.log" \
-            --startas "$BIN" -- --config "$CONFIG" supervise "$d"
+            --startas "$BIN" -- --config "$CONFIG" supervise $(daemon_args "$d")
         changed "started $d as $USER_NAME under postwarden supervise (pid $(cat "$pidfile"), log $LOGS/$d.log)"
     done
     for d in "${DAEMONS[@]}"; do

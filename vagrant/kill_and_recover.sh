@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A killed daemon serves again without a person: SIGKILL policyd and milterd (the children
+# A killed daemon serves again without a person: SIGKILL policyd, mapd and milterd (the children
 # of `postwarden supervise`), then measure until a new one runs and Postfix's user can
 # connect to its sockets again. Under systemd, also SIGKILL each supervisor (the unit's
 # MainPID): systemd starts it again. Prints each figure; fails beyond LIMIT seconds.
@@ -26,7 +26,8 @@ child_pid() { # supervisor pid: the one daemon it runs
 sockets_of() { # daemon
     local key addr
     local keys=(milterd.listen)
-    [[ $1 == policyd ]] && keys=(policyd.listen policyd.aliases_listen)
+    [[ $1 == policyd ]] && keys=(policyd.listen)
+    [[ $1 == mapd ]] && keys=(policyd.aliases_listen)
     for key in "${keys[@]}"; do
         for addr in $("${PW[@]}" config get --lines "$key"); do
             if [[ $addr == unix:* ]]; then echo "${addr#unix:}"; fi
@@ -60,7 +61,7 @@ wait_for_recovery() { # daemon since old child|supervisor
     done
 }
 
-for d in policyd milterd; do
+for d in policyd mapd milterd; do
     sup=$(supervisor_pid "$d")
     old=$(child_pid "$sup")
     [[ -n $old ]] || die "$d: no process under its supervisor (pid $sup)"

@@ -1,8 +1,9 @@
 """When a supervised daemon that exited is started again: a pure decision, the clock passed in.
 
-docs/ARCHITECTURE.md, "Supervision": a daemon that dies is serving again within 2 s
-(at once after a run that had stayed up, else after RESTART_DELAY); one that keeps dying right after it starts backs off
-(doubling up to MAX_DELAY) and the supervisor says so once, and once more when it stays up.
+docs/ARCHITECTURE.md, "Supervision": a daemon that dies is serving again within 2 s (at
+once after a run that had stayed up, else after RESTART_DELAY); one that keeps dying right
+after it starts backs off (doubling up to MAX_DELAY) and the supervisor says so once, and
+once more when it stays up.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`postwarden supervise DAEMON`: run policyd or milterd as a child, start it again when it dies.
+"""`postwarden supervise DAEMON`: run a daemon as a child, start it again when it dies.
 
 docs/ARCHITECTURE.md, "Supervision". Both service paths run the daemons under this: systemd
 starts it (and restarts it, should it die itself); without systemd, install.sh does with
@@ -30,14 +30,14 @@ from postwarden.daemon.startup import EXIT_OK, EXIT_STARTUP_FAILED
 
 log = logging.getLogger("postwarden.supervise")
 
-SUPERVISED_DAEMONS = ("policyd", "milterd")
+SUPERVISED_DAEMONS = ("policyd", "mapd", "milterd")
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def daemon_command(daemon: str, config_path: Path | None) -> list[str]:
-    """The command line that runs `daemon` with this interpreter and this config file."""
+def daemon_command(daemon: str, config_path: Path | None, args: Sequence[str] = ()) -> list[str]:
+    """The command line that runs `daemon [args]` with this interpreter and config file."""
     config = ["--config", str(config_path)] if config_path is not None else []
-    return [sys.executable, "-m", "cli", *config, daemon]
+    return [sys.executable, "-m", "cli", *config, daemon, *args]
 
 
 def exit_description(returncode: int) -> str:

@@ -1,13 +1,16 @@
-"""policyd down behind a real Postfix: the mail waits, and nothing forbidden gets in meanwhile.
+"""policyd down behind a real Postfix: the mail waits, nothing forbidden gets in meanwhile,
+and what does not need the policy (address resolution, logged-in users) goes on.
 
 policyd.unreachable_action (default DEFER_IF_PERMIT) is what Postfix answers when it cannot
-reach policyd at all; README "Reliability". A private Postfix + Dovecot on loopback, posing
-as remote clients with XCLIENT; policyd is SIGKILLed, as a crash would.
+reach policyd at all; the lookup maps run apart in `postwarden mapd`, as the appliance runs
+them (README "Reliability"). A private Postfix + Dovecot on loopback, posing as remote
+clients with XCLIENT; policyd is SIGKILLed, as a crash would, or SIGSTOPped (frozen).
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -16,9 +19,10 @@ from typing import Any
 
 import pytest
 
+from tests.fixtures import daemon_process
 from tests.fixtures.gateway import PolicydGateway, submit_authenticated
 from tests.fixtures.mail_system import MailSystemFactory
-from tests.fixtures.policyd_daemon import start_policyd
+from tests.fixtures.policyd_daemon import POSTWARDEN, start_policyd
 
 pytestmark = pytest.mark.e2e
 
@@ -28,25 +32,57 @@ FORBIDDEN_CLIENT = "198.51.100.7"
 StartGateway = Callable[..., PolicydGateway]
 
 
+def _start_mapd(config_path: Path, socket_path: Path) -> subprocess.Popen[bytes]:
+    log_path = socket_path.with_name("mapd.log")
+    mapd = daemon_process.spawn(
+        [POSTWARDEN, "--config", str(config_path), "mapd"], log_path, socket_path.parent
+    )
+
+    def answers() -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(1.0)
+                sock.connect(str(socket_path))
+                query = b"aliases nobody@nowhere.test"
+                sock.sendall(b"%d:%s," % (len(query), query))
+                return b"NOTFOUND" in sock.recv(100)
+        except OSError:
+            return False
+
+    daemon_process.wait_until_answers("mapd", mapd, answers, lambda: log_path.read_text())
+    return mapd
+
+
 @pytest.fixture
 def start_gateway(mail_system_factory: MailSystemFactory) -> Iterator[StartGateway]:
-    started: list[tuple[PolicydGateway, Path]] = []
+    started: list[tuple[PolicydGateway, Path, subprocess.Popen[bytes] | None]] = []
 
-    def start(mail_config: dict[str, Any] | None = None) -> PolicydGateway:
+    def start(mail_config: dict[str, Any] | None = None, *, mapd: bool = False) -> PolicydGateway:
+        """policyd alone, or (mapd=True) `policyd --no-maps` beside `mapd`, as installed."""
         directory = Path(tempfile.mkdtemp(prefix="pw-outage-"))
         directory.chmod(0o755)  # smtpd runs as postfix and must reach the socket
+        aliases_socket = directory / "aliases.sock"
+        policyd_settings: dict[str, Any] = {"socket_mode": "0660", "socket_group": "postfix"}
+        if mapd:
+            policyd_settings["aliases_listen"] = f"unix:{aliases_socket}"
         policyd = start_policyd(
             directory,
             {
-                "policyd": {"socket_mode": "0660", "socket_group": "postfix"},
+                "policyd": policyd_settings,
                 "mail": {"hostname": "mx.example.test", "main_domain": "example.test"},
             },
             tcp=False,
+            args=("--no-maps",) if mapd else (),
         )
+        maps = _start_mapd(policyd.config_path, aliases_socket) if mapd else None
         assert policyd.socket_path is not None
-        mail = mail_system_factory(mail_config, policyd_socket=str(policyd.socket_path))
+        mail = mail_system_factory(
+            mail_config,
+            policyd_socket=str(policyd.socket_path),
+            aliases_socket=str(aliases_socket) if mapd else None,
+        )
         gateway = PolicydGateway(mail, policyd)
-        started.append((gateway, directory))
+        started.append((gateway, directory, maps))
         gateway.cli("lists", "add", "forbidden", FORBIDDEN_CLIENT)
         # The list is live in policyd: the forbidden client is refused while it runs.
         refused = gateway.send_until(
@@ -56,9 +92,13 @@ def start_gateway(mail_system_factory: MailSystemFactory) -> Iterator[StartGatew
         return gateway
 
     yield start
-    for gateway, directory in started:
+    for gateway, directory, maps in started:
         gateway.mail.stop()
+        if gateway.policyd.process.poll() is None:
+            gateway.policyd.send_signal(signal.SIGCONT)
         gateway.policyd.stop()
+        if maps is not None:
+            daemon_process.stop(maps)
         subprocess.run(["rm", "-rf", str(directory)], check=False)
 
 
@@ -101,3 +141,18 @@ def test_unreachable_action_dunno_lets_the_forbidden_client_in(
     _kill_policyd(gateway)
     result = gateway.mail.smtp_send("someone@sender.test", USER, client_ip=FORBIDDEN_CLIENT)
     assert result.accepted, result
+
+
+@pytest.mark.parametrize("outage", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_with_policyd_down_addresses_still_resolve_through_mapd(
+    start_gateway: StartGateway, outage: signal.Signals
+) -> None:
+    # Every address Postfix handles goes through virtual_alias_maps: with the maps in
+    # policyd, its outage answered "451 4.3.0 Temporary lookup failure" to everyone.
+    gateway = start_gateway(mapd=True)
+    gateway.cli("aliases", "add", "team", "bob")
+    gateway.policyd.send_signal(outage)
+    submit_authenticated(gateway.mail, (USER, PASSWORD), "team@example.test", "to the team")
+    [message] = gateway.mail.wait_for_delivery("bob@example.test", "bob-secret")
+    assert message["Subject"] == "to the team"
+    assert "Temporary lookup failure" not in gateway.mail.postfix_log
