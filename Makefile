@@ -52,3 +52,19 @@ fuzz:
 	$(FUZZ_PYTHON) -c 'import atheris' 2>/dev/null || $(FUZZ_PYTHON) -m pip install -q 'atheris==2.3.0'
 	$(FUZZ_PYTHON) -m bench.fuzz $(FUZZ_TARGETS) --runs $(FUZZ_RUNS) --seconds $(FUZZ_SECONDS) \
 		--timeout $(FUZZ_TIMEOUT)
+
+# Many SMTP sessions at once through the whole gateway (bench/concurrency.py): Postfix's
+# smtp-source to port 25 and an asyncio client pool (port 25, and 587 with STARTTLS + AUTH)
+# from outside addresses of a network namespace, against a private Postfix + Dovecot +
+# policyd + milterd at the shipped limits. Prints accepted / delivered / refused by a limit /
+# errors and session p50/p99; exit status 1 on any error, loss or duplicate. Run as root.
+CONCURRENCY_PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,$(PYTHON))
+CONCURRENCY_SESSIONS ?= 200
+CONCURRENCY_MESSAGES ?= 400
+CONCURRENCY_ARGS ?=
+
+.PHONY: concurrency
+
+concurrency:
+	$(CONCURRENCY_PYTHON) bench/concurrency.py --sessions $(CONCURRENCY_SESSIONS) \
+		--messages $(CONCURRENCY_MESSAGES) $(CONCURRENCY_ARGS)
