@@ -280,6 +280,10 @@ class PolicyServer:
                         break
                     replies.append(_BAD_REQUEST_REPLY)
             if replies:
+                # The decision lines go out before the answers: a daemon killed after
+                # answering has logged what it answered (the buffer holds the lines of
+                # this read only).
+                flush_log_handlers()
                 writer.write(b"".join(replies))
                 # Usually the kernel took it all at once: nothing to wait for.
                 if transport.get_write_buffer_size():
@@ -339,7 +343,14 @@ class PolicyServer:
 
     def _log_decision(self, request: PolicyRequest, verdict: Verdict, elapsed: float) -> None:
         attrs = request.attributes
-        fields = (("verdict", verdict.action.value), ("rule", verdict.rule.value))
+        # stage and instance join the lines of one message: at RCPT Postfix has no queue
+        # id yet (NOQUEUE); the DATA-stage request of the same instance carries it.
+        fields = (
+            ("verdict", verdict.action.value),
+            ("rule", verdict.rule.value),
+            ("stage", attrs.get("protocol_state", "-")),
+            ("instance", attrs.get("instance", "-")),
+        )
         log.info(
             "%s",
             decision_line(

@@ -265,6 +265,9 @@ def _smtp_services(cfg: MailConfig, layout: Layout, chroot: str) -> str:
         "smtpd_sender_restrictions=$submission_sender_restrictions",
         "smtpd_relay_restrictions=permit_sasl_authenticated,reject",
         "smtpd_recipient_restrictions=$submission_recipient_restrictions",
+        # Port 25's DATA check asks policyd; a logged-in user's mail never waits for it.
+        "smtpd_data_restrictions="
+        + ("reject_unauth_pipelining" if cfg.smuggling_protection else ""),
         "milter_macro_daemon_name=ORIGINATING",
     ]
     # Connection control answers at connect (a 554 greeting), not only at RCPT. No DSN on
@@ -515,7 +518,17 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
         "sender_login_maps": sender_login_maps,
         "forbid_bare_newline": "normalize" if smuggling else "no",
         "forbid_unauth_pipelining": "yes" if smuggling else "no",
-        "data_restrictions": "reject_unauth_pipelining" if smuggling else "",
+        # policyd is asked at DATA too (it answers DUNNO there): that request carries the
+        # queue id, which joins its RCPT-time lines (same instance) to Postfix's. Only for
+        # the clients it judged at RCPT: trusted and logged-in ones never wait for it.
+        "data_restrictions": ", ".join(
+            (["reject_unauth_pipelining"] if smuggling else [])
+            + (
+                ["permit_mynetworks", "permit_sasl_authenticated", policy_check.lstrip(",\n ")]
+                if policy_check
+                else []
+            )
+        ),
         "relay_domains": " ".join(d.domain for d in mail.relay_domains),
         "transport_maps": f"texthash:{conf}/transport",
         "outbound_relay": "\n".join(outbound),

@@ -7,6 +7,7 @@ run on loopback; the test poses as remote clients with XCLIENT. Lists are edited
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tempfile
 import time
@@ -114,6 +115,25 @@ def test_permitted_sender_is_accepted_at_once(gateway: Gateway) -> None:
     (message,) = gateway.mail.wait_for_delivery(USER, PASSWORD)
     assert message["Subject"] == "hi"
     assert "X-Greylist" not in message
+
+
+def test_policyd_lines_join_postfix_queue_id_through_the_instance(gateway: Gateway) -> None:
+    # At RCPT Postfix has no queue id yet (policyd logs NOQUEUE); the DATA-stage request of
+    # the same SMTP transaction (same instance) carries the one Postfix logs.
+    gateway.lists("add", "permitted", "joined@partner.test")
+    result = gateway.send_until(
+        lambda r: r.accepted, "joined@partner.test", USER, client_ip="192.0.2.78"
+    )
+    assert result.accepted, result
+    queue_id = result.text.rsplit(" ", 1)[-1]  # "2.0.0 Ok: queued as QUEUEID"
+    assert re.search(rf"postfix/smtpd\[\d+\]: {queue_id}: client=", gateway.mail.postfix_log)
+    logs = gateway.policyd.wait_for_log(f"policyd: {queue_id}: ", timeout=10)
+    rcpt = re.search(
+        r"policyd: NOQUEUE: .*from=<joined@partner\.test>, .*stage=RCPT, instance=([^,]+)", logs
+    )
+    data = re.search(rf"policyd: {queue_id}: .*stage=DATA, instance=([^,]+)", logs)
+    assert rcpt is not None and data is not None, logs
+    assert rcpt.group(1) == data.group(1)
 
 
 def test_permitted_sender_cannot_relay_to_a_foreign_domain(gateway: Gateway) -> None:

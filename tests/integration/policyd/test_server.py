@@ -52,9 +52,26 @@ async def test_every_decision_is_one_greppable_log_line(policyd_daemon: StartPol
     assert re.fullmatch(
         r"policyd: 4Bf3xY1z2Qz9: client=mail\.example\.org\[192\.0\.2\.10\], "
         r"from=<evil\?\?forged@example\.org>, to=<bob@example\.com>, "
-        r"verdict=DEFER_IF_PERMIT, rule=greylist_defer, ms=\d+\.\d\d",
+        r"verdict=DEFER_IF_PERMIT, rule=greylist_defer, stage=RCPT, instance=[^,]+, "
+        r"ms=\d+\.\d\d",
         line.group(0),
     )
+
+
+async def test_a_daemon_killed_right_after_answering_has_logged_every_answer(
+    policyd_daemon: StartPolicyd,
+) -> None:
+    # Lines used to wait up to 0.1 s in a buffer: a SIGKILL then lost decisions that
+    # Postfix had already acted on.
+    daemon = policyd_daemon()
+    reader, writer = await open_client(daemon, tcp=False)
+    for i in range(50):
+        assert await ask(reader, writer, request(recipient=f"killed{i}@example.com")) == DEFER
+    daemon.send_signal(signal.SIGKILL)
+    daemon.process.wait(timeout=10)
+    writer.close()
+    logs = daemon.logs()
+    assert [f"killed{i}@" in logs for i in range(50)] == [True] * 50
 
 
 async def test_300_concurrent_connections_are_all_served(policyd_daemon: StartPolicyd) -> None:

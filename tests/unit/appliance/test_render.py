@@ -531,11 +531,24 @@ def test_smuggling_protection_on_by_default_for_every_client() -> None:
     # Not even trusted networks are excluded (Postfix's default would be $mynetworks).
     assert params["smtpd_forbid_bare_newline_exclusions"] == ""
     assert params["smtpd_forbid_unauth_pipelining"] == "yes"
-    assert params["smtpd_data_restrictions"] == "reject_unauth_pipelining"
+    assert params["smtpd_data_restrictions"].startswith("reject_unauth_pipelining, ")
     off = main_cf(cfg(smuggling_protection=False))
     assert off["smtpd_forbid_bare_newline"] == "no"
     assert off["smtpd_forbid_unauth_pipelining"] == "no"
-    assert off["smtpd_data_restrictions"] == ""
+    assert "reject_unauth_pipelining" not in off["smtpd_data_restrictions"]
+
+
+def test_policyd_is_asked_at_data_for_the_queue_id_by_port_25_clients_only() -> None:
+    # The DATA-stage request carries the queue id that joins policyd's RCPT lines (same
+    # instance) to Postfix's; trusted and logged-in clients never wait for policyd.
+    data = main_cf()["smtpd_data_restrictions"]
+    head, _, check = data.partition(", check_policy_service ")
+    assert head == "reject_unauth_pipelining, permit_mynetworks, permit_sasl_authenticated"
+    assert check.startswith("{ unix:/run/postwarden/policyd.sock, timeout=30s")
+    for port in ("587", "465"):
+        assert "-o smtpd_data_restrictions=reject_unauth_pipelining\n" in (
+            _services()[port] + "\n"
+        )
 
 
 def test_submission_ports_bind_the_sender_to_the_login() -> None:
