@@ -6,8 +6,9 @@
                                 [--hold] [--pause 2]
 
 The gateway of tests/e2e/test_concurrency.py (tests/fixtures/load_gateway.py): private
-Postfix + Dovecot rendered from the config in a network namespace, policyd (greylisting,
-alias socketmap) and milterd (DKIM) behind it, the outside network past greylisting once.
+Postfix + Dovecot rendered from the config in a network namespace, `policyd --no-maps`
+(greylisting), `mapd` (the alias socketmap) and milterd (DKIM) behind it, as the appliance
+runs them; the outside network has passed greylisting once.
 Each path sends `--messages` in `--sessions` sessions from `--clients` outside addresses:
 
 - smtp-source: Postfix's `smtp-source`, one per client address, to port 25 (it aborts at
@@ -242,6 +243,7 @@ def keep_logs(gateway: LoadGateway, directory: Path) -> None:
         ("postfix.log", layout.maillog_file),
         ("dovecot.log", layout.dovecot_log_file),
         ("policyd.log", gateway.policyd.log_path),
+        ("mapd.log", gateway.mapd_log),
         ("milterd.log", gateway.milterd.log_path),
         ("main.cf", layout.postfix_dir / "main.cf"),
         ("master.cf", layout.postfix_dir / "master.cf"),

@@ -1,9 +1,9 @@
 """200 SMTP sessions at once through the whole gateway: nothing refused but what the limits say.
 
-The gateway (Postfix + Dovecot rendered from the config, policyd greylisting with the alias
-socketmap, milterd signing and verifying) runs in a private network namespace
-(tests/fixtures/load_gateway.py); the sessions come from documentation addresses on that
-namespace's loopback, outside the trusted networks, so the per-client limits and the whole
+The gateway (Postfix + Dovecot rendered from the config, `policyd --no-maps` greylisting,
+`mapd` serving the alias socketmap, milterd signing and verifying, as the appliance runs
+them) runs in a private network namespace (tests/fixtures/load_gateway.py); the sessions
+come from documentation addresses on that namespace's loopback, outside the trusted networks, so the per-client limits and the whole
 policy path apply (XCLIENT from 127.0.0.1 would be exempt from the connection limit). The
 outside network has passed greylisting once before each test, so every policy request is a
 store lookup (`greylist_known`).
