@@ -62,6 +62,7 @@ class Summary:
     hangs: int
     seconds: float
     wanted: int
+    interrupted: bool = False
 
     def line(self) -> str:
         rate = self.inputs / self.seconds if self.seconds else 0.0
@@ -69,7 +70,9 @@ class Summary:
             f"{self.target}: {self.inputs} inputs, {self.crashes} crashes, {self.hangs} hangs, "
             f"{self.seconds:.1f} s, {rate:.0f} inputs/s"
         )
-        if self.inputs < self.wanted and not (self.crashes or self.hangs):
+        if self.interrupted:
+            text += " (interrupted)"
+        elif self.inputs < self.wanted and not (self.crashes or self.hangs):
             text += f" (time limit reached before {self.wanted} inputs)"
         return text
 
@@ -129,9 +132,10 @@ def _run_atheris(target: str, runs: int, seconds: int, timeout: int) -> Summary:
     inputs = int(executed[-1]) if executed else int(last_status[-1]) if last_status else 0
     hangs = len(list(out.glob("timeout-*"))) or int("libFuzzer: timeout" in text)
     crashes = len(list(out.glob("crash-*"))) + len(list(out.glob("oom-*")))
-    if child.returncode != 0 and not (crashes or hangs):
+    interrupted = child.returncode < 0 and not (crashes or hangs)  # a signal from outside
+    if child.returncode > 0 and not (crashes or hangs):
         crashes = 1  # died some other way: the log says how
-    summary = Summary(target, inputs, crashes, hangs, elapsed, runs)
+    summary = Summary(target, inputs, crashes, hangs, elapsed, runs, interrupted)
     if crashes or hangs:
         print(f"{target}: see {log_path} and the artifacts in {out}/", file=sys.stderr)
         print("\n".join(text.splitlines()[-40:]), file=sys.stderr)
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for target in args.targets:
         summary = run(target, args.runs, args.seconds, args.timeout)
         print(summary.line(), flush=True)
-        failed |= bool(summary.crashes or summary.hangs)
+        failed |= bool(summary.crashes or summary.hangs or summary.interrupted)
     return 1 if failed else 0
 
 

@@ -1,7 +1,7 @@
 """Harness: the policy delegation codec (policyd/policy_codec.py) on arbitrary bytes.
 
-The first byte picks the read size (1..255 bytes, 0 = everything at once), the rest is the
-stream. Checked per input (the same invariants as tests/unit/policyd/test_policy_codec_fuzz.py):
+The input is a stream and where it is cut into reads (bench/fuzz/reads.py). Checked per
+input (the same invariants as tests/unit/policyd/test_policy_codec_fuzz.py):
 
 - feed() raises nothing and returns only requests or ProtocolViolations;
 - every request is answered once or the connection closed: one result per empty line, or
@@ -15,6 +15,7 @@ stream. Checked per input (the same invariants as tests/unit/policyd/test_policy
 
 from __future__ import annotations
 
+from bench.fuzz.reads import stream_and_reads
 from policyd.policy_codec import (
     MAX_LINE_LENGTH,
     MAX_REQUEST_BYTES,
@@ -37,8 +38,8 @@ POSTFIX_REQUEST = (
 )
 SEEDS = [
     b"\x00" + POSTFIX_REQUEST,
-    b"\x07" + POSTFIX_REQUEST * 2,
-    b"\x01request=smtpd_access_policy\r\nx=\xff\r\n\r\nno-equals\n\n",
+    b"\x02\x00\x1b\x01\x84" + POSTFIX_REQUEST * 2,  # cut inside a line and at "\n|\n"
+    b"\x01\x00\x1c" + b"request=smtpd_access_policy\r\nx=\xff\r\n\r\nno-equals\n\n",
 ]
 
 
@@ -48,12 +49,11 @@ def _key(result: DecodeResult) -> object:
     return (type(result).__name__, result.args)
 
 
-def _decode(stream: bytes, read_size: int) -> list[DecodeResult]:
+def _decode(reads: list[bytes]) -> list[DecodeResult]:
     decoder = RequestDecoder()
     results: list[DecodeResult] = []
-    step = read_size or max(len(stream), 1)
-    for start in range(0, len(stream), step):
-        results += decoder.feed(stream[start : start + step])
+    for read in reads:
+        results += decoder.feed(read)
         if not decoder._broken:
             assert len(decoder._buffer) <= MAX_LINE_LENGTH, "unbounded buffer"
             assert decoder._request_bytes <= MAX_REQUEST_BYTES, "unbounded request"
@@ -84,23 +84,21 @@ def _reencoded(request: PolicyRequest) -> bytes | None:
 
 
 def one_input(data: bytes) -> None:
-    if not data:
-        return
-    read_size, stream = data[0], data[1:]
-    chunked = _decode(stream, read_size)
+    choice, stream, reads = stream_and_reads(data)
+    chunked = _decode(reads)
     _assert_answered_once_or_closed(stream, chunked)
-    if read_size:
-        whole = _decode(stream, 0)
+    if len(reads) > 1:
+        whole = _decode([stream])
         assert [_key(r) for r in chunked] == [_key(r) for r in whole], "split changed results"
     for result in chunked:
         if isinstance(result, PolicyRequest) and (again := _reencoded(result)) is not None:
-            assert [_key(r) for r in _decode(again, 0)] == [_key(result)], "re-encode differs"
+            assert [_key(r) for r in _decode([again])] == [_key(result)], "re-encode differs"
     text = stream.decode("utf-8", "replace")
     verdict = Verdict(
-        ACTIONS[read_size % len(ACTIONS)],
-        RULES[read_size % len(RULES)],
-        smtp_code=(400 + read_size) if read_size % 3 else None,
-        enhanced_code=text[:7] if read_size % 2 else "5.7.1",
+        ACTIONS[choice % len(ACTIONS)],
+        RULES[choice % len(RULES)],
+        smtp_code=(400 + choice) if choice % 3 else None,
+        enhanced_code=text[:7] if choice % 2 else "5.7.1",
         text=text,
     )
     encoded = encode_verdict(verdict)

@@ -1,6 +1,6 @@
 """Harness: the socketmap netstring codec (policyd/socketmap_codec.py) on arbitrary bytes.
 
-The first byte picks the read size (as in policy_codec), the rest is the stream. Checked
+The input is a stream and where it is cut into reads (bench/fuzz/reads.py). Checked
 (as in tests/unit/policyd/test_socketmap_codec_fuzz.py): feed() raises nothing but the
 codec's SocketmapViolation, and refuses more afterwards (the server closes the connection);
 splitting changes nothing but what a violation's own read decoded; the buffer stays within
@@ -10,6 +10,7 @@ stream has the right length prefix and a one-line reason.
 
 from __future__ import annotations
 
+from bench.fuzz.reads import stream_and_reads
 from policyd.socketmap_codec import (
     _MAX_LENGTH_DIGITS,
     MAX_REASON,
@@ -29,8 +30,10 @@ STATUSES = ("OK", "NOTFOUND", "TEMP", "TIMEOUT", "PERM")
 # What Postfix sends: lookups one after the other on one connection.
 SEEDS = [
     b"\x00" + encode_netstring(b"aliases alice@example.com"),
-    b"\x03" + encode_netstring(b"mailboxes bob@example.com") + encode_netstring(b"aliases x@y"),
-    b"\x01" + encode_netstring(b"nokey") + b"0:,",
+    b"\x02\x00\x01\x00\x1f"
+    + encode_netstring(b"mailboxes bob@example.com")
+    + encode_netstring(b"aliases x@y"),
+    b"\x01\x00\x02" + encode_netstring(b"nokey") + b"0:,",
 ]
 
 
@@ -40,13 +43,12 @@ def _reencoded(result: DecodeResult) -> bytes:
     return encode_netstring(result.payload.encode())
 
 
-def _decode(stream: bytes, read_size: int) -> tuple[list[DecodeResult], str | None]:
+def _decode(reads: list[bytes]) -> tuple[list[DecodeResult], str | None]:
     decoder = NetstringDecoder()
     results: list[DecodeResult] = []
-    step = read_size or max(len(stream), 1)
-    for start in range(0, len(stream), step):
+    for read in reads:
         try:
-            results += decoder.feed(stream[start : start + step])
+            results += decoder.feed(read)
         except SocketmapViolation as exc:
             try:
                 decoder.feed(b"1:x,")
@@ -58,11 +60,9 @@ def _decode(stream: bytes, read_size: int) -> tuple[list[DecodeResult], str | No
 
 
 def one_input(data: bytes) -> None:
-    if not data:
-        return
-    read_size, stream = data[0], data[1:]
-    chunked, chunked_violation = _decode(stream, read_size)
-    whole, whole_violation = _decode(stream, 0)
+    choice, stream, reads = stream_and_reads(data)
+    chunked, chunked_violation = _decode(reads)
+    whole, whole_violation = _decode([stream])
     assert chunked_violation == whole_violation, (chunked_violation, whole_violation)
     # A violation drops what its own read decoded (the connection closes; Postfix retries).
     assert chunked[: len(whole)] == whole, "split changed results"
@@ -73,8 +73,8 @@ def one_input(data: bytes) -> None:
         again = _reencoded(result)
         # A U+FFFD that replaced one invalid byte takes three: it may no longer fit.
         if len(again) <= MAX_BUFFERED:
-            assert _decode(again, 0) == ([result], None), "re-encode differs"
-    status = STATUSES[read_size % len(STATUSES)]
+            assert _decode([again]) == ([result], None), "re-encode differs"
+    status = STATUSES[choice % len(STATUSES)]
     encoded = SocketmapReply(status, stream.decode("utf-8", "replace")).encode()  # type: ignore[arg-type]
     digits, _, rest = encoded.partition(b":")
     assert digits.isdigit() and rest.endswith(b",") and int(digits) == len(rest) - 1, encoded[:40]
