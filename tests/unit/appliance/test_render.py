@@ -732,3 +732,14 @@ def test_our_users_mail_gets_date_and_message_id_before_milterd_signs_it() -> No
     assert main_cf()["local_header_rewrite_clients"] == (
         "permit_mynetworks, permit_sasl_authenticated"
     )
+
+
+def test_a_dovecot_or_milterd_outage_holds_mail_briefly() -> None:
+    # README "Reliability": a dead LMTP destination is retried after 30 s, not 300 s, and a
+    # frozen milterd holds a session for 5-10 s, not 30 s.
+    params = main_cf()
+    assert params["minimal_backoff_time"] == "30s"
+    assert params["queue_run_delay"] == "30s"
+    assert params["milter_connect_timeout"] == "5s"
+    assert params["milter_command_timeout"] == "10s"
+    assert params["milter_default_action"] == "tempfail"
