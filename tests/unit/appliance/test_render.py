@@ -546,9 +546,7 @@ def test_policyd_is_asked_at_data_for_the_queue_id_by_port_25_clients_only() -> 
     assert head == "reject_unauth_pipelining, permit_mynetworks, permit_sasl_authenticated"
     assert check.startswith("{ unix:/run/postwarden/policyd.sock, timeout=30s")
     for port in ("587", "465"):
-        assert "-o smtpd_data_restrictions=reject_unauth_pipelining\n" in (
-            _services()[port] + "\n"
-        )
+        assert "-o smtpd_data_restrictions=reject_unauth_pipelining\n" in (_services()[port] + "\n")
 
 
 def test_submission_ports_bind_the_sender_to_the_login() -> None:
