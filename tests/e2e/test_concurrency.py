@@ -3,10 +3,10 @@
 The gateway (Postfix + Dovecot rendered from the config, `policyd --no-maps` greylisting,
 `mapd` serving the alias socketmap, milterd signing and verifying, as the appliance runs
 them) runs in a private network namespace (tests/fixtures/load_gateway.py); the sessions
-come from documentation addresses on that namespace's loopback, outside the trusted networks, so the per-client limits and the whole
-policy path apply (XCLIENT from 127.0.0.1 would be exempt from the connection limit). The
-outside network has passed greylisting once before each test, so every policy request is a
-store lookup (`greylist_known`).
+come from documentation addresses on that namespace's loopback, outside the trusted
+networks, so the per-client limits and the whole policy path apply (XCLIENT from 127.0.0.1
+would be exempt from the connection limit). The outside network has passed greylisting once
+before each test, so every policy request is a store lookup (`greylist_known`).
 
 Inbound load is Postfix's `smtp-source`; it cannot STARTTLS or AUTH and aborts at the first
 refusal, so submission, and the run that meets the per-client limit, use the asyncio client
