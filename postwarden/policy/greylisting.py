@@ -181,7 +181,10 @@ def decide(
     """The greylisting verdict for one delivery attempt, given the stored state and the time."""
     if exempt:
         return GreylistDecision(dunno(Rule.GREYLIST_EXEMPT))
-    known = network if network is not None and now - network.last_seen <= cfg.expiry else None
+    # A record lives `expiry` seconds after it was last seen and is gone at that instant:
+    # the store writes it with ttl=expiry and drops it once the ttl has run out, so `<`
+    # here keeps this function and the store of one mind at the boundary.
+    known = network if network is not None and now - network.last_seen < cfg.expiry else None
     if known is not None and 0 < cfg.auto_whitelist_after <= known.passes:
         # Refresh last_seen (and so the record's TTL) now and then, not on every message:
         # a busy whitelisted network would otherwise cost a store write per request.
@@ -191,7 +194,7 @@ def decide(
     deferred = defer(Rule.GREYLIST_DEFER, cfg.defer_text)
     if (
         triplet is None
-        or now - triplet.last_seen > cfg.expiry
+        or now - triplet.last_seen >= cfg.expiry
         or (triplet.passes == 0 and now > triplet.first_seen + cfg.delay + cfg.retry_window)
     ):
         # New, forgotten, or a retry that came too late: the delay starts (again) now.

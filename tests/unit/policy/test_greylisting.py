@@ -109,7 +109,7 @@ def test_a_passed_triplet_is_forgotten_after_expiry() -> None:
     store = FakeStore()
     store.attempt(T0)
     store.attempt(T0 + 400)
-    still_known = T0 + 400 + 35 * 86400
+    still_known = T0 + 400 + 35 * 86400 - 1  # gone at expiry itself, as the store's ttl
     assert store.attempt(still_known).verdict.rule is Rule.GREYLIST_KNOWN
     forgotten = still_known + 35 * 86400 + 1
     assert store.attempt(forgotten).verdict.rule is Rule.GREYLIST_DEFER
@@ -275,3 +275,136 @@ def test_an_unreadable_large_senders_file_is_a_typed_error(tmp_path: Path) -> No
 
 def test_parse_large_senders_of_empty_text_matches_nothing() -> None:
     assert not parse_large_senders("").matches("mail.google.com", "209.85.220.41")
+
+
+# --- every boundary, on a fake clock -------------------------------------------------------
+# Distinct figures so that a boundary computed from the wrong setting shows.
+EDGE = GreylistingConfig(
+    delay=300, retry_window=1000, expiry=5000, auto_whitelist_after=3, add_header=False
+)
+PENDING = TripletRecord(T0, T0, 0)  # deferred once at T0, not retried yet
+PASSED_AT = T0 + 400.0
+PASSED = TripletRecord(T0, PASSED_AT, 1)  # passed at PASSED_AT
+RESTART = "restart"  # the attempt is deferred and the delay starts again at that attempt
+
+
+@pytest.mark.parametrize(
+    ("triplet", "now", "rule", "written"),
+    [
+        # The delay: an attempt before first_seen + delay is early, at it the retry passes.
+        (PENDING, T0, Rule.GREYLIST_DEFER, TripletRecord(T0, T0, 0)),
+        (PENDING, T0 + 299.999, Rule.GREYLIST_DEFER, TripletRecord(T0, T0 + 299.999, 0)),
+        (PENDING, T0 + 300, Rule.GREYLIST_PASS, TripletRecord(T0, T0 + 300, 1)),
+        (PENDING, T0 + 300.001, Rule.GREYLIST_PASS, TripletRecord(T0, T0 + 300.001, 1)),
+        # The retry window ends delay + retry_window after the first attempt, inclusive.
+        (PENDING, T0 + 1299.999, Rule.GREYLIST_PASS, TripletRecord(T0, T0 + 1299.999, 1)),
+        (PENDING, T0 + 1300, Rule.GREYLIST_PASS, TripletRecord(T0, T0 + 1300, 1)),
+        (PENDING, T0 + 1300.001, Rule.GREYLIST_DEFER, RESTART),
+        # An early retry kept the record fresh, but the window still counts from first_seen.
+        (TripletRecord(T0, T0 + 299, 0), T0 + 1300.001, Rule.GREYLIST_DEFER, RESTART),
+        # A passed triplet: remembered for `expiry` after it was last seen, gone at expiry
+        # (when the store's TTL, written with it, runs out).
+        (PASSED, PASSED_AT + 4999.999, Rule.GREYLIST_KNOWN, TripletRecord(T0, 0.0, 2)),
+        (PASSED, PASSED_AT + 5000, Rule.GREYLIST_DEFER, RESTART),
+        (PASSED, PASSED_AT + 5000.001, Rule.GREYLIST_DEFER, RESTART),
+        # The retry window no longer applies once a triplet passed.
+        (PASSED, T0 + 1300.001, Rule.GREYLIST_KNOWN, TripletRecord(T0, 0.0, 2)),
+    ],
+)
+def test_triplet_boundaries(
+    triplet: TripletRecord, now: float, rule: Rule, written: TripletRecord | str
+) -> None:
+    decision = decide(triplet, None, now, EDGE, exempt=False)
+    assert decision.verdict.rule is rule
+    if written == RESTART:
+        assert decision.triplet_record == TripletRecord(now, now, 0)
+    else:
+        assert isinstance(written, TripletRecord)
+        expected_last_seen = now if written.last_seen == 0.0 else written.last_seen
+        assert decision.triplet_record == TripletRecord(
+            written.first_seen, expected_last_seen, written.passes
+        )
+
+
+def test_pending_triplet_is_forgotten_at_expiry_even_inside_a_longer_retry_window() -> None:
+    # retry_window longer than expiry: the record (and its TTL) is gone first.
+    cfg = EDGE.model_copy(update={"retry_window": 10_000})
+    early = TripletRecord(T0, T0 + 10, 0)
+    assert decide(early, None, T0 + 10 + 4999, cfg, exempt=False).verdict.rule is Rule.GREYLIST_PASS
+    forgotten = decide(early, None, T0 + 10 + 5000, cfg, exempt=False)
+    assert forgotten.verdict.rule is Rule.GREYLIST_DEFER
+    assert forgotten.triplet_record == TripletRecord(T0 + 5010, T0 + 5010, 0)
+
+
+def test_the_header_counts_the_delay_from_the_first_attempt_at_the_boundary() -> None:
+    cfg = EDGE.model_copy(update={"add_header": True})
+    decision = decide(PENDING, None, T0 + 300, cfg, exempt=False)
+    assert decision.verdict.action is Action.PREPEND
+    assert decision.verdict.text.startswith("X-Greylist: delayed 300 seconds by postwarden; ")
+
+
+@pytest.mark.parametrize(
+    ("passes", "age", "rule"),
+    [
+        # auto_whitelist_after = 3: two passes are not enough, three are.
+        (2, 0.0, Rule.GREYLIST_DEFER),
+        (3, 0.0, Rule.GREYLIST_KNOWN),
+        (4, 0.0, Rule.GREYLIST_KNOWN),
+        # The network record is remembered for `expiry` after it was last seen, as a triplet.
+        (3, 4999.999, Rule.GREYLIST_KNOWN),
+        (3, 5000.0, Rule.GREYLIST_DEFER),
+        (3, 5000.001, Rule.GREYLIST_DEFER),
+    ],
+)
+def test_client_network_boundaries(passes: int, age: float, rule: Rule) -> None:
+    network = ClientNetworkRecord(passes, T0)
+    decision = decide(None, network, T0 + age, EDGE, exempt=False)
+    assert decision.verdict.rule is rule
+
+
+def test_an_expired_network_counts_its_passes_again_from_one() -> None:
+    stale = ClientNetworkRecord(50, T0)
+    now = T0 + 5000 + 400
+    decision = decide(TripletRecord(T0 + 5000, T0 + 5000, 0), stale, now, EDGE, exempt=False)
+    assert decision.verdict.rule is Rule.GREYLIST_PASS
+    assert decision.network_record == ClientNetworkRecord(1, now)
+
+
+@pytest.mark.parametrize(
+    ("age", "rewritten"),
+    [(0.0, False), (NETWORK_TOUCH_INTERVAL - 0.001, False), (NETWORK_TOUCH_INTERVAL, True)],
+)
+def test_a_whitelisted_network_is_rewritten_once_its_last_seen_is_touch_interval_old(
+    age: float, rewritten: bool
+) -> None:
+    network = ClientNetworkRecord(3, T0)
+    decision = decide(None, network, T0 + age, EDGE, exempt=False)
+    assert decision.verdict.rule is Rule.GREYLIST_KNOWN
+    assert decision.triplet_record is None
+    expected = ClientNetworkRecord(3, T0 + age) if rewritten else None
+    assert decision.network_record == expected
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "v4", "v6", "same"),
+    [
+        # The last and first address of neighbouring networks, at each prefix length.
+        ("192.0.2.0", "192.0.2.255", 24, 64, True),
+        ("192.0.2.255", "192.0.3.0", 24, 64, False),
+        ("192.0.2.7", "192.0.2.7", 32, 64, True),
+        ("192.0.2.7", "192.0.2.6", 32, 64, False),
+        ("10.0.0.0", "10.255.255.255", 8, 64, True),
+        ("10.255.255.255", "11.0.0.0", 8, 64, False),
+        ("2001:db8::", "2001:db8::ffff:ffff:ffff:ffff", 24, 64, True),
+        ("2001:db8::ffff:ffff:ffff:ffff", "2001:db8:0:1::", 24, 64, False),
+        ("2001:db8::1", "2001:db8::1", 24, 128, True),
+        ("2001:db8::1", "2001:db8::2", 24, 128, False),
+        ("2001::", "2001:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 24, 16, True),
+        ("2001:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "2002::", 24, 16, False),
+        # IPv4-mapped IPv6 is grouped by the IPv4 prefix, not the IPv6 one.
+        ("::ffff:192.0.2.255", "192.0.2.0", 24, 128, True),
+        ("::ffff:192.0.2.255", "192.0.3.0", 24, 16, False),
+    ],
+)
+def test_client_network_prefix_boundaries(a: str, b: str, v4: int, v6: int, same: bool) -> None:
+    assert (client_network(a, v4, v6) == client_network(b, v4, v6)) is same
