@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.chaos.schedule import CYCLE
+from bench.chaos.schedule import CYCLE, Action
 
 INSIDE = "POSTWARDEN_CHAOS_NAMESPACE"
 # A small run still meets every fault of the cycle once, with a margin for the last one.
@@ -57,13 +57,18 @@ def _log(t0: float, text: str) -> None:
 class FaultRunner(threading.Thread):
     """Executes the schedule's actions and restarts dead daemons until told to stop."""
 
-    def __init__(self, rig: object, store: str, t0: float, quiet: bool = False) -> None:
+    def __init__(
+        self, rig: object, store: str, t0: float, quiet: bool = False, cycles: int = 0
+    ) -> None:
         super().__init__(name="faults", daemon=True)
         self.rig, self.store, self.t0 = rig, store, t0
+        # 0: the cycle repeats while mail is sent; N: the faults end after N cycles.
+        self.until = cycles * CYCLE if cycles else float("inf")
         self.sending = threading.Event()
         self.sending.set()
         self.finished = threading.Event()
         self.actions_done = 0
+        self.done: list[Action] = []
         self.quiet = quiet
 
     def run(self) -> None:
@@ -74,12 +79,14 @@ class FaultRunner(threading.Thread):
         healed = False
         while not self.finished.is_set():
             now = time.monotonic() - self.t0
+            if self.sending.is_set() and now >= self.until:
+                self.sending.clear()
             if self.sending.is_set():
                 for action in due_actions(previous, now, self.store):  # type: ignore[arg-type]
                     self._do(action)
                 previous = now
             elif not healed:
-                for action in heal_actions(now, self.store):  # type: ignore[arg-type]
+                for action in heal_actions(self.done, now):
                     self._do(action)
                 healed = True
             rig.restart_dead(now)  # type: ignore[attr-defined]
@@ -91,6 +98,7 @@ class FaultRunner(threading.Thread):
         except Exception as exc:  # noqa: BLE001 - a failed fault is reported, the run goes on
             done = f"FAILED {action}: {type(exc).__name__}: {exc}"
         self.actions_done += 1
+        self.done.append(action)  # type: ignore[arg-type]
         if not self.quiet or "kill" not in str(getattr(action, "kind", "")):
             _log(self.t0, done)
 
@@ -129,14 +137,14 @@ def run_chaos(args: argparse.Namespace) -> int:
                 tls=rig.mail.client_tls_context(),
                 rate=args.messages / max(args.min_duration, 1.0),
             )
-            runner = FaultRunner(rig, store, t0, quiet=args.quiet)
+            runner = FaultRunner(rig, store, t0, quiet=args.quiet, cycles=args.cycles)
             runner.start()
             try:
                 outcomes = asyncio.run(send_all(messages, config))
             finally:
                 runner.sending.clear()
             sent_for = time.monotonic() - t0
-            _log(t0, f"sending done after {sent_for:.0f} s; faults healed; draining the queue")
+            _log(t0, f"sending done after {sent_for:.0f} s; faults ended; draining the queue")
             time.sleep(3.0)
             drain_deadline = time.monotonic() + args.drain
             size = -1
@@ -161,6 +169,7 @@ def run_chaos(args: argparse.Namespace) -> int:
             extra = [
                 f"{d.name} ({rig.restart_mode}): {d.kills} SIGKILLs; "
                 + ", ".join(f"{k} {v}" for k, v in rig.daemon_log_counts(d).items())
+                + f"; {rig.downtimes[d.name].describe()}"
                 for d in (rig.policyd, rig.milterd)
             ]
             extra += [
@@ -196,6 +205,12 @@ def main() -> int:
         type=float,
         default=CYCLE_SECONDS,
         help="spread new messages over at least this many seconds (default: one fault cycle)",
+    )
+    run.add_argument(
+        "--cycles",
+        type=int,
+        default=0,
+        help="end the faults after this many cycles (default 0: repeat while sending)",
     )
     run.add_argument(
         "--restarts",

@@ -192,6 +192,38 @@ class Daemon:
 
 
 @dataclass
+class Downtime:
+    """How long a daemon's socket refused connections, from polls every ~0.1 s."""
+
+    socket_path: Path
+    total: float = 0.0
+    longest: float = 0.0
+    outages: int = 0
+    _down_since: float | None = None
+
+    def poll(self, now: float) -> None:
+        up = False
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(0.2)
+            s.connect(str(self.socket_path))
+            up = True
+        if up and self._down_since is not None:
+            gap = now - self._down_since
+            self.total += gap
+            self.longest = max(self.longest, gap)
+            self._down_since = None
+        elif not up and self._down_since is None:
+            self._down_since = now
+            self.outages += 1
+
+    def describe(self) -> str:
+        return (
+            f"socket refused {self.outages} times, {self.total:.1f} s in all, "
+            f"longest {self.longest:.1f} s"
+        )
+
+
+@dataclass
 class RedisNode:
     """A redis-server (or Sentinel) whose argv is kept, so it can be started again."""
 
@@ -258,6 +290,7 @@ class Rig:
     sentinel: RedisNode | None = None
     disk: Path | None = None
     notes: list[str] = field(default_factory=list)
+    downtimes: dict[str, Downtime] = field(default_factory=dict)
     _dovecot_up: bool = True
     _postfix_up: bool = True
     _dns_dropped: bool = False
@@ -419,6 +452,10 @@ class Rig:
             daemon.start()
         self._wait_socket(self.root / "p" / "policyd.sock", self.policyd)
         self._wait_socket(self.root / "m" / "milterd.sock", self.milterd)
+        self.downtimes = {
+            "policyd": Downtime(self.root / "p" / "policyd.sock"),
+            "milterd": Downtime(self.root / "m" / "milterd.sock"),
+        }
 
     def _wait_socket(self, path: Path, daemon: Daemon) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -477,7 +514,10 @@ class Rig:
 
     # ---- the supervisor -------------------------------------------------------------------
     def restart_dead(self, now: float) -> None:
-        """Start a dead daemon again RESTART_DELAY after it was found dead."""
+        """Start a dead daemon again RESTART_DELAY after it was found dead (without a
+        supervisor); note how long each socket refused connections."""
+        for downtime in self.downtimes.values():
+            downtime.poll(now)
         for daemon in (self.policyd, self.milterd):
             if daemon.supervised and daemon.alive():
                 continue  # its supervisor restarts the daemon; only a dead supervisor is ours
@@ -506,6 +546,10 @@ class Rig:
             if kind == "kill":
                 return f"SIGKILL {target} pid {daemon.kill()}"
             if kind == "freeze":
+                # Just killed, it may still be starting: freeze it once it runs again.
+                deadline = time.monotonic() + 10
+                while daemon.pid is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 daemon.frozen = True
                 pids = daemon.pids()
                 daemon.signal_all(signal.SIGSTOP)
@@ -599,20 +643,16 @@ class Rig:
         assert self.disk is not None
         filler = self.disk / "filler"
         written = 0
-        with filler.open("wb") as f:
-            chunk = b"\0" * (1 << 16)
-            try:
+        # Unbuffered, so ENOSPC comes from a write here and not from the close; 64-KiB
+        # chunks, then 1-KiB ones for what the large ones could not take.
+        with contextlib.suppress(OSError), filler.open("ab", buffering=0) as f:
+            for size in (1 << 16, 1 << 10):
+                chunk = b"\0" * size
                 for _ in range(100_000):
-                    f.write(chunk)
-                    f.flush()
-                    written += len(chunk)
-            except OSError:
-                pass
-        # The last bytes: a smaller write fills what the 64-KiB chunks could not.
-        with contextlib.suppress(OSError), filler.open("ab") as f:
-            for _ in range(64):
-                f.write(b"\0" * 1024)
-                f.flush()
+                    try:
+                        written += f.write(chunk) or 0
+                    except OSError:
+                        break
         free = shutil.disk_usage(self.disk).free
         return f"greylist disk filled ({written} bytes written, {free} bytes free)"
 

@@ -12,12 +12,13 @@ sent, so a short CI run sees each fault once and a long run sees every fault man
     150       Redis only: a Sentinel failover
     150-180   the DNS server unreachable (30 s: DNSBL and SPF lookups time out)
 
-A fault that has a start has an end in the same cycle, so `heal_actions()` (what to run
-when sending stops in the middle of a cycle) is every end whose start has run.
+When the faults end in the middle of a cycle, `heal_actions()` says what to run: the end
+of every fault whose start has run and whose end has not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,6 +56,7 @@ _WINDOWS: tuple[tuple[float, str, str, tuple[Store, ...]], ...] = (
 )
 
 _ENDS = {"thaw": "freeze", "start": "stop", "free": "fill"}
+_STARTS = {start: end for end, start in _ENDS.items()}
 
 
 def cycle_actions(store: Store) -> list[Action]:
@@ -90,21 +92,14 @@ def due_actions(previous: float, now: float, store: Store) -> list[Action]:
     return due
 
 
-def heal_actions(now: float, store: Store) -> list[Action]:
-    """What ends the faults still in force at `now`: each end whose start already ran."""
-    offset = now % CYCLE
-    cycle = cycle_actions(store)
-    healing: list[Action] = []
-    for action in cycle:
-        start_kind = _ENDS.get(action.kind)
-        if start_kind is None or action.at <= offset:
-            continue
-        started = any(
-            a.kind == start_kind and a.target == action.target and a.at <= offset for a in cycle
-        )
-        if started:
-            healing.append(Action(now, action.kind, action.target))
-    return healing
+def heal_actions(done: Sequence[Action], now: float) -> list[Action]:
+    """What ends the faults still in force after `done` (the actions run, in order): the end
+    of each target whose last action was a start."""
+    last: dict[str, Action] = {}
+    for action in done:
+        if action.kind in _STARTS or action.kind in _ENDS:
+            last[action.target] = action
+    return [Action(now, _STARTS[a.kind], a.target) for a in last.values() if a.kind in _STARTS]
 
 
 def describe(store: Store) -> list[str]:

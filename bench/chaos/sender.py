@@ -201,10 +201,15 @@ class SenderConfig:
 async def _deliver_once(message: Message, config: SenderConfig, outcome: Outcome) -> str:
     """One SMTP session for one message; the 250 text after DATA, or an exception."""
     timeout = config.command_timeout
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(config.gateway, message.port, local_addr=(message.source_ip, 0)),
-        timeout,
-    )
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                config.gateway, message.port, local_addr=(message.source_ip, 0)
+            ),
+            timeout,
+        )
+    except (OSError, TimeoutError) as exc:  # refused while Postfix is stopped
+        raise SmtpTemporary(f"connect: {type(exc).__name__}: {exc}") from exc
     session = _Session(reader, writer)
     data_sent = False
     try:
