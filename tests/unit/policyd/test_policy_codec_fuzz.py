@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -255,3 +256,43 @@ def test_an_encoded_verdict_is_one_reply_without_injected_lines(verdict: Verdict
     assert isinstance(reply, PolicyRequest)
     assert set(reply.attributes) == {"request", "action"}
     assert len(encoded) <= 1100  # reply text ≤ 400, a PREPEND header ≤ 990
+
+
+class _CountingBuffer(bytearray):
+    """The decoder's buffer, counting the bytes its searches and copies go over."""
+
+    work = 0
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:  # type: ignore[override]
+        stop = len(self) if end is None else min(end, len(self))
+        found = super().find(sub, start, stop)
+        _CountingBuffer.work += (found + len(sub) if found >= 0 else stop) - start
+        return found
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
+        item = super().__getitem__(key)
+        if isinstance(key, slice):
+            _CountingBuffer.work += len(item)
+        return item
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        b"\r\n",  # empty requests, telnet style: found by fuzzing
+        b"request=smtpd_access_policy\r\n\r\n",
+        b"x=y\r\n\r\n",
+        b"request=smtpd_access_policy\n\r\n",
+        b"request=smtpd_access_policy\nx=y\n\n",  # Postfix's framing: the fast path
+    ],
+)
+def test_decoding_work_grows_linearly_with_the_input(unit: bytes) -> None:
+    """One 64-kB read of many small requests: each request's search for the empty line
+    went over the whole rest of the buffer (2 s of CPU for 64 kB of CRLFs)."""
+    data = unit * (65536 // len(unit))
+    decoder = RequestDecoder()
+    decoder._buffer = _CountingBuffer()
+    _CountingBuffer.work = 0
+    results = decoder.feed(data)
+    assert len(results) == len(data) // len(unit)  # one per request: each unit is one
+    assert _CountingBuffer.work <= 8 * len(data)
