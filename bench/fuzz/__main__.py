@@ -132,8 +132,10 @@ def _run_atheris(target: str, runs: int, seconds: int, timeout: int) -> Summary:
     inputs = int(executed[-1]) if executed else int(last_status[-1]) if last_status else 0
     hangs = len(list(out.glob("timeout-*"))) or int("libFuzzer: timeout" in text)
     crashes = len(list(out.glob("crash-*"))) + len(list(out.glob("oom-*")))
-    interrupted = child.returncode < 0 and not (crashes or hangs)  # a signal from outside
-    if child.returncode > 0 and not (crashes or hangs):
+    # A signal from outside: libFuzzer says so (SIGINT, SIGTERM) or the child just died of it.
+    stopped = child.returncode < 0 or "libFuzzer: run interrupted" in text
+    interrupted = stopped and not (crashes or hangs)
+    if child.returncode > 0 and not (crashes or hangs or interrupted):
         crashes = 1  # died some other way: the log says how
     summary = Summary(target, inputs, crashes, hangs, elapsed, runs, interrupted)
     if crashes or hangs:
