@@ -345,7 +345,7 @@ class _Adapter(DkimMilter):
 def test_a_leading_blank_field_name_gets_on_error_and_one_log_line(
     key: SigningKey, caplog: pytest.LogCaptureFixture, on_error: str, reply: int
 ) -> None:
-    DkimMilter.handler = _engine(key, milterd={"on_error": on_error})
+    _Adapter.handler = _engine(key, milterd={"on_error": on_error})
     milter = _Adapter()
     milter.client_ip = "203.0.113.9"
     for name, value in [*LEADING_BLANK, (b"Authentication-Results", b"mx.example.org; dkim=pass")]:
