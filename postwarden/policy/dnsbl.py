@@ -9,11 +9,20 @@ answered with a return code inside the entry's filter. What never counts:
 
 Answers and NXDOMAINs are cached by their TTL (negative TTL from the SOA, else a short
 default) on an injected clock, in a bounded LRU.
+
+A zone that lists 127.0.0.1 is broken or hostile (RFC 5782 section 5: a list MUST NOT list
+it; lists that were shut down, or whose domain lapsed, have answered every query): its
+answers are not counted, with one ERROR line when that starts and one WARNING when it
+ends. A zone's 127.0.0.1 is asked again, in parallel with a client's lookup and within
+the same budget, whenever the last answer to it is PROBE_INTERVAL old: the request it
+rides on is judged by that answer, and a list that turns wildcard can refuse mail for at
+most that long. No background task, so nothing is asked while no mail comes in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -45,6 +54,12 @@ CACHE_SIZE = 100_000  # (zone, client) answers kept
 MAX_CACHE_TTL = 3600.0  # a zone's long TTL must not keep a delisted client blocked for days
 NEGATIVE_TTL_DEFAULT = 60.0  # NXDOMAIN without a usable SOA
 LOG_INTERVAL = 60.0  # at most one "timed out" / "error" line per zone per interval
+# RFC 5782 section 5's test point that no list may list, as a query label (127.0.0.1).
+PROBE_LABEL = "1.0.0.127"
+# How old a zone's last answer about 127.0.0.1 may be before a request asks again: the
+# longest a list that starts listing everything can refuse mail, for one extra query per
+# zone per interval (none while no mail comes in).
+PROBE_INTERVAL = 10.0
 
 Clock = Callable[[], float]
 
@@ -61,6 +76,7 @@ class DnsblResult:
     listed: tuple[tuple[str, str], ...] = ()  # (zone, return code) that counted
     timed_out: tuple[str, ...] = ()  # zones that had not answered within the budget
     errors: tuple[str, ...] = ()  # "zone: reason" for answers that did not count
+    disabled: tuple[str, ...] = ()  # zones not counted: they list 127.0.0.1
 
     @property
     def zones(self) -> tuple[str, ...]:
@@ -189,6 +205,11 @@ class _Cache:
         while len(self._items) > self._size:
             self._items.popitem(last=False)
 
+    def drop_zone(self, zone: str) -> None:
+        """Forget every answer of one zone (it turned out broken, or stopped being so)."""
+        for key in [key for key in self._items if key[0] == zone]:
+            del self._items[key]
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -199,6 +220,15 @@ class _ZoneTimeout(Exception):
 
 class _ZoneError(Exception):
     pass
+
+
+@dataclass(slots=True)
+class _ZoneHealth:
+    """What a zone said about 127.0.0.1 (RFC 5782's "must not be listed"), and when."""
+
+    broken: bool = False
+    probed_at: float | None = None  # when the last probe ended (answered or not)
+    probe: asyncio.Task[None] | None = None  # the probe in flight, shared by requests
 
 
 def _negative_ttl(exc: dns.resolver.NXDOMAIN) -> float:
@@ -234,9 +264,12 @@ class DnsblChecker:
         self._ranges = tuple(parse_codes(z.codes) for z in cfg.zones)
         self._refusal_logged: set[str] = set()
         self._last_logged: dict[tuple[str, str], float] = {}
-        # Counters for metrics and tests: DNS queries sent, and answers served from cache.
+        self._health = {zone: _ZoneHealth() for zone in self._zones}
+        # Counters for metrics and tests: DNS queries sent about clients, answers served from
+        # cache, and 127.0.0.1 probes sent.
         self.queries = 0
         self.cache_hits = 0
+        self.probes = 0
 
     async def check(self, ip: str) -> DnsblResult:
         """Score one client; never raises for DNS trouble (it counts as not listed)."""
@@ -245,10 +278,21 @@ class DnsblChecker:
         except DnsblError as exc:
             log.info("dnsbl: skipped: %s", exc)
             return DnsblResult(errors=(str(exc),))
+        now = self._clock()
         answers: dict[str, tuple[str, ...]] = {}
         to_ask: list[str] = []
+        probes: list[asyncio.Task[None]] = []
+        started: list[asyncio.Task[None]] = []
         for zone in self._zones:
-            cached = self._cache.get((zone, label))
+            health = self._health[zone]
+            if health.probed_at is None or now - health.probed_at >= PROBE_INTERVAL:
+                probe, new = self._probe_task(zone)
+                probes.append(probe)
+                if new:
+                    started.append(probe)
+            elif health.broken:
+                continue  # not asked until the next probe says it behaves again
+            cached = None if health.broken else self._cache.get((zone, label))
             if cached is None:
                 to_ask.append(zone)
             else:
@@ -256,23 +300,44 @@ class DnsblChecker:
                 answers[zone] = cached
         timed_out: list[str] = []
         errors: list[str] = []
-        if to_ask:
-            found, timed_out, errors = await self._ask(label, to_ask)
+        if to_ask or probes:
+            found, timed_out, errors = await self._ask(label, to_ask, probes, started)
             answers.update(found)
+        # Decided after the wait: a probe of this batch may just have found a zone broken.
+        disabled = tuple(zone for zone in self._zones if self._health[zone].broken)
+        for zone in disabled:
+            answers.pop(zone, None)
+        timed_out = [zone for zone in timed_out if zone not in disabled]
+        errors = [e for e in errors if e.partition(":")[0] not in disabled]
         result = score_answers(self.cfg.zones, answers, timed_out, errors, self._ranges)
+        if disabled:
+            result = dataclasses.replace(result, disabled=disabled)
         self._log(ip, result)
         return result
 
     async def _ask(
-        self, label: str, zones: list[str]
+        self,
+        label: str,
+        zones: list[str],
+        probes: list[asyncio.Task[None]],
+        started: list[asyncio.Task[None]],
     ) -> tuple[dict[str, tuple[str, ...]], list[str], list[str]]:
         budget = self.cfg.budget
-        tasks = {zone: asyncio.ensure_future(self._lookup(zone, label, budget)) for zone in zones}
-        _, pending = await asyncio.wait(tasks.values(), timeout=budget)
-        for task in pending:
+        tasks = {
+            zone: asyncio.ensure_future(
+                self._lookup(zone, label, budget, cache=not self._health[zone].broken)
+            )
+            for zone in zones
+        }
+        waited: list[asyncio.Future[Any]] = [*tasks.values(), *probes]
+        _, pending = await asyncio.wait(waited, timeout=budget)
+        # A probe another request started is left to that request's budget; one started here
+        # had this budget and ends with it, so none outlives the requests that wait for it.
+        cancelled = [t for t in (*tasks.values(), *started) if t in pending]
+        for task in cancelled:
             task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        if cancelled:
+            await asyncio.gather(*cancelled, return_exceptions=True)
         found: dict[str, tuple[str, ...]] = {}
         timed_out: list[str] = []
         errors: list[str] = []
@@ -289,18 +354,68 @@ class DnsblChecker:
                 raise exc
             else:
                 found[zone] = task.result()
+        for probe in probes:
+            # _probe absorbs DNS trouble; anything else is a bug, raised like a lookup's.
+            error = probe.exception() if probe.done() and not probe.cancelled() else None
+            if error is not None:
+                raise error
         return found, timed_out, errors
 
-    async def _lookup(self, zone: str, label: str, lifetime: float) -> tuple[str, ...]:
-        qname = f"{label}.{zone}."
+    def _probe_task(self, zone: str) -> tuple[asyncio.Task[None], bool]:
+        """The zone's probe in flight, or a new one; True when it was started now."""
+        health = self._health[zone]
+        if health.probe is not None and not health.probe.done():
+            return health.probe, False
+        health.probe = asyncio.ensure_future(self._probe(zone))
+        return health.probe, True
+
+    async def _probe(self, zone: str) -> None:
+        """Ask the zone about 127.0.0.1 and disable or enable it by the answer."""
+        health = self._health[zone]
+        self.probes += 1
+        try:
+            codes, _ = await self._resolve(f"{PROBE_LABEL}.{zone}.", self.cfg.budget)
+        except (_ZoneTimeout, _ZoneError):
+            return  # no answer says nothing about the list: it stays as it was
+        finally:
+            # Also when unanswered or cancelled: a zone that never answers is not asked
+            # again on every request.
+            health.probed_at = self._clock()
+        # A refusal (127.255.255.x) is about our resolver, not a listing of 127.0.0.1.
+        listed = [code for code in codes if not is_refusal(code)]
+        if listed and not health.broken:
+            health.broken = True
+            self._cache.drop_zone(zone)
+            log.error(
+                "dnsbl: %s lists 127.0.0.1 (answered %s), which no working list does"
+                " (RFC 5782 section 5): a broken or hostile list that would block every"
+                " client; its answers are not counted until it stops (asked every %gs)",
+                zone,
+                ", ".join(listed),
+                PROBE_INTERVAL,
+            )
+        elif not listed and health.broken:
+            health.broken = False
+            self._cache.drop_zone(zone)  # answers it gave while broken, still in flight
+            log.warning("dnsbl: %s no longer lists 127.0.0.1: its answers count again", zone)
+
+    async def _lookup(
+        self, zone: str, label: str, lifetime: float, *, cache: bool = True
+    ) -> tuple[str, ...]:
         self.queries += 1
+        codes, ttl = await self._resolve(f"{label}.{zone}.", lifetime)
+        if cache:
+            self._cache.put((zone, label), codes, ttl)
+        return codes
+
+    async def _resolve(self, qname: str, lifetime: float) -> tuple[tuple[str, ...], float]:
+        """The A records of qname (empty: not listed) and how long they may be cached."""
         try:
             answer = await self.resolver.resolve(
                 qname, "A", lifetime=lifetime, raise_on_no_answer=False
             )
         except dns.resolver.NXDOMAIN as exc:
-            self._cache.put((zone, label), (), _negative_ttl(exc))
-            return ()
+            return (), _negative_ttl(exc)
         except dns.exception.Timeout as exc:
             raise _ZoneTimeout from exc
         except dns.exception.DNSException as exc:
@@ -308,13 +423,8 @@ class DnsblChecker:
             raise _ZoneError(type(exc).__name__) from exc
         if answer.rrset is None:
             # The name exists without an A record (e.g. only TXT): not listed.
-            codes: tuple[str, ...] = ()
-            ttl = NEGATIVE_TTL_DEFAULT
-        else:
-            codes = tuple(sorted(rdata.address for rdata in answer.rrset))
-            ttl = float(answer.rrset.ttl)
-        self._cache.put((zone, label), codes, ttl)
-        return codes
+            return (), NEGATIVE_TTL_DEFAULT
+        return tuple(sorted(rdata.address for rdata in answer.rrset)), float(answer.rrset.ttl)
 
     def _log(self, ip: str, result: DnsblResult) -> None:
         # A dead or misbehaving zone would otherwise log on every request.

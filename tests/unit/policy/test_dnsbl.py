@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from postwarden.config.model import DnsblConfig, DnsblZone
 from postwarden.policy.dnsbl import (
+    DnsblChecker,
     DnsblError,
     DnsblResult,
     is_refusal,
@@ -165,3 +168,70 @@ def test_ranges_parsed_once_by_the_caller_score_like_the_zone_filters() -> None:
     assert score_answers(entries, answers, ranges=ranges) == score_answers(entries, answers)
     # The given ranges are the ones applied: an empty filter matches nothing.
     assert score_answers(entries, answers, ranges=[(), (), ()]).score == 0
+
+
+# --- the 127.0.0.1 probe, on a resolver that the test scripts --------------------------------
+
+
+class _Rdata:
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+
+class _RRset(list[_Rdata]):
+    ttl = 60
+
+
+class _Answer:
+    """What dnspython's resolve() returns, as far as the checker reads it."""
+
+    def __init__(self, codes: tuple[str, ...]) -> None:
+        self.rrset = _RRset(_Rdata(c) for c in codes) if codes else None
+
+
+class ScriptedResolver:
+    """Answers each query name from `answers`; a name in `hang` is never answered."""
+
+    def __init__(
+        self, answers: dict[str, tuple[str, ...]], hang: frozenset[str] = frozenset()
+    ) -> None:
+        self.answers = answers
+        self.hang = hang
+        self.asked: list[str] = []
+
+    async def resolve(
+        self, qname: str, rdtype: str, *, lifetime: float, raise_on_no_answer: bool
+    ) -> _Answer:
+        self.asked.append(qname)
+        if qname in self.hang:
+            await asyncio.sleep(3600)  # a resolver that ignores its lifetime
+        return _Answer(self.answers.get(qname, ()))
+
+
+def _scripted(resolver: ScriptedResolver, budget: float = 0.2) -> DnsblChecker:
+    cfg = DnsblConfig(enabled=True, zones=[DnsblZone(zone="bl.example")], budget=budget)
+    return DnsblChecker(cfg, resolver, clock=lambda: 1000.0)  # type: ignore[arg-type]
+
+
+async def test_an_unanswered_probe_ends_with_the_request_that_started_it() -> None:
+    resolver = ScriptedResolver(
+        {"2.2.0.192.bl.example.": ("127.0.0.2",)}, hang=frozenset({"1.0.0.127.bl.example."})
+    )
+    checker = _scripted(resolver)
+    result = await asyncio.wait_for(checker.check("192.0.2.2"), 5.0)  # a bound, not a timing
+    # The client's answer counts: a probe that got no answer says nothing about the list.
+    assert (result.score, result.disabled) == (1, ())
+    leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert leftover == []
+    # Not asked again on the next request: the unanswered probe counts as a probe.
+    await checker.check("192.0.2.2")
+    assert resolver.asked.count("1.0.0.127.bl.example.") == 1
+
+
+async def test_a_probe_answer_in_the_same_batch_decides_for_that_request() -> None:
+    resolver = ScriptedResolver(
+        {"1.0.0.127.bl.example.": ("127.0.0.4",), "2.2.0.192.bl.example.": ("127.0.0.4",)}
+    )
+    checker = _scripted(resolver)
+    result = await checker.check("192.0.2.2")
+    assert (result.score, result.listed, result.disabled) == (0, (), ("bl.example",))
