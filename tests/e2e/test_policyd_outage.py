@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 
 from tests.fixtures import daemon_process
 from tests.fixtures.gateway import PolicydGateway, submit_authenticated
-from tests.fixtures.mail_system import MailSystemFactory
+from tests.fixtures.mail_system import MailSystemFactory, SmtpResult
 from tests.fixtures.policyd_daemon import POSTWARDEN, start_policyd
 
 pytestmark = pytest.mark.e2e
@@ -29,11 +30,29 @@ pytestmark = pytest.mark.e2e
 USER, PASSWORD = "alice@example.test", "alice-secret"
 FORBIDDEN_CLIENT = "198.51.100.7"
 
-StartGateway = Callable[..., PolicydGateway]
+
+@dataclass
+class OutageGateway(PolicydGateway):
+    """The gateway, and mapd when the maps run apart (`start_gateway(mapd=True)`)."""
+
+    aliases_socket: Path | None = None
+    mapd: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def kill_mapd(self) -> None:
+        self.mapd[-1].kill()
+        self.mapd[-1].wait(timeout=10)
+
+    def start_mapd(self) -> None:
+        assert self.aliases_socket is not None
+        name = f"mapd-{len(self.mapd)}.log"
+        self.mapd.append(_start_mapd(self.policyd.config_path, self.aliases_socket, name))
 
 
-def _start_mapd(config_path: Path, socket_path: Path) -> subprocess.Popen[bytes]:
-    log_path = socket_path.with_name("mapd.log")
+StartGateway = Callable[..., OutageGateway]
+
+
+def _start_mapd(config_path: Path, socket_path: Path, log_name: str) -> subprocess.Popen[bytes]:
+    log_path = socket_path.with_name(log_name)
     mapd = daemon_process.spawn(
         [POSTWARDEN, "--config", str(config_path), "mapd"], log_path, socket_path.parent
     )
@@ -55,9 +74,9 @@ def _start_mapd(config_path: Path, socket_path: Path) -> subprocess.Popen[bytes]
 
 @pytest.fixture
 def start_gateway(mail_system_factory: MailSystemFactory) -> Iterator[StartGateway]:
-    started: list[tuple[PolicydGateway, Path, subprocess.Popen[bytes] | None]] = []
+    started: list[tuple[OutageGateway, Path]] = []
 
-    def start(mail_config: dict[str, Any] | None = None, *, mapd: bool = False) -> PolicydGateway:
+    def start(mail_config: dict[str, Any] | None = None, *, mapd: bool = False) -> OutageGateway:
         """policyd alone, or (mapd=True) `policyd --no-maps` beside `mapd`, as installed."""
         directory = Path(tempfile.mkdtemp(prefix="pw-outage-"))
         directory.chmod(0o755)  # smtpd runs as postfix and must reach the socket
@@ -74,15 +93,16 @@ def start_gateway(mail_system_factory: MailSystemFactory) -> Iterator[StartGatew
             tcp=False,
             args=("--no-maps",) if mapd else (),
         )
-        maps = _start_mapd(policyd.config_path, aliases_socket) if mapd else None
         assert policyd.socket_path is not None
         mail = mail_system_factory(
             mail_config,
             policyd_socket=str(policyd.socket_path),
             aliases_socket=str(aliases_socket) if mapd else None,
         )
-        gateway = PolicydGateway(mail, policyd)
-        started.append((gateway, directory, maps))
+        gateway = OutageGateway(mail, policyd, aliases_socket if mapd else None)
+        started.append((gateway, directory))
+        if mapd:
+            gateway.start_mapd()
         gateway.cli("lists", "add", "forbidden", FORBIDDEN_CLIENT)
         # The list is live in policyd: the forbidden client is refused while it runs.
         refused = gateway.send_until(
@@ -92,17 +112,17 @@ def start_gateway(mail_system_factory: MailSystemFactory) -> Iterator[StartGatew
         return gateway
 
     yield start
-    for gateway, directory, maps in started:
+    for gateway, directory in started:
         gateway.mail.stop()
         if gateway.policyd.process.poll() is None:
             gateway.policyd.send_signal(signal.SIGCONT)
         gateway.policyd.stop()
-        if maps is not None:
+        for maps in gateway.mapd:
             daemon_process.stop(maps)
         subprocess.run(["rm", "-rf", str(directory)], check=False)
 
 
-def _kill_policyd(gateway: PolicydGateway) -> None:
+def _kill_policyd(gateway: OutageGateway) -> None:
     gateway.policyd.send_signal(signal.SIGKILL)
     gateway.policyd.process.wait(timeout=10)
 
@@ -156,3 +176,30 @@ def test_with_policyd_down_addresses_still_resolve_through_mapd(
     [message] = gateway.mail.wait_for_delivery("bob@example.test", "bob-secret")
     assert message["Subject"] == "to the team"
     assert "Temporary lookup failure" not in gateway.mail.postfix_log
+
+
+def test_after_a_mapd_outage_the_same_smtpd_recovers_at_once(start_gateway: StartGateway) -> None:
+    # One submission smtpd process (max_connections = 1), reused across sessions. With
+    # virtual_alias_domains left at $virtual_alias_maps, smtpd cached the resolver's failure
+    # for the sender/recipient pair: 451 went on after mapd was back, with no new warning.
+    gateway = start_gateway({"mail": {"max_connections": 1}}, mapd=True)
+    gateway.cli("aliases", "add", "crew", "bob")
+    gateway.kill_mapd()
+
+    def submit() -> SmtpResult:
+        return gateway.mail.smtp_send(
+            USER,
+            "crew@example.test",
+            subject="crew",
+            port_key="submission_port",
+            starttls=True,
+            login=(USER, PASSWORD),
+        )
+
+    during = submit()
+    assert (during.stage, during.code) == ("rcpt", 451), during
+    gateway.start_mapd()
+    after = submit()
+    assert after.accepted, (after, gateway.mail.postfix_log)
+    [message] = gateway.mail.wait_for_delivery("bob@example.test", "bob-secret")
+    assert message["Subject"] == "crew"

@@ -741,3 +741,9 @@ def test_a_dovecot_or_milterd_outage_holds_mail_briefly() -> None:
     assert params["milter_connect_timeout"] == "5s"
     assert params["milter_command_timeout"] == "10s"
     assert params["milter_default_action"] == "tempfail"
+
+
+def test_no_domain_is_classified_through_the_alias_socketmap() -> None:
+    # smtpd caches the resolver's answers, failures included: a domain list that depended
+    # on the socketmap kept a mapd outage's 451 alive in every smtpd process that saw it.
+    assert main_cf()["virtual_alias_domains"] == ""
