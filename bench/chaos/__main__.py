@@ -172,7 +172,10 @@ def run_chaos(args: argparse.Namespace) -> int:
                 + f"; {rig.downtimes[d.name].describe()}"
                 for d in (rig.policyd, rig.milterd)
             ]
+            inbound_queued, unlogged = rig.unlogged_decisions()
             extra += [
+                f"policyd decision lines: {unlogged} of {inbound_queued} messages queued on "
+                "port 25 have no policyd line with their queue id",
                 f"mailbox files {files}, queue at the end {queue_size}, fault actions "
                 f"{runner.actions_done}",
                 "postfix log: " + ", ".join(f"{k}={v}" for k, v in rig.log_counts().items()),

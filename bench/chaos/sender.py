@@ -26,12 +26,13 @@ GATEWAY_IP = "198.51.100.1"
 INBOUND_IPS = ("198.51.100.2", "198.51.100.3", "198.51.100.4", "198.51.100.5", "198.51.100.6")
 DNSBL_LISTED_IP = "198.51.100.7"
 FORBIDDEN_IP = "198.51.100.9"
-SUBMITTER_IP = "198.51.100.20"  # a roaming user, outside the trusted networks
+# Roaming users, outside the trusted networks: ten addresses, as users on many networks.
+SUBMITTER_IPS = tuple(f"198.51.100.{n}" for n in range(20, 30))
 REMOTE_DOMAIN = "remote.test"
 FORBIDDEN_DOMAIN = "blocked.test"
 FORBIDDEN_MAILBOX = f"mallory@{REMOTE_DOMAIN}"
 LOCAL_USERS = {"alice@example.test": "alice-secret", "bob@example.test": "bob-secret"}
-ALL_SOURCE_IPS = (*INBOUND_IPS, DNSBL_LISTED_IP, FORBIDDEN_IP, SUBMITTER_IP)
+ALL_SOURCE_IPS = (*INBOUND_IPS, DNSBL_LISTED_IP, FORBIDDEN_IP, *SUBMITTER_IPS)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def plan_messages(count: int, seed: int, ports: Ports = Ports()) -> list[Message
                     "outbound",
                     login,
                     other,
-                    SUBMITTER_IP,
+                    SUBMITTER_IPS[n % len(SUBMITTER_IPS)],
                     ports.submission,
                     (login, LOCAL_USERS[login]),
                 )
