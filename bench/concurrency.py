@@ -199,6 +199,11 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="bound on each path's run")
     parser.add_argument("--delivery-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--daemon-nofile",
+        type=int,
+        help="open-file soft limit for policyd, mapd and milterd (systemd's default is 1024)",
+    )
     parser.add_argument("--keep-logs", type=Path, help="copy every daemon's log to this directory")
     args = parser.parse_args()
     if not 1 <= args.clients < len(CLIENTS):
@@ -223,7 +228,10 @@ def main() -> int:
     policyd = {}
     if args.policyd_max_connections is not None:
         policyd["max_connections"] = args.policyd_max_connections
-    with factory_fixture() as factory, load_gateway(factory, mail, policyd) as gateway:
+    with (
+        factory_fixture() as factory,
+        load_gateway(factory, mail, policyd, daemon_open_files=args.daemon_nofile) as gateway,
+    ):
         gateway.pass_greylisting()
         if args.together:
             with ThreadPoolExecutor(len(paths)) as pool:
