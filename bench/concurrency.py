@@ -185,7 +185,13 @@ def main() -> int:
     parser.add_argument(
         "--paths", default=",".join(PATHS), help="comma-separated: " + ", ".join(PATHS)
     )
-    parser.add_argument("--together", action="store_true", help="run the paths at the same time")
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="run the paths at the same time (at the shipped limits the pool's burst of 200 "
+        "on port 25 and smtp-source's sessions together outrun its listen backlog of 100: "
+        "see tests/e2e/test_concurrency.py)",
+    )
     parser.add_argument(
         "--hold",
         action="store_true",

@@ -14,10 +14,11 @@ pool of tests/fixtures/smtp_load.py. What each limit promises, from the rendered
 
 - `mail.max_connections` (master.cf maxproc of each SMTP port, default 100): at most that many
   sessions are served at once; more wait in the listen queue, none is refused. Postfix
-  listens with a backlog of max(maxproc, default_process_limit) = 100, so a burst of up to
-  maxproc + backlog + 1 = 201 connection attempts at once is absorbed; past that, with SYN
-  cookies on (the kernel's default), the excess is left half-open and its client waits for a
-  greeting until its own timeout. The bursts here stay at 200.
+  listens with a backlog of max(maxproc, default_process_limit) = 100: a burst of connection
+  attempts faster than smtpd processes start is absorbed up to about 100 handshakes pending
+  plus 101 waiting to be accepted; past that, with SYN cookies on (the kernel's default),
+  the excess is left half-open and its client waits for a greeting until its own timeout
+  (400 at once: 197 stranded). The bursts here stay at 200.
 - `mail.max_connections_per_client` (`smtpd_client_connection_count_limit`, default 50): a
   client with that many sessions open gets `421 4.7.0 ... too many connections` at greeting.
 - `mail.auth_rate_limit` (`smtpd_client_auth_rate_limit`, default 10 per minute per client on
