@@ -302,6 +302,7 @@ class PolicyServer:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            self._log_refused(time.monotonic())
             flush_log_handlers()
             idle_timeout = self.cfg.policyd.idle_timeout
             partial_timeout = min(idle_timeout, PARTIAL_REQUEST_TIMEOUT)
@@ -330,8 +331,15 @@ class PolicyServer:
 
     def _refuse_connection(self) -> None:
         self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged >= REFUSED_LOG_INTERVAL:
+        self._log_refused(time.monotonic())
+        self.metrics.error("max_connections")
+
+    def _log_refused(self, now: float) -> None:
+        """At most one line per REFUSED_LOG_INTERVAL, counting every refusal since the last.
+
+        Also called by housekeeping, so the refusals of a last burst are reported too.
+        """
+        if self._refused and now - self._refused_logged >= REFUSED_LOG_INTERVAL:
             log.warning(
                 "policyd: max_connections=%d reached, refused %d connection(s)",
                 self.cfg.policyd.max_connections,
@@ -339,7 +347,6 @@ class PolicyServer:
             )
             self._refused_logged = now
             self._refused = 0
-        self.metrics.error("max_connections")
 
     def _log_decision(self, request: PolicyRequest, verdict: Verdict, elapsed: float) -> None:
         attrs = request.attributes

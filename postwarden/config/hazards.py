@@ -210,6 +210,22 @@ def _policy_outage_accepts_unchecked(cfg: Config) -> Iterable[Hazard]:
     ]
 
 
+def _policy_connections_below_smtp_sessions(cfg: Config) -> Iterable[Hazard]:
+    # Every port-25 smtpd process holds one connection to policyd; past policyd's limit the
+    # rest are refused, and their mail waits (policyd.unreachable_action) for no reason.
+    if cfg.policyd.max_connections >= cfg.mail.max_connections:
+        return []
+    return [
+        Hazard(
+            "policyd.max_connections",
+            f"{cfg.policyd.max_connections} is below mail.max_connections "
+            f"({cfg.mail.max_connections}): each port-25 session holds one policyd "
+            "connection, so sessions beyond it wait (450) although nothing failed",
+            refuse=False,
+        )
+    ]
+
+
 def _relay_password_in_clear(cfg: Config) -> Iterable[Hazard]:
     return [
         Hazard(
@@ -288,6 +304,7 @@ RULES: tuple[Callable[[Config], Iterable[Hazard]], ...] = (
     _unlimited_auth_attempts,
     _forged_from_passes_unsigned,
     _policy_outage_accepts_unchecked,
+    _policy_connections_below_smtp_sessions,
     _relay_password_in_clear,
     _recipients_checked_by_cached_probe,
     _mailbox_lmtp_without_a_listener,

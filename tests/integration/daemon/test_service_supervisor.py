@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import time
@@ -126,3 +127,19 @@ def test_a_bad_config_is_refused_before_anything_is_supervised(tmp_path: Path) -
     assert result.returncode == 2
     assert "policyd.workers" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_daemon_gets_the_hard_open_file_limit(policyd_daemon: StartPolicyd) -> None:
+    # At a soft limit of 1024 milterd stopped accepting at about 1,000 sessions, silently.
+    # Started from a soft limit below the hard one, as systemd's default 1024 would be.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024, hard - 1), hard))
+    try:
+        handle = policyd_daemon(tcp=False, supervised=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    child = _child_pids(handle)[-1]
+    limits = Path(f"/proc/{child}/limits").read_text()
+    [line] = [row for row in limits.splitlines() if row.startswith("Max open files")]
+    soft, hard = line.split()[3:5]
+    assert soft == hard, line

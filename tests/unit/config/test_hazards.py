@@ -30,6 +30,8 @@ WARNED: list[tuple[dict[str, Any], str]] = [
     ({"mail": {"auth_rate_limit": 0}}, "mail.auth_rate_limit"),
     ({"milterd": {"from_mismatch": "unsigned"}}, "milterd.from_mismatch"),
     ({"policyd": {"unreachable_action": "DUNNO"}}, "policyd.unreachable_action"),
+    ({"mail": {"max_connections": 2000}}, "policyd.max_connections"),
+    ({"policyd": {"max_connections": 99}}, "policyd.max_connections"),
     ({"network": {"trusted": ["127.0.0.0/8", "198.51.100.0/24"]}}, "network.trusted"),
     ({"network": {"trusted": ["2001:db8:1::/48"]}}, "network.trusted"),
     ({"network": {"trusted": ["203.0.113.0/16"]}}, "network.trusted"),  # /16: the widest warned
