@@ -15,7 +15,7 @@ from dataclasses import dataclass
 FIRST_RESTART_DELAY = 0.1
 # After a quick exit (one within STABLE_AFTER of its start), this long: a daemon failing
 # at once does not spin, and Postfix's next try still finds it.
-RESTART_DELAY = 0.5
+RESTART_DELAY = 0.25
 # A run at least this long counts as "stayed up": the backoff starts over.
 STABLE_AFTER = 10.0
 # Exits within STABLE_AFTER of their start tolerated at RESTART_DELAY before backing off.

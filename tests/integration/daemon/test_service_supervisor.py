@@ -104,7 +104,7 @@ def test_a_daemon_that_keeps_dying_backs_off_and_says_so_once(tmp_path: Path) ->
         return log_path.read_text(encoding="utf-8", errors="replace")
 
     try:
-        # Three quick exits at the short delay, then 1 s, 2 s: six starts in about 5 s.
+        # Three quick exits at the short delay, then a doubling one: six starts in a few s.
         _wait_for(lambda: logs().count("started policyd") >= 6, "six starts", logs)
     finally:
         assert daemon_process.stop(process) == 0
