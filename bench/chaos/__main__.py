@@ -175,7 +175,7 @@ def run_chaos(args: argparse.Namespace) -> int:
             inbound_queued, unlogged = rig.unlogged_decisions()
             extra += [
                 f"policyd decision lines: {unlogged} of {inbound_queued} messages queued on "
-                "port 25 have no policyd line with their queue id",
+                "port 25 (queue ids assigned) have no policyd line with that queue id",
                 f"mailbox files {files}, queue at the end {queue_size}, fault actions "
                 f"{runner.actions_done}",
                 "postfix log: " + ", ".join(f"{k}={v}" for k, v in rig.log_counts().items()),

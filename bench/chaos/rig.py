@@ -575,6 +575,7 @@ class Rig:
             return self._redis_fault(kind)
         if target == "sentinel":
             assert self.sentinel is not None
+            before = self.redis_master_port()
             client = redis.Redis(port=self.sentinel.port, socket_timeout=5)
             try:
                 answer = client.execute_command("SENTINEL", "FAILOVER", "mymaster")
@@ -582,7 +583,12 @@ class Rig:
                 answer = f"refused: {exc}"
             finally:
                 client.close()
-            return f"SENTINEL FAILOVER mymaster: {answer!r}"
+            deadline = time.monotonic() + 20
+            after = before
+            while after == before and time.monotonic() < deadline:
+                time.sleep(0.2)
+                after = self.redis_master_port()
+            return f"SENTINEL FAILOVER mymaster: {answer!r}, master port {before} -> {after}"
         if target == "disk":
             return self._fill_disk() if kind == "fill" else self._free_disk()
         if target == "dns":
