@@ -26,18 +26,19 @@ SESSIONS ?= 10
 CHAOS_STORE ?= both
 SOAK_MINUTES ?= 30
 SOAK_RATE ?= 5
+CHAOS_ARGS ?=
 
 .PHONY: chaos chaos-ci soak
 
 chaos:
-	$(CHAOS_PYTHON) -m bench.chaos run --messages $(MESSAGES) --sessions $(SESSIONS) --store $(CHAOS_STORE)
+	$(CHAOS_PYTHON) -m bench.chaos run --messages $(MESSAGES) --sessions $(SESSIONS) --store $(CHAOS_STORE) $(CHAOS_ARGS)
 
 # CI-sized: about 1,000 messages (500 per store), one cycle of every fault (3 min) each.
 chaos-ci:
 	$(CHAOS_PYTHON) -m bench.chaos run --messages 500 --sessions $(SESSIONS) --store both --cycles 1 --drain 300 --quiet
 
 soak:
-	$(CHAOS_PYTHON) -m bench.chaos soak --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE)
+	$(CHAOS_PYTHON) -m bench.chaos soak --minutes $(SOAK_MINUTES) --rate $(SOAK_RATE) $(CHAOS_ARGS)
 
 # Coverage-guided fuzzing (atheris/libFuzzer, one core) of the policy codec, the socketmap
 # codec and milterd's message handling: FUZZ_RUNS inputs or FUZZ_SECONDS per target,

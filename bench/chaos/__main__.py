@@ -180,6 +180,7 @@ def run_chaos(args: argparse.Namespace) -> int:
                 f"{runner.actions_done}",
                 "postfix log: " + ", ".join(f"{k}={v}" for k, v in rig.log_counts().items()),
                 *rig.notes,
+                *(f"unsigned: {why}" for why in rig.unsigned_files[:5]),
             ]
             for name, sample in result.examples.items():
                 if name in ("lost", "duplicated", "unchecked", "unsigned", "gave_up"):

@@ -186,6 +186,7 @@ def run_soak(args: argparse.Namespace) -> int:
                 table,
                 f"- policy probe: {len(samples.series.get('policy_ms', []))} requests, "
                 f"{probe.errors} errors; daemon restarts {restarts}",
+                *(f"- unsigned: {why}" for why in rig.unsigned_files[:5]),
                 render_table(result, "soak mail"),
             ]
         )
