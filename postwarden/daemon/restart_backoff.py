@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# A daemon that had stayed up and then died is started again this soon: its start-up
-# (about a second for milterd) is what Postfix waits for.
+# A daemon that had run and then died is started again this soon: its start-up (about a
+# second for milterd) is what Postfix waits for.
 FIRST_RESTART_DELAY = 0.1
-# After a quick exit (one within STABLE_AFTER of its start), this long: a daemon failing
-# at once does not spin, and Postfix's next try still finds it.
+# An exit this soon after the start is a daemon failing at start (a socket in use, a key
+# it cannot read), not one killed or crashed while serving: start-up takes 0.5-1.5 s. One
+# killed every few seconds from outside keeps being restarted at once.
+QUICK_EXIT_WITHIN = 3.0
+# After a quick exit, this long: a daemon failing at once does not spin, and Postfix's
+# next try still finds it.
 RESTART_DELAY = 0.25
-# A run at least this long counts as "stayed up": the backoff starts over.
+# A backing-off daemon that has run this long has "stayed up": the backoff is over.
 STABLE_AFTER = 10.0
-# Exits within STABLE_AFTER of their start tolerated at RESTART_DELAY before backing off.
+# Quick exits in a row tolerated at RESTART_DELAY before backing off.
 QUICK_EXITS_TOLERATED = 3
 MAX_DELAY = 60.0
 
@@ -27,7 +31,7 @@ MAX_DELAY = 60.0
 class RestartState:
     """What the supervisor remembers between exits of one daemon."""
 
-    quick_exits: int = 0  # consecutive exits within STABLE_AFTER of their start
+    quick_exits: int = 0  # consecutive exits within QUICK_EXIT_WITHIN of their start
     backing_off: bool = False
 
 
@@ -40,7 +44,7 @@ class RestartDecision:
 
 def after_exit(state: RestartState, started_at: float, exited_at: float) -> RestartDecision:
     """The delay before the next start of a daemon that ran from `started_at` to `exited_at`."""
-    quick = exited_at - started_at < STABLE_AFTER
+    quick = exited_at - started_at < QUICK_EXIT_WITHIN
     quick_exits = state.quick_exits + 1 if quick else 0
     over = quick_exits - QUICK_EXITS_TOLERATED
     if over <= 0:

@@ -7,6 +7,7 @@ import pytest
 from postwarden.daemon.restart_backoff import (
     FIRST_RESTART_DELAY,
     MAX_DELAY,
+    QUICK_EXIT_WITHIN,
     QUICK_EXITS_TOLERATED,
     RESTART_DELAY,
     STABLE_AFTER,
@@ -48,9 +49,9 @@ def test_the_next_quick_exit_backs_off_doubling_up_to_the_cap_and_says_so_once()
 
 
 @pytest.mark.parametrize(
-    ("ran", "counts_as_quick"), [(STABLE_AFTER - 0.001, True), (STABLE_AFTER, False)]
+    ("ran", "counts_as_quick"), [(QUICK_EXIT_WITHIN - 0.001, True), (QUICK_EXIT_WITHIN, False)]
 )
-def test_a_run_of_stable_after_seconds_is_not_quick(ran: float, counts_as_quick: bool) -> None:
+def test_a_run_of_quick_exit_within_seconds_is_not_quick(ran: float, counts_as_quick: bool) -> None:
     decision = after_exit(RestartState(quick_exits=5, backing_off=True), 0.0, ran)
     assert (decision.state.quick_exits > 0) is counts_as_quick
 
@@ -67,3 +68,10 @@ def test_stayed_up_resets_only_a_backing_off_state_and_only_after_stable_after()
     assert stayed_up(backing, started_at=10.0, now=10.0 + STABLE_AFTER - 0.01) is None
     assert stayed_up(backing, started_at=10.0, now=10.0 + STABLE_AFTER) == RestartState()
     assert stayed_up(RestartState(quick_exits=2), started_at=0.0, now=1e6) is None
+
+
+def test_a_daemon_killed_every_few_seconds_is_restarted_at_once_every_time() -> None:
+    # The fault harness SIGKILLs policyd every 5 s: that is not a daemon failing at start,
+    # and backing off only made each outage longer (17 s once).
+    delays = [d for d, _, _ in _exits(20, ran=QUICK_EXIT_WITHIN + 1.0)]
+    assert delays == [FIRST_RESTART_DELAY] * 20
