@@ -18,10 +18,11 @@ RUNTIME_PACKAGES=(
 )
 # Without systemd nothing else runs logrotate's daily job.
 [[ -d /run/systemd/system ]] || RUNTIME_PACKAGES+=(cron)
-# fail2ban-regex proves the jails' filters (tests/integration/scripts/test_fail2ban_filters.py).
+# fail2ban-regex proves the jails' filters (tests/integration/scripts/test_fail2ban_filters.py);
+# nftables: the fault harness (bench/chaos) cuts DNS off with its namespace's own firewall.
 TEST_PACKAGES=(
     redis-server nsd swaks postgrey opendkim opendkim-tools dkimpy-milter faketime iproute2
-    fail2ban
+    fail2ban nftables
 )
 # The daemons the test packages bring, which their postinst enables (and starts, where no
 # policy-rc.d says no). fail2ban is only stopped when this run installed it: on a gateway
