@@ -27,11 +27,13 @@ CHAOS_STORE ?= both
 SOAK_MINUTES ?= 30
 SOAK_RATE ?= 5
 CHAOS_ARGS ?=
+# New messages are spread over this many seconds (5 fault cycles), so the faults repeat.
+CHAOS_SECONDS ?= 900
 
 .PHONY: chaos chaos-ci soak
 
 chaos:
-	$(CHAOS_PYTHON) -m bench.chaos run --messages $(MESSAGES) --sessions $(SESSIONS) --store $(CHAOS_STORE) $(CHAOS_ARGS)
+	$(CHAOS_PYTHON) -m bench.chaos run --messages $(MESSAGES) --sessions $(SESSIONS) --store $(CHAOS_STORE) --min-duration $(CHAOS_SECONDS) --quiet $(CHAOS_ARGS)
 
 # CI-sized: about 1,000 messages (500 per store), one cycle of every fault (3 min) each.
 chaos-ci:

@@ -119,6 +119,8 @@ def run_chaos(args: argparse.Namespace) -> int:
             greylist_delay=args.greylist_delay,
             restarts=args.restarts,
             policy_default_action=args.policy_default_action,
+            policy_unreachable_action=args.policy_unreachable_action,
+            aliases_socketmap=not args.no_aliases_socketmap,
         )
         with running_rig(options, keep=args.keep) as rig:
             t0 = time.monotonic()
@@ -225,6 +227,15 @@ def main() -> int:
     run.add_argument(
         "--policy-default-action",
         help="policyd.default_action for this run (default: the product's default)",
+    )
+    run.add_argument(
+        "--policy-unreachable-action",
+        help="policyd.unreachable_action (what Postfix does when policyd is down)",
+    )
+    run.add_argument(
+        "--no-aliases-socketmap",
+        action="store_true",
+        help="Postfix's aliases not on policyd's socketmap (the README's quick start)",
     )
     run.add_argument("--output", help="also write the tables to this file")
     run.add_argument("--keep", action="store_true", help="keep the run's directory")

@@ -271,6 +271,10 @@ class RigOptions:
     store: Store = "sqlite"
     greylist_delay: float = 2.0
     policy_default_action: str | None = None  # None: the product's default
+    policy_unreachable_action: str | None = None  # None: the product's default
+    # Postfix's virtual_alias_maps on policyd's socketmap, as installed; off: the README's
+    # quick-start setup, where only the policy check depends on policyd.
+    aliases_socketmap: bool = True
     workers: int = 1
     # "supervise": `postwarden supervise` restarts a killed daemon; "harness": this harness
     # does, RESTART_DELAY after finding it dead; "auto": supervise when the CLI has it.
@@ -400,6 +404,10 @@ class Rig:
         }
         if self.options.policy_default_action:
             policyd["default_action"] = self.options.policy_default_action
+        if self.options.policy_unreachable_action:
+            policyd["unreachable_action"] = self.options.policy_unreachable_action
+        if not self.options.aliases_socketmap:
+            del policyd["aliases_listen"]
         return {
             "store": {"url": store_url, "refresh_interval": 0.5},
             "policyd": policyd,
@@ -483,12 +491,12 @@ class Rig:
             policyd=f"unix:{self.root / 'p' / 'policyd.sock'}",
             milterd=f"unix:{self.root / 'm' / 'milterd.sock'}",
         )
-        layout = dataclasses.replace(
-            layout,
-            inet_interfaces=None,
-            dovecot_listen=None,
-            virtual_alias_maps=f"socketmap:unix:{self.root / 'p' / 'aliases.sock'}:aliases",
-        )
+        layout = dataclasses.replace(layout, inet_interfaces=None, dovecot_listen=None)
+        if self.options.aliases_socketmap:
+            layout = dataclasses.replace(
+                layout,
+                virtual_alias_maps=f"socketmap:unix:{self.root / 'p' / 'aliases.sock'}:aliases",
+            )
         root = self.root / "mailsys"
         root.mkdir(mode=0o755)
         ca = trustme.CA()
@@ -811,7 +819,8 @@ class Rig:
             "451 lookup failure": "Temporary lookup failure",
             "queue file write error": "queue file write error",
             "no SASL mechanisms": "no SASL authentication mechanisms",
-            "milter timeout/unavailable": "milter",
+            "milter-reject (milterd down)": "milter-reject:",
+            "milter warnings": "warning: milter ",
             "policy service unavailable": "problem talking to server",
             "address resolver failure": "address resolver failure",
             "lmtp deferred": "status=deferred",
