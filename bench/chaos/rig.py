@@ -296,6 +296,7 @@ class Rig:
     notes: list[str] = field(default_factory=list)
     downtimes: dict[str, Downtime] = field(default_factory=dict)
     unsigned_files: list[str] = field(default_factory=list)
+    stopped_redis: RedisNode | None = None
     _dovecot_up: bool = True
     _postfix_up: bool = True
     _dns_dropped: bool = False
@@ -384,7 +385,7 @@ class Rig:
         try:
             while time.monotonic() < deadline:
                 with contextlib.suppress(redis.RedisError):
-                    if client.execute_command("SENTINEL", "REPLICAS", "mymaster"):
+                    if client.execute_command("SENTINEL", "REPLICAS", "mymaster"):  # type: ignore[no-untyped-call]  # untyped in redis-py
                         return
                 time.sleep(0.5)
         finally:
@@ -587,7 +588,7 @@ class Rig:
             before = self.redis_master_port()
             client = redis.Redis(port=self.sentinel.port, socket_timeout=5)
             try:
-                answer = client.execute_command("SENTINEL", "FAILOVER", "mymaster")
+                answer = client.execute_command("SENTINEL", "FAILOVER", "mymaster")  # type: ignore[no-untyped-call]  # untyped in redis-py
             except redis.RedisError as exc:
                 answer = f"refused: {exc}"
             finally:
@@ -636,7 +637,7 @@ class Rig:
         assert self.sentinel is not None
         client = redis.Redis(port=self.sentinel.port, socket_timeout=2, decode_responses=True)
         try:
-            addr = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster")
+            addr = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster")  # type: ignore[no-untyped-call]  # untyped in redis-py
         except redis.RedisError:
             return None
         finally:
@@ -649,15 +650,15 @@ class Rig:
             for node in self.redis_nodes.values():
                 if node.port == port:
                     node.stop()
-                    self._stopped_redis = node
+                    self.stopped_redis = node
                     return f"redis master {node.name} (port {port}) stopped"
             return f"redis: master port {port} is not ours"
-        node = getattr(self, "_stopped_redis", None)
-        if node is None:
+        stopped = self.stopped_redis
+        if stopped is None:
             return "redis: nothing stopped"
-        node.start()
-        self._stopped_redis = None
-        return f"redis {node.name} (port {node.port}) started again"
+        stopped.start()
+        self.stopped_redis = None
+        return f"redis {stopped.name} (port {stopped.port}) started again"
 
     def _fill_disk(self) -> str:
         assert self.disk is not None

@@ -121,7 +121,7 @@ class RetryPolicy:
     max_total: float = 900.0
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.longest, self.first * 2 ** max(0, attempt - 1))
+        base = min(self.longest, self.first * 2.0 ** max(0, attempt - 1))
         return base * (0.75 + 0.5 * rng.random())
 
 
