@@ -121,6 +121,7 @@ def run_chaos(args: argparse.Namespace) -> int:
             policy_default_action=args.policy_default_action,
             policy_unreachable_action=args.policy_unreachable_action,
             aliases_socketmap=not args.no_aliases_socketmap,
+            mapd=not args.no_mapd,
         )
         with running_rig(options, keep=args.keep) as rig:
             t0 = time.monotonic()
@@ -128,7 +129,8 @@ def run_chaos(args: argparse.Namespace) -> int:
             for line in describe(store):  # type: ignore[arg-type]
                 _log(t0, f"fault: {line}")
             if rig.restart_mode == "supervise":
-                _log(t0, "restarts: `postwarden supervise` runs policyd and milterd")
+                names = ", ".join(d.name for d in rig.daemons)
+                _log(t0, f"restarts: `postwarden supervise` runs each of {names}")
             else:
                 _log(t0, f"restarts: the HARNESS restarts a dead daemon after {RESTART_DELAY} s")
             messages = plan_messages(args.messages, args.seed + (store == "redis"), Ports())
@@ -172,7 +174,7 @@ def run_chaos(args: argparse.Namespace) -> int:
                 f"{d.name} ({rig.restart_mode}): {d.kills} SIGKILLs; "
                 + ", ".join(f"{k} {v}" for k, v in rig.daemon_log_counts(d).items())
                 + f"; {rig.downtimes[d.name].describe()}"
-                for d in (rig.policyd, rig.milterd)
+                for d in rig.daemons
             ]
             inbound_queued, unlogged = rig.unlogged_decisions()
             extra += [
@@ -236,6 +238,11 @@ def main() -> int:
         "--no-aliases-socketmap",
         action="store_true",
         help="Postfix's aliases not on policyd's socketmap (the README's quick start)",
+    )
+    run.add_argument(
+        "--no-mapd",
+        action="store_true",
+        help="policyd serves Postfix's lookup maps itself (no `postwarden mapd`)",
     )
     run.add_argument("--output", help="also write the tables to this file")
     run.add_argument("--keep", action="store_true", help="keep the run's directory")

@@ -10,7 +10,9 @@ documentation address, not from trusted loopback.
 
 Postfix and Dovecot are rendered from the one config by the same code as the appliance
 (tests/fixtures/mail_system.py's layout and MailSystem); policyd and milterd are the
-`postwarden` console script with that config, each run under `postwarden supervise` (the
+`postwarden` console script with that config (and `postwarden mapd` serving Postfix's
+lookup maps with policyd --no-maps, as the appliance runs them, when the CLI has mapd),
+each run under `postwarden supervise` (the
 project's restart supervisor for the no-systemd path), so a SIGKILL hits the daemon and
 the supervisor starts it again. Where the CLI has no `supervise`, `Rig.restart_dead()`
 does it instead: a daemon found dead is started again after RESTART_DELAY (said in the
@@ -91,12 +93,16 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def supervise_available() -> bool:
-    """`postwarden supervise` exists (the project's restart supervisor, issue #14 item 4)."""
+def _has_command(name: str) -> bool:
     done = subprocess.run(
-        [POSTWARDEN, "supervise", "--help"], capture_output=True, timeout=30, check=False
+        [POSTWARDEN, name, "--help"], capture_output=True, timeout=30, check=False
     )
     return done.returncode == 0
+
+
+def supervise_available() -> bool:
+    """`postwarden supervise` exists (the project's restart supervisor, issue #14 item 4)."""
+    return _has_command("supervise")
 
 
 def descendants(pid: int) -> list[int]:
@@ -275,6 +281,8 @@ class RigOptions:
     # Postfix's virtual_alias_maps on policyd's socketmap, as installed; off: the README's
     # quick-start setup, where only the policy check depends on policyd.
     aliases_socketmap: bool = True
+    # The maps served by `postwarden mapd` (as the appliance does) when the CLI has it.
+    mapd: bool = True
     workers: int = 1
     # "supervise": `postwarden supervise` restarts a killed daemon; "harness": this harness
     # does, RESTART_DELAY after finding it dead; "auto": supervise when the CLI has it.
@@ -290,6 +298,8 @@ class Rig:
     mail: MailSystem = field(init=False)
     policyd: Daemon = field(init=False)
     milterd: Daemon = field(init=False)
+    mapd: Daemon | None = None
+    daemons: list[Daemon] = field(default_factory=list)
     redis_nodes: dict[str, RedisNode] = field(default_factory=dict)
     sentinel: RedisNode | None = None
     disk: Path | None = None
@@ -457,20 +467,36 @@ class Rig:
             mode = "supervise" if supervise_available() else "harness"
         self.restart_mode = mode
         wrap = ["supervise"] if mode == "supervise" else []
+        # As the appliance runs them: Postfix's lookup maps in `postwarden mapd`, policyd
+        # with --no-maps, when this CLI has mapd; else policyd serves the maps itself.
+        with_mapd = self.options.aliases_socketmap and self.options.mapd and _has_command("mapd")
+        no_maps = ["--no-maps"] if with_mapd else []
         self.policyd = Daemon(
-            "policyd", [*base, *wrap, "policyd"], self.root / "policyd.log", self.root, bool(wrap)
+            "policyd",
+            [*base, *wrap, "policyd", *no_maps],
+            self.root / "policyd.log",
+            self.root,
+            bool(wrap),
         )
         self.milterd = Daemon(
             "milterd", [*base, *wrap, "milterd"], self.root / "milterd.log", self.root, bool(wrap)
         )
-        for daemon in (self.policyd, self.milterd):
-            daemon.start()
-        self._wait_socket(self.root / "p" / "policyd.sock", self.policyd)
-        self._wait_socket(self.root / "m" / "milterd.sock", self.milterd)
-        self.downtimes = {
-            "policyd": Downtime(self.root / "p" / "policyd.sock"),
-            "milterd": Downtime(self.root / "m" / "milterd.sock"),
+        self.daemons = [self.policyd, self.milterd]
+        sockets = {
+            "policyd": self.root / "p" / "policyd.sock",
+            "milterd": self.root / "m" / "milterd.sock",
         }
+        if with_mapd:
+            self.mapd = Daemon(
+                "mapd", [*base, *wrap, "mapd"], self.root / "mapd.log", self.root, bool(wrap)
+            )
+            self.daemons.append(self.mapd)
+            sockets["mapd"] = self.root / "p" / "aliases.sock"
+        for daemon in self.daemons:
+            daemon.start()
+        for daemon in self.daemons:
+            self._wait_socket(sockets[daemon.name], daemon)
+        self.downtimes = {name: Downtime(path) for name, path in sockets.items()}
 
     def _wait_socket(self, path: Path, daemon: Daemon) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -533,7 +559,7 @@ class Rig:
         supervisor); note how long each socket refused connections."""
         for downtime in self.downtimes.values():
             downtime.poll(now)
-        for daemon in (self.policyd, self.milterd):
+        for daemon in self.daemons:
             if daemon.supervised and daemon.alive():
                 continue  # its supervisor restarts the daemon; only a dead supervisor is ours
             if daemon.alive() or daemon.frozen:
@@ -842,10 +868,9 @@ class Rig:
                 self._start_dovecot()
             self.mail._postfix_started = False
             self.mail.stop()
-        for d in (getattr(self, "policyd", None), getattr(self, "milterd", None)):
-            if d is not None:
-                with contextlib.suppress(Exception):
-                    d.stop()
+        for d in self.daemons:
+            with contextlib.suppress(Exception):
+                d.stop()
         for node in [*self.redis_nodes.values(), *([self.sentinel] if self.sentinel else [])]:
             with contextlib.suppress(Exception):
                 node.stop()

@@ -2,13 +2,13 @@
 
 The same private gateway as the fault run (bench/chaos/rig.py, SQLite store), the same
 sender at a fixed rate (messages per second). Every SAMPLE_EVERY seconds it reads the
-resident memory (VmRSS in /proc/PID/status) and open descriptors (/proc/PID/fd) of policyd
-and milterd, each summed over the daemon and every process it started; a probe asks policyd
-directly on its socket PROBE_RATE times a second (an inbound RCPT request from one of a
-rotating set of triplets, as Postfix sends it) and times the answer. The figures of the
-first and of the last minute are compared: the median of the samples for memory and
-descriptors, the p99 for latency. The exit status is 1 when one grows by more than
-`--limit` percent.
+resident memory (VmRSS in /proc/PID/status) and open descriptors (/proc/PID/fd) of each
+daemon (policyd, milterd, and mapd when run), summed over the daemon and every process it
+started; a probe asks policyd directly on its socket PROBE_RATE times a second (an inbound
+RCPT request from one of a rotating set of triplets, as Postfix sends it) and times the
+answer. The figures of the first and of the last minute are compared: the median of the
+samples for memory and descriptors, the p99 for latency. The exit status is 1 when one
+grows by more than `--limit` percent.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def run_soak(args: argparse.Namespace) -> int:
         def sampler() -> None:
             while not stop.is_set():
                 at = time.monotonic() - t0
-                for daemon in (rig.policyd, rig.milterd):
+                for daemon in rig.daemons:
                     sample_daemon(daemon, at, samples)
                 stop.wait(SAMPLE_EVERY)
 
@@ -179,7 +179,7 @@ def run_soak(args: argparse.Namespace) -> int:
         queued, queue_bounces, _ = rig.queued_tokens()
         result = tally(outcomes, delivered, queued, mailbox_bounces | queue_bounces)
         table, grew = growth_table(samples, elapsed, args.limit)
-        restarts = rig.policyd.restarts + rig.milterd.restarts
+        restarts = sum(d.restarts for d in rig.daemons)
         report = "\n\n".join(
             [
                 f"### soak: {args.minutes:g} min at {args.rate:g} messages/s, {elapsed:.0f} s",
