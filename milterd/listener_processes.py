@@ -111,14 +111,17 @@ def run(config: Config) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
     children: dict[int, Listener] = {}
     supervisor = os.getpid()
-    shared = mmap.mmap(-1, 8 * len(cfg.listen))  # anonymous, shared with the children
+    # Anonymous, shared with the children: per listener, its messages in progress and
+    # whether its stop was asked for.
+    shared = mmap.mmap(-1, 16 * len(cfg.listen))
     for index, address in enumerate(cfg.listen):
-        busy = ctypes.c_int64.from_buffer(shared, 8 * index)
+        busy = ctypes.c_int64.from_buffer(shared, 16 * index)
+        stop_asked = ctypes.c_int64.from_buffer(shared, 16 * index + 8)
         pid = os.fork()
         if pid == 0:
             DkimMilter.busy = busy
-            _serve(config, address, supervisor)
-        children[pid] = Listener(address, busy)
+            _serve(config, address, supervisor, stop_asked)
+        children[pid] = Listener(address, busy, stop_asked)
     return _supervise(children)
 
 
@@ -128,6 +131,7 @@ class Listener:
 
     address: ListenAddress
     busy: ctypes.c_int64  # its messages in progress, in shared memory
+    stop_asked: ctypes.c_int64  # set before its SIGTERM, in shared memory
     stopping: bool = False  # SIGTERM sent
 
 
@@ -173,6 +177,7 @@ def _stop_step(children: dict[int, Listener], elapsed: float) -> None:
             _signal(pid, signal.SIGKILL)
         elif not listener.stopping and (listener.busy.value <= 0 or elapsed > DRAIN_TIMEOUT):
             listener.stopping = True
+            listener.stop_asked.value = 1
             _signal(pid, signal.SIGTERM)
         if listener.stopping:
             _wake(listener.address)
@@ -205,12 +210,14 @@ def _wake(address: ListenAddress) -> None:
         sock.connect(target)
 
 
-def _serve(config: Config, address: ListenAddress, supervisor: int) -> NoReturn:
+def _serve(
+    config: Config, address: ListenAddress, supervisor: int, stop_asked: ctypes.c_int64
+) -> NoReturn:
     """One listener process: libmilter on one address, until SIGTERM. Never returns."""
     code = 0
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        _listen(config, address, supervisor)
+        _listen(config, address, supervisor, stop_asked)
     except StartupError as exc:
         log_startup_failure(log, "milterd", exc)
         code = EXIT_CHILD_STARTUP_FAILED
@@ -222,7 +229,9 @@ def _serve(config: Config, address: ListenAddress, supervisor: int) -> NoReturn:
     os._exit(code)
 
 
-def _listen(config: Config, address: ListenAddress, supervisor: int) -> None:
+def _listen(
+    config: Config, address: ListenAddress, supervisor: int, stop_asked: ctypes.c_int64
+) -> None:
     cfg = config.milterd
     mode = int(cfg.socket_mode, 8)
     if address.kind == "unix":
@@ -255,7 +264,11 @@ def _listen(config: Config, address: ListenAddress, supervisor: int) -> None:
     try:
         Milter.runmilter(MILTER_NAME, socket_spec(address), MTA_TIMEOUT)
     except Milter.milter.error as exc:
-        raise StartupError(f"cannot serve on {address}: {exc}") from None
+        # A stop that reaches libmilter while it is still starting up makes it fail
+        # ("cannot run main"): that is the stop, not a listener that could not start.
+        if not stop_asked.value:
+            raise StartupError(f"cannot serve on {address}: {exc}") from None
+        log.info("milterd listener on %s: stopped while starting (%s)", address, exc)
     # pymilter runs no callback once runmilter has returned: what is still in progress is cut,
     # and Postfix defers it (milter_default_action = tempfail).
     if DkimMilter.busy.value > 0:
