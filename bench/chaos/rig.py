@@ -851,6 +851,8 @@ class Rig:
             "policy service unavailable": "problem talking to server",
             "address resolver failure": "address resolver failure",
             "lmtp deferred": "status=deferred",
+            "delivery temporarily suspended": "delivery temporarily suspended",
+            "RCPT 450 unverified address": "Recipient address rejected: unverified address",
         }
         return {name: text.count(needle) for name, needle in patterns.items()}
 
