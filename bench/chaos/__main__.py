@@ -145,6 +145,12 @@ def run_chaos(args: argparse.Namespace) -> int:
             runner.start()
             try:
                 outcomes = asyncio.run(send_all(messages, config))
+            except BaseException:
+                # The fault thread must stop before the rig does: a "postfix start" it ran
+                # after the rig's abort left a Postfix running in a deleted namespace.
+                runner.finished.set()
+                runner.join(60)
+                raise
             finally:
                 runner.sending.clear()
             sent_for = time.monotonic() - t0
@@ -161,7 +167,7 @@ def run_chaos(args: argparse.Namespace) -> int:
                 _log(t0, f"queue holds {size}")
             time.sleep(2.0)  # the last LMTP deliveries land
             runner.finished.set()
-            runner.join(10)
+            runner.join(60)
             delivered, mailbox_bounces, files = rig.mailbox_tokens()
             queued, queue_bounces, queue_size = rig.queued_tokens()
             result = tally(outcomes, delivered, queued, mailbox_bounces | queue_bounces)
