@@ -10,7 +10,6 @@ clients with XCLIENT; policyd is SIGKILLed, as a crash would, or SIGSTOPped (fro
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -23,7 +22,8 @@ import pytest
 from tests.fixtures import daemon_process
 from tests.fixtures.gateway import PolicydGateway, submit_authenticated
 from tests.fixtures.mail_system import MailSystemFactory, SmtpResult
-from tests.fixtures.policyd_daemon import POSTWARDEN, start_policyd
+from tests.fixtures.mapd_daemon import start_mapd
+from tests.fixtures.policyd_daemon import start_policyd
 
 pytestmark = pytest.mark.e2e
 
@@ -45,31 +45,10 @@ class OutageGateway(PolicydGateway):
     def start_mapd(self) -> None:
         assert self.aliases_socket is not None
         name = f"mapd-{len(self.mapd)}.log"
-        self.mapd.append(_start_mapd(self.policyd.config_path, self.aliases_socket, name))
+        self.mapd.append(start_mapd(self.policyd.config_path, self.aliases_socket, name))
 
 
 StartGateway = Callable[..., OutageGateway]
-
-
-def _start_mapd(config_path: Path, socket_path: Path, log_name: str) -> subprocess.Popen[bytes]:
-    log_path = socket_path.with_name(log_name)
-    mapd = daemon_process.spawn(
-        [POSTWARDEN, "--config", str(config_path), "mapd"], log_path, socket_path.parent
-    )
-
-    def answers() -> bool:
-        try:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(1.0)
-                sock.connect(str(socket_path))
-                query = b"aliases nobody@nowhere.test"
-                sock.sendall(b"%d:%s," % (len(query), query))
-                return b"NOTFOUND" in sock.recv(100)
-        except OSError:
-            return False
-
-    daemon_process.wait_until_answers("mapd", mapd, answers, lambda: log_path.read_text())
-    return mapd
 
 
 @pytest.fixture
