@@ -1,4 +1,5 @@
-"""`postwarden policyd` (the policy server), `mapd` (its lookup maps), `supervise` (restarts).
+"""`postwarden policyd` (the policy server), `mapd` (its lookup maps), `frontd` (the front
+ends on Postfix's milter and SASL sockets), `supervise` (restarts).
 
 milterd's own command lives in commands_milterd.py.
 """
@@ -51,6 +52,28 @@ def mapd(cli_ctx: CliContext) -> None:
     raise SystemExit(run(cfg, path, 1, "maps"))
 
 
+@click.command("frontd")
+@pass_cli
+def frontd(cli_ctx: CliContext) -> None:
+    """Hold Postfix's milter and SASL sockets in front of milterd and Dovecot until SIGTERM.
+
+    Bytes pass through while they answer; while they do not, a session still gets STARTTLS
+    and AUTH, then 451 at MAIL (milterd away) or 454 at AUTH (Dovecot away).
+    """
+    from frontd.server import run
+    from postwarden.daemon.startup import EXIT_BAD_CONFIG
+
+    cfg = cli_ctx.config()
+    if not cfg.frontd.enabled:
+        click.echo(
+            "frontd is not enabled in the config ([frontd] enabled = false): Postfix does "
+            "not talk to it",
+            err=True,
+        )
+        raise SystemExit(EXIT_BAD_CONFIG)
+    raise SystemExit(run(cfg))
+
+
 @click.command(
     "supervise", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
 )
@@ -68,11 +91,11 @@ def supervise(cli_ctx: CliContext, daemon: str, daemon_args: tuple[str, ...]) ->
     from postwarden.daemon.service_supervisor import ServiceSupervisor, daemon_command
 
     cfg = cli_ctx.config()  # a bad file: file, key and reason on stderr, exit 2
-    section = cfg.milterd if daemon == "milterd" else cfg.policyd
-    setup_logging(section.log_level, buffered=False)
+    levels = {"milterd": cfg.milterd.log_level, "frontd": cfg.frontd.log_level}
+    setup_logging(levels.get(daemon, cfg.policyd.log_level), buffered=False)
     path = config_path(cli_ctx.config_file) if cli_ctx.config_file else None
     command = daemon_command(daemon, path, daemon_args)
     raise SystemExit(ServiceSupervisor(daemon, command).run())
 
 
-COMMANDS: list[click.Command] = [policyd, mapd, supervise]
+COMMANDS: list[click.Command] = [policyd, mapd, frontd, supervise]

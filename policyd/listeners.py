@@ -7,20 +7,17 @@ replaced, one a live server answers on is not (postwarden/daemon/socket_files.py
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from postwarden.config import Config
 from postwarden.config.types import ListenAddress
-from postwarden.daemon.socket_files import SocketInUseError, remove_stale_socket
+from postwarden.daemon.socket_files import listening_socket
 from postwarden.daemon.startup import StartupError
 
-LISTEN_BACKLOG = 1024
 # What one policyd process serves: both, the policy only, or the lookup maps only (mapd).
 Served = Literal["all", "policy", "maps"]
 
@@ -33,38 +30,6 @@ class Listener:
     sock: socket.socket
     # "policy" (check_policy_service) or "socketmap" (aliases and mailboxes, lookup_maps.py).
     role: str = "policy"
-
-
-def _unix_socket(address: ListenAddress, mode: int, group: str | None) -> socket.socket:
-    path = Path(address.path)
-    try:
-        remove_stale_socket(path)
-    except SocketInUseError as exc:
-        raise StartupError(str(exc)) from None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, mode)
-        if group is not None:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        sock.listen(LISTEN_BACKLOG)
-    except KeyError:
-        sock.close()
-        raise StartupError(f"socket_group {group!r}: no such group") from None
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"{path}: cannot listen: {exc.strerror}") from None
-    return sock
-
-
-def _inet_socket(address: ListenAddress) -> socket.socket:
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    try:
-        return socket.create_server(
-            (address.host, address.port), family=family, backlog=LISTEN_BACKLOG
-        )
-    except OSError as exc:
-        raise StartupError(f"{address}: cannot listen: {exc.strerror}") from None
 
 
 def wanted_listeners(cfg: Config, served: Served) -> list[tuple[ListenAddress, str]]:
@@ -90,10 +55,7 @@ def bind_listeners(cfg: Config, served: Served = "all") -> list[Listener]:
     wanted = wanted_listeners(cfg, served)
     try:
         for address, role in wanted:
-            if address.kind == "unix":
-                sock = _unix_socket(address, mode, cfg.policyd.socket_group)
-            else:
-                sock = _inet_socket(address)
+            sock = listening_socket(address, mode, cfg.policyd.socket_group)
             sock.setblocking(False)
             listeners.append(Listener(address, sock, role))
     except StartupError:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from policyd.listeners import LISTEN_BACKLOG, Listener
+from policyd.listeners import Listener
 from policyd.lookup_maps import socketmap_handler
 from policyd.mailbox_probe import MailboxProber
 from policyd.metrics import Metrics, NullMetrics
@@ -31,6 +31,7 @@ from policyd.policy_codec import ProtocolViolation, RequestDecoder, encode_verdi
 from policyd.wiring import build_checkers, load_live_lists, mailbox_prober_for, open_store_for
 from postwarden.config import Config, ConfigError, load_config
 from postwarden.daemon.log_lines import decision_line, flush_log_handlers, log_level
+from postwarden.daemon.socket_files import LISTEN_BACKLOG
 from postwarden.daemon.startup import StartupError
 from postwarden.policy.live_lists import keep_lists_fresh
 from postwarden.policy.pipeline import Pipeline

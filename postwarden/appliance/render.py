@@ -403,9 +403,12 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
     policyd = layout.policyd_socket
     if policyd is None:
         policyd = layout.postfix_socket(cfg.policyd.listen[0])
+    # With frontd on, Postfix talks to its front ends, which stand in for milterd and
+    # Dovecot's auth service while those are away (frontd/server.py).
     milterd = layout.milterd_socket
     if milterd is None:
-        milterd = layout.postfix_socket(cfg.milterd.listen[0])
+        front = cfg.frontd.milter_listen if cfg.frontd.enabled else cfg.milterd.listen[0]
+        milterd = layout.postfix_socket(front)
     # Forwarding aliases are looked up live in policyd's socketmap (no postmap, no reload).
     alias_map = layout.virtual_alias_maps
     if not alias_map and cfg.policyd.aliases_listen is not None:
@@ -540,7 +543,7 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
         # Postfix keeps an idle connection to policyd no longer than policyd keeps it open.
         "policy_max_idle": _postfix_seconds(cfg.policyd.idle_timeout),
         "xclient_hosts": " ".join(layout.xclient_hosts),
-        "auth_socket": layout.postfix_path(layout.auth_socket),
+        "auth_socket": layout.postfix_path(_sasl_sockets(cfg, layout)[0]),
         "tls_only_auth": "yes" if mail.tls_only_auth else "no",
         "milterd_socket": milterd,
         "tls_cert": str(cert),
@@ -628,12 +631,21 @@ def render_dovecot(cfg: Config, layout: Layout) -> dict[str, str]:
         "pop3_port": port(mail.pop3, "pop3_port"),
         "pop3s_port": port(mail.pop3s, "pop3s_port"),
         "lmtp_socket": str(layout.lmtp_socket),
-        "auth_socket": str(layout.auth_socket),
+        "auth_socket": str(_sasl_sockets(cfg, layout)[1]),
         "postfix_user": layout.postfix_user,
         "postfix_group": layout.postfix_group,
     }
     text = _template(DOVECOT_TEMPLATES, "dovecot.conf.tmpl").substitute(values)
     return {"dovecot.conf": text}
+
+
+def _sasl_sockets(cfg: Config, layout: Layout) -> tuple[Path, Path]:
+    """Where Postfix's smtpd_sasl_path points, and where Dovecot's auth service listens:
+    the same socket, or frontd's front end in front of Dovecot's (frontd.sasl_*)."""
+    front = cfg.frontd
+    if front.enabled and front.sasl_listen is not None and front.sasl_upstream is not None:
+        return Path(front.sasl_listen.path), Path(front.sasl_upstream.path)
+    return layout.auth_socket, layout.auth_socket
 
 
 def render_all(cfg: Config, layout: Layout) -> dict[str, str]:

@@ -156,6 +156,46 @@ class MilterdConfig(Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class FrontdConfig(Section):
+    """The always-up front ends (`postwarden frontd`) on the sockets Postfix talks to.
+
+    Postfix gives up a whole session when a milter or its SASL server cannot be reached
+    at the start: STARTTLS answers 454 and AUTH is not offered (milter), or smtpd dies
+    with "no SASL authentication mechanisms" (Dovecot). frontd holds those sockets, passes
+    every byte through while milterd and Dovecot answer, and otherwise answers itself:
+    451 at MAIL (milter) and a dropped AUTH that Postfix reports as 454 4.7.0 (SASL).
+    """
+
+    enabled: bool = False
+    # Postfix's smtpd_milters and non_smtpd_milters point here; frontd forwards to
+    # milterd.listen[0].
+    milter_listen: Listen = Field(
+        default_factory=lambda: ListenAddress("unix", path="/run/postwarden/milter-front.sock")
+    )
+    # Postfix's smtpd_sasl_path points here (unset: Postfix talks to Dovecot directly).
+    sasl_listen: Listen | None = None
+    # Dovecot's auth listener for Postfix: dovecot.conf is rendered with it, and frontd
+    # forwards to it.
+    sasl_upstream: Listen | None = None
+    # How long the milter front end waits for milterd to answer a new connection's first
+    # packet before answering itself: a frozen milterd must not hold each session for
+    # Postfix's milter_connect_timeout.
+    upstream_timeout: Annotated[float, Field(gt=0, le=30)] = 2.0
+    socket_mode: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] = "0660"
+    socket_group: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _sasl_pair(self) -> FrontdConfig:
+        if (self.sasl_listen is None) != (self.sasl_upstream is None):
+            raise ValueError("frontd.sasl_listen and frontd.sasl_upstream are set together")
+        for name in ("milter_listen", "sasl_listen", "sasl_upstream"):
+            value = getattr(self, name)
+            if name != "milter_listen" and value is not None and value.kind != "unix":
+                raise ValueError(f"frontd.{name} must be a unix: socket (Dovecot's auth protocol)")
+        return self
+
+
 class DnsConfig(Section):
     """The resolver used for DNSBL, SPF and DKIM lookups."""
 
@@ -275,6 +315,7 @@ class Config(Section):
     store: StoreConfig = StoreConfig()
     policyd: PolicydConfig = PolicydConfig()
     milterd: MilterdConfig = MilterdConfig()
+    frontd: FrontdConfig = FrontdConfig()
     dns: DnsConfig = DnsConfig()
     greylisting: GreylistingConfig = GreylistingConfig()
     dnsbl: DnsblConfig = DnsblConfig()
@@ -282,6 +323,19 @@ class Config(Section):
     dkim: DkimConfig = DkimConfig()
     network: NetworkConfig = NetworkConfig()
     mail: MailConfig = MailConfig()
+
+    @model_validator(mode="after")
+    def _frontd_apart(self) -> Config:
+        # frontd stands in front of these sockets; on the same one, one of them cannot bind.
+        if self.frontd.enabled:
+            taken = {str(a) for a in (*self.milterd.listen, *self.policyd.listen)}
+            if self.policyd.aliases_listen is not None:
+                taken.add(str(self.policyd.aliases_listen))
+            for name in ("milter_listen", "sasl_listen"):
+                value = getattr(self.frontd, name)
+                if value is not None and str(value) in taken:
+                    raise ValueError(f"frontd.{name} {value} is another daemon's socket")
+        return self
 
     @model_validator(mode="after")
     def _dnsbl_needs_zones(self) -> Config:

@@ -31,7 +31,7 @@ from postwarden.daemon.startup import EXIT_OK, EXIT_STARTUP_FAILED
 
 log = logging.getLogger("postwarden.supervise")
 
-SUPERVISED_DAEMONS = ("policyd", "mapd", "milterd")
+SUPERVISED_DAEMONS = ("policyd", "mapd", "milterd", "frontd")
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
