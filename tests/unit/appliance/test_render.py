@@ -747,3 +747,28 @@ def test_no_domain_is_classified_through_the_alias_socketmap() -> None:
     # smtpd caches the resolver's answers, failures included: a domain list that depended
     # on the socketmap kept a mapd outage's 451 alive in every smtpd process that saw it.
     assert main_cf()["virtual_alias_domains"] == ""
+
+
+def test_with_frontd_postfix_talks_to_its_front_ends_and_dovecot_listens_behind_them() -> None:
+    front = {
+        "enabled": True,
+        "milter_listen": "unix:/var/spool/postfix/postwarden/milter-front.sock",
+        "sasl_listen": "unix:/var/spool/postfix/postwarden/auth-front.sock",
+        "sasl_upstream": "unix:/run/dovecot/postwarden-auth",
+    }
+    config = parse_config(
+        {
+            "milterd": {"listen": ["unix:/var/spool/postfix/postwarden/milterd.sock"]},
+            "frontd": front,
+        }
+    )
+    params = main_cf(config)
+    assert params["smtpd_milters"] == "unix:postwarden/milter-front.sock"
+    assert params["non_smtpd_milters"] == "unix:postwarden/milter-front.sock"
+    assert params["smtpd_sasl_path"] == "postwarden/auth-front.sock"
+    assert "unix_listener /run/dovecot/postwarden-auth {" in dovecot(config)
+    # Off (the default), both talk to each other directly, as before.
+    off = parse_config({"frontd": {**front, "enabled": False}})
+    assert main_cf(off)["smtpd_sasl_path"] == "private/auth"
+    assert main_cf(off)["smtpd_milters"] == "unix:/run/postwarden/milterd.sock"
+    assert "unix_listener /var/spool/postfix/private/auth {" in dovecot(off)

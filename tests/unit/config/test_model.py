@@ -83,6 +83,18 @@ trusted = ["127.0.0.0/8", "::1/128", "10.0.0.5/255.255.255.255"]
         ('[dns]\nnameservers = ["not-an-ip"]\n', "dns.nameservers[0] = 'not-an-ip': not a valid"),
         ("[store]\nrefresh_interval = 5\n", "store.refresh_interval = 5"),
         ('[network]\ntrusted = ["0.0.0.0/0"]\n', "network.trusted: 0.0.0.0/0 would trust"),
+        (
+            '[frontd]\nsasl_listen = "unix:/run/a.sock"\n',
+            "frontd.sasl_listen and frontd.sasl_upstream are set together",
+        ),
+        (
+            '[frontd]\nsasl_listen = "unix:/a"\nsasl_upstream = "inet:127.0.0.1:9"\n',
+            "frontd.sasl_upstream must be a unix: socket",
+        ),
+        (
+            '[frontd]\nenabled = true\nmilter_listen = "unix:/run/postwarden/milterd.sock"\n',
+            "frontd.milter_listen unix:/run/postwarden/milterd.sock is another daemon's socket",
+        ),
     ],
 )
 def test_bad_file_names_file_key_and_rule(tmp_path: Path, text: str, expected: str) -> None:
