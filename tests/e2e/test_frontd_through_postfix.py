@@ -209,6 +209,7 @@ def test_with_dovecot_down_auth_gets_454_and_the_session_goes_on(
         code, text = _auth_plain(client)
         assert code == 454 and text.startswith(b"4.7.0 Temporary authentication failure")
         assert client.noop()[0] == 250  # still talking, not dropped
+    fronted.mail.wait_for_log("authentication failed: Connection lost to authentication server")
     assert "fatal: no SASL authentication mechanisms" not in fronted.mail.postfix_log
     assert "Dovecot's auth service" in fronted.frontd_log
     fronted.start_dovecot()
