@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from postwarden.config.gateway import GatewayConfig
 from postwarden.config.hazards import open_relay_networks
 from postwarden.config.mail import Domain, MailConfig, check_domain
 from postwarden.config.types import (
@@ -323,6 +324,7 @@ class Config(Section):
     dkim: DkimConfig = DkimConfig()
     network: NetworkConfig = NetworkConfig()
     mail: MailConfig = MailConfig()
+    gateway: GatewayConfig = GatewayConfig()
 
     @model_validator(mode="after")
     def _frontd_apart(self) -> Config:
@@ -335,6 +337,25 @@ class Config(Section):
                 value = getattr(self.frontd, name)
                 if value is not None and str(value) in taken:
                     raise ValueError(f"frontd.{name} {value} is another daemon's socket")
+        return self
+
+    @model_validator(mode="after")
+    def _gateway_domains_are_not_ours(self) -> Config:
+        # Exclusive per domain: a backend's domain is relayed to it, never delivered here.
+        if self.gateway.enabled:
+            ours = set(self.mail.local_domains)
+            relayed = {entry.domain for entry in self.mail.relay_domains}
+            for domain in self.gateway.domains:
+                if domain in ours:
+                    raise ValueError(
+                        f"gateway.domains: {domain} is also one of our mailbox domains "
+                        "(mail.main_domain / mail.additional_domains); a domain is either "
+                        "relayed to the backend or delivered here"
+                    )
+                if domain in relayed:
+                    raise ValueError(
+                        f"gateway.domains: {domain} is also in mail.relay_domains; name it once"
+                    )
         return self
 
     @model_validator(mode="after")
