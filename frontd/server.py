@@ -6,8 +6,9 @@ process that is always there instead: each connection from Postfix is joined to 
 connection to milterd (or Dovecot's auth socket) and from then on only moves bytes. When
 that upstream does not accept, or does not answer the first packet within
 `frontd.upstream_timeout` (frozen), frontd answers the session itself: for the milter,
-"continue" until MAIL and 451 there; for SASL, the mechanisms and a dropped AUTH, which
-Postfix reports as 454 4.7.0. One WARNING when an upstream goes away, one INFO when it
+"continue" until MAIL and 451 there; for SASL, the mechanisms, and at an AUTH either the
+hand-over to a Dovecot that is back or a dropped connection, which Postfix reports as
+454 4.7.0. One WARNING when an upstream goes away, one INFO when it
 answers again, with the count of sessions answered in between.
 
 Contract: docs/ARCHITECTURE.md, "What each daemon owns" (frontd).
@@ -238,7 +239,7 @@ class SaslFront:
                 await splice((reader, writer), upstream)
                 return
             await self._answer(reader, writer)
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError, ValueError) as exc:  # ValueError: a line over READ_SIZE
             log.info("frontd: sasl: connection closed: %s", exc or type(exc).__name__)
         finally:
             await _close(writer)
@@ -260,15 +261,35 @@ class SaslFront:
         return upstream, greeting
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Announce the mechanisms; close at the first AUTH (Postfix: 454 4.7.0)."""
+        """Announce the mechanisms in Dovecot's place, and at an AUTH ask Dovecot again.
+
+        Postfix keeps this connection for many sessions, so Dovecot may be back by the time
+        an AUTH comes: then the connection is handed over (Postfix's lines so far, then the
+        AUTH; Dovecot's own greeting is not needed again) and only moves bytes from then
+        on. Still away: the connection is closed unread, and Postfix answers 454 4.7.0.
+        """
         cookie = secrets.token_hex(16)
         writer.write(sasl_fallback.handshake(os.getpid(), self.connections, cookie))
         await writer.drain()
+        prelude: list[bytes] = []
         while True:
             async with asyncio.timeout(IDLE_TIMEOUT):
                 line = await reader.readline()
-            if not line or sasl_fallback.ends_connection(line):
+            step = sasl_fallback.next_step(line, len(prelude))
+            if step is sasl_fallback.Step.KEEP:
+                prelude.append(line)
+                continue
+            if step is sasl_fallback.Step.CLOSE:
                 return
+            try:
+                upstream, _ = await self._join()
+            except UpstreamUnavailable as exc:
+                self.outages.unavailable(str(exc))
+                return
+            self.outages.available()
+            upstream[1].write(b"".join(prelude) + line)
+            await splice((reader, writer), upstream)
+            return
 
 
 async def serve(cfg: Config) -> None:

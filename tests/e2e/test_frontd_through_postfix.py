@@ -39,7 +39,7 @@ pytestmark = pytest.mark.e2e
 ALICE, ALICE_PW = "alice@example.test", "alice-secret"
 BOB, BOB_PW = "bob@example.test", "bob-secret"
 UPSTREAM_TIMEOUT = 1.0
-RECOVERY_WINDOW = 20.0
+RECOVERY_WINDOW = 20.0  # for Dovecot's socket to appear after its start
 
 
 @dataclass
@@ -213,16 +213,16 @@ def test_with_dovecot_down_auth_gets_454_and_the_session_goes_on(
     assert "fatal: no SASL authentication mechanisms" not in fronted.mail.postfix_log
     assert "Dovecot's auth service" in fronted.frontd_log
     fronted.start_dovecot()
+    upstream = fronted.directory / "dovecot-auth"
     deadline = time.monotonic() + RECOVERY_WINDOW
-    while True:
-        with _submission(fronted.mail) as client:
-            client.starttls(context=fronted.mail.client_tls_context())
-            client.ehlo("client.test")
-            code, _ = _auth_plain(client)
-        if code == 235 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert code == 235
+    while not upstream.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # The first login once Dovecot is back succeeds, even in an smtpd whose connection
+    # frontd answered during the outage (frontd hands it over to Dovecot at the AUTH).
+    with _submission(fronted.mail) as client:
+        client.starttls(context=fronted.mail.client_tls_context())
+        client.ehlo("client.test")
+        assert _auth_plain(client)[0] == 235
 
 
 def test_frontds_stand_in_greeting_announces_what_dovecot_announces(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from frontd.sasl_fallback import SASL_MECHANISMS, ends_connection, handshake
+from frontd.sasl_fallback import MAX_KEPT_LINES, SASL_MECHANISMS, Step, handshake, next_step
 
 
 def test_the_handshake_is_dovecots_shape_and_ends_with_done() -> None:
@@ -15,8 +15,13 @@ def test_the_handshake_is_dovecots_shape_and_ends_with_done() -> None:
     assert lines[-1] == "DONE"
 
 
-def test_only_auth_and_cont_end_the_connection() -> None:
-    assert ends_connection(b"AUTH\t1\tPLAIN\tservice=smtp\tresp=AGEAYg==\n")
-    assert ends_connection(b"CONT\t1\tAGEAYg==\n")
-    assert not ends_connection(b"VERSION\t1\t0\n")
-    assert not ends_connection(b"CPID\t4242\n")
+def test_auth_is_handed_over_and_the_handshake_lines_kept() -> None:
+    assert next_step(b"AUTH\t1\tPLAIN\tservice=smtp\tresp=AGEAYg==\n", 2) is Step.HAND_OVER
+    assert next_step(b"VERSION\t1\t0\n", 0) is Step.KEEP
+    assert next_step(b"CPID\t4242\n", 1) is Step.KEEP
+
+
+def test_eof_a_cont_without_auth_and_an_endless_prelude_close() -> None:
+    assert next_step(b"", 0) is Step.CLOSE
+    assert next_step(b"CONT\t1\tAGEAYg==\n", 2) is Step.CLOSE
+    assert next_step(b"CPID\t1\n", MAX_KEPT_LINES) is Step.CLOSE

@@ -158,6 +158,36 @@ def test_without_dovecot_the_mechanisms_are_announced_and_an_auth_is_dropped(
     assert rest == b""  # closed at the AUTH, answered by nothing: Postfix says 454
 
 
+def test_dovecot_back_by_the_first_auth_takes_over_the_stand_in_connection(
+    tmp_path: Path,
+) -> None:
+    seen: list[bytes] = []
+
+    async def fake_dovecot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(DOVECOT_GREETING)
+        while len(seen) < 3:
+            seen.append(await reader.readline())
+        writer.write(b"OK\t1\tuser=alice\n")
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> bytes:
+        front = _sasl_front(tmp_path)
+        server = await _serve(front.session, tmp_path / "front.sock")
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "front.sock"))
+        await asyncio.wait_for(reader.readuntil(b"DONE\n"), 5)  # frontd's: Dovecot is away
+        writer.write(b"VERSION\t1\t0\nCPID\t99\n")
+        await writer.drain()
+        upstream = await _serve(fake_dovecot, tmp_path / "auth.sock")  # Dovecot is back
+        writer.write(b"AUTH\t1\tPLAIN\tservice=smtp\n")
+        answer = await asyncio.wait_for(reader.readline(), 5)
+        await _close_all(writer, server, upstream)
+        return answer
+
+    assert asyncio.run(scenario()) == b"OK\t1\tuser=alice\n"
+    assert seen == [b"VERSION\t1\t0\n", b"CPID\t99\n", b"AUTH\t1\tPLAIN\tservice=smtp\n"]
+
+
 def test_with_dovecot_answering_the_greeting_and_requests_pass_through(tmp_path: Path) -> None:
     seen: list[bytes] = []
 
