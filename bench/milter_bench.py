@@ -195,6 +195,8 @@ def configure(directory: Path, key: Path) -> list[Milter]:
     pw_conf = directory / "postwarden.toml"
     pw_conf.write_text(
         f'[milterd]\nlisten = ["unix:{directory}/milterd.sock"]\nlog_level = "warning"\n'
+        f'[frontd]\nenabled = true\nmilter_listen = "unix:{directory}/milter-front.sock"\n'
+        f'log_level = "warning"\n'
         f'[[dkim.keys]]\ndomain = "{DOMAIN}"\nselector = "{SELECTOR}"\nkey = "{key}"\n'
     )
     common = (
@@ -213,6 +215,13 @@ def configure(directory: Path, key: Path) -> list[Milter]:
     return [
         Milter(
             "milterd", directory / "milterd.sock", [postwarden, "--config", str(pw_conf), "milterd"]
+        ),
+        # The appliance's path: Postfix talks to frontd, which passes bytes to milterd (so
+        # this one needs "milterd" started before it, as the list order does).
+        Milter(
+            "milterd via frontd",
+            directory / "milter-front.sock",
+            [postwarden, "--config", str(pw_conf), "frontd"],
         ),
         Milter("opendkim", directory / "opendkim.sock", ["opendkim", "-f", "-x", str(od_conf)]),
         Milter("dkimpy-milter", directory / "dkimpy.sock", ["dkimpy-milter", str(dp_conf)]),
