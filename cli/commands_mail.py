@@ -314,7 +314,7 @@ def send_test(
     click.echo(f"accepted by {target}: {message['Message-ID']}")
 
 
-# --- check dns -------------------------------------------------------------------------
+# --- check dns, check backend ----------------------------------------------------------
 
 
 @click.group("check")
@@ -346,6 +346,43 @@ def check_dns(cli_ctx: CliContext, domain: str, ip: str | None, as_json: bool) -
     else:
         for line in report.lines():
             click.echo(line)
+    if not report.all_passed:
+        raise SystemExit(EXIT_FAILURE)
+
+
+@check.command("backend")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds for the connect and for each answer awaited.",
+)
+@pass_cli
+def check_backend(cli_ctx: CliContext, as_json: bool, timeout: float) -> None:
+    """Reach each [gateway] backend service as the gateway would, without logging in.
+
+    Per service: reachable, the greeting, STARTTLS offered and accepted (or TLS at once),
+    the TLS version and cipher, and whether the certificate chains to gateway.ca and
+    names the right host. Exit 0 when every service is verified (an unencrypted one
+    passes with a warning), 1 when any is not, 2 when gateway mode is off or unusable.
+    """
+    from postwarden.appliance.backend_check import BackendCheckError, check_backend
+
+    cfg = cli_ctx.config()
+    try:
+        report = check_backend(cfg.gateway, helo=cfg.mail.helo, timeout=timeout)
+    except BackendCheckError as exc:
+        _fail(f"check backend: {exc}", EXIT_USAGE)
+    if as_json:
+        _print_json(report.as_json())
+    else:
+        for line in report.lines():
+            click.echo(line)
+        for c in report.checks:
+            if c.warning is not None:
+                click.echo(f"warning: {c.service}: {c.warning}", err=True)
     if not report.all_passed:
         raise SystemExit(EXIT_FAILURE)
 
