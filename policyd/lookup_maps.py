@@ -13,7 +13,10 @@ the policy server starts as an extra listener. Besides the codec's own refusals:
 | input                                   | what happens                                   |
 | --------------------------------------- | ---------------------------------------------- |
 | unknown map name                        | `PERM` reply                                   |
-| store unreachable / slow                | `TEMP` / `TIMEOUT`: Postfix defers, never bounces |
+| aliases: store unreachable / slow, key  | the last answer the store gave for that key    |
+|   answered before (LastKnownAliases)    |   (`OK <targets>` or `NOTFOUND`)               |
+| aliases: store unreachable / slow, key  | `TEMP` / `TIMEOUT`: Postfix defers, never      |
+|   never answered before                 |   bounces                                      |
 | mailboxes: address Dovecot knows        | `OK <address>`                                 |
 | mailboxes: address Dovecot does not know | `NOTFOUND` (Postfix: 550 5.1.1 User unknown)  |
 | mailboxes: `@domain`, bare local part   | `NOTFOUND`, Dovecot is not asked               |
@@ -35,8 +38,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from policyd.mailbox_probe import MailboxStatus, ProbeResult, probe_address
 from policyd.socketmap_codec import (
@@ -53,6 +57,7 @@ from postwarden.store.base import StoreError
 from postwarden.syntax.untrusted_text import sanitise
 
 log = logging.getLogger("postwarden.socketmap")
+_V = TypeVar("_V")
 
 # The map name Postfix is configured with: socketmap:unix:/path:aliases.
 ALIASES_MAP = "aliases"
@@ -65,6 +70,12 @@ LOOKUP_TIMEOUT = 5.0
 # Postfix closes idle socketmap connections itself; this only reaps clients that vanished.
 IDLE_TIMEOUT = 300.0
 READ_SIZE = 4096
+# The aliases map keeps the last answer for at most this many keys that are aliases, and as
+# many again that are not (LastKnownAliases); the key answered least recently goes first.
+LAST_KNOWN_KEYS = 100_000
+# Longer keys are not remembered: no address is longer (RFC 5321: 64 + "@" + 255), and it
+# bounds what the not-found half holds (Postfix asks it for any recipient a client names).
+LAST_KNOWN_KEY_LENGTH = 320
 
 
 class AliasSource(Protocol):
@@ -91,41 +102,149 @@ class MailboxProbe(Protocol):
 
 class FailureLog:
     """One WARNING when a kind of failure starts and one INFO when lookups work again;
-    repeats in between are counted and logged again at most every REPEAT_LOG_INTERVAL."""
+    repeats in between are counted and logged again at most every REPEAT_LOG_INTERVAL.
 
-    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+    `fallback` (the aliases map) says what lookups are answered with meanwhile instead of
+    TEMP; `failed(..., served=True)` counts a lookup it answered.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        fallback: Callable[[], str] | None = None,
+    ) -> None:
         self.what = what
         self._clock = clock
+        self._fallback = fallback
         self._active: dict[str, list[float]] = {}  # kind -> [count, last logged]
+        self._served = 0  # lookups answered by the fallback during this failure
 
-    def failed(self, kind: str, detail: str) -> None:
+    def failed(self, kind: str, detail: str, *, served: bool = False) -> None:
         now = self._clock()
+        self._served += served
         entry = self._active.get(kind)
         if entry is None:
             self._active[kind] = [1, now]
             log.warning(
-                "socketmap: %s: %s: %s; answering TEMP (Postfix defers) until it works again",
+                "socketmap: %s: %s: %s; %s until it works again",
                 self.what,
                 kind,
                 sanitise(detail, MAX_REASON),
+                "answering TEMP (Postfix defers)" if self._fallback is None else self._fallback(),
             )
             return
         entry[0] += 1
         if now - entry[1] >= REPEAT_LOG_INTERVAL:
             entry[1] = now
+            if self._fallback is None:
+                so_far = f"{int(entry[0])} lookups answered TEMP so far"
+            else:
+                so_far = (
+                    f"{int(entry[0])} lookups failed so far, {self._served} lookups answered "
+                    "from the last known answers"
+                )
             log.warning(
-                "socketmap: %s: still %s: %d lookups answered TEMP so far: %s",
+                "socketmap: %s: still %s: %s: %s",
                 self.what,
                 kind,
-                entry[0],
+                so_far,
                 sanitise(detail, MAX_REASON),
             )
 
     def succeeded(self) -> None:
         if self._active:
             counts = ", ".join(f"{kind}: {int(e[0])}" for kind, e in self._active.items())
-            log.info("socketmap: %s: works again (lookups answered TEMP: %s)", self.what, counts)
+            if self._fallback is None:
+                log.info(
+                    "socketmap: %s: works again (lookups answered TEMP: %s)", self.what, counts
+                )
+            else:
+                log.info(
+                    "socketmap: %s: works again (lookups failed: %s; answered from the last "
+                    "known answers: %d)",
+                    self.what,
+                    counts,
+                    self._served,
+                )
             self._active.clear()
+            self._served = 0
+
+
+class LastKnownAliases:
+    """The last answer the store gave for each alias key, for when it cannot be asked.
+
+    Postfix resolves every address through the aliases map, so a store outage would defer
+    all mail (451 4.3.0 at RCPT, cleanup deferring), and worse: verify(8) posts one probe
+    per address per PROBE_TTL (1000 s, postfix/src/verify/verify.c); a probe that cleanup
+    refused leaves the address "probe in progress", so RCPT gets 450 4.1.1 unverified
+    address for ~17 minutes after the store is back. With this, an address answered before
+    the outage resolves as it did; only a key never answered gets TEMP/TIMEOUT.
+
+    What it trades: an alias changed in the store just before the outage is served as it
+    was until the store answers again, and never longer: every answer the store gives
+    replaces the remembered one, and nothing here is served while the store answers.
+    Aliases (OK) and keys that are not aliases (NOTFOUND: every plain mailbox address, the
+    "@domain" and local-part variants Postfix also asks) are kept apart, each bounded to
+    `limit` keys, least recently answered evicted first, so a client naming many unknown
+    recipients can push out only other NOTFOUND answers, never an alias. At the default
+    of 100,000 keys of at most 320 bytes that is some tens of MB per process at worst.
+    """
+
+    def __init__(self, limit: int = LAST_KNOWN_KEYS) -> None:
+        self.limit = limit
+        self._found: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self._not_found: OrderedDict[str, None] = OrderedDict()
+        self.served = 0  # answers given from here since the start
+
+    def __len__(self) -> int:
+        return len(self._found) + len(self._not_found)
+
+    def remember(self, key: str, targets: list[str] | None) -> None:
+        """Keep the store's answer for `key` (no targets: not an alias)."""
+        if len(key) > LAST_KNOWN_KEY_LENGTH:
+            return
+        if targets:
+            self._not_found.pop(key, None)
+            _keep(self._found, key, tuple(targets), self.limit)
+        else:
+            self._found.pop(key, None)
+            _keep(self._not_found, key, None, self.limit)
+
+    def recall(self, key: str) -> SocketmapReply | None:
+        """The reply the last answer for `key` gave, or None if it was never answered."""
+        if key in self._found:
+            reply = alias_reply(list(self._found[key]))
+        elif key in self._not_found:
+            reply = NOT_FOUND
+        else:
+            return None
+        self.served += 1
+        return reply
+
+
+def _keep(table: OrderedDict[str, _V], key: str, value: _V, limit: int) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
+
+
+class AliasMap:
+    """The `aliases` map's state across lookups: the last known answers, the failure log."""
+
+    def __init__(
+        self, *, limit: int = LAST_KNOWN_KEYS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.known = LastKnownAliases(limit)
+        self.failures = FailureLog("aliases", clock, fallback=self._fallback)
+
+    def _fallback(self) -> str:
+        return (
+            f"answering from the last known answers ({len(self.known)} keys; TEMP for a key "
+            "never answered)"
+        )
 
 
 class MailboxMap:
@@ -197,8 +316,11 @@ async def answer(
     store: AliasSource,
     timeout: float = LOOKUP_TIMEOUT,
     mailboxes: MailboxMap | None = None,
+    aliases: AliasMap | None = None,
 ) -> SocketmapReply:
-    """The reply to one request; store failures become TEMP/TIMEOUT so Postfix retries."""
+    """The reply to one request. A store failure is answered from `aliases`' last known
+    answers, else TEMP/TIMEOUT so Postfix retries (without `aliases`: a map of its own that
+    remembers nothing)."""
     if isinstance(request, MalformedRequest):
         return SocketmapReply("PERM", "request is not '<map name> <key>'")
     if request.name == MAILBOXES_MAP:
@@ -211,6 +333,8 @@ async def answer(
             return SocketmapReply("TIMEOUT", "Dovecot did not answer in time")
     if request.name != ALIASES_MAP:
         return SocketmapReply("PERM", f"unknown map {request.name!r}")
+    if aliases is None:
+        aliases = AliasMap(limit=0)
     # Postfix folds the case of lookup keys; aliases are stored lower-cased.
     key = request.key.strip().lower()
     try:
@@ -220,14 +344,20 @@ async def answer(
                 _delivering_targets(targets, store, mailboxes), timeout
             )
     except TimeoutError:
-        log.warning("socketmap: alias lookup for %r timed out after %.1fs", key, timeout)
-        return SocketmapReply("TIMEOUT", "store did not answer in time")
+        failure = ("timeout", f"lookup took over {timeout:.1f}s")
+        fallback = SocketmapReply("TIMEOUT", "store did not answer in time")
     except StoreError as exc:
-        log.warning("socketmap: alias lookup for %r failed: %s", key, exc)
-        return SocketmapReply("TEMP", "store unavailable")
+        failure = ("store unavailable", str(exc))
+        fallback = SocketmapReply("TEMP", "store unavailable")
     except _TargetUnknown as exc:
         return exc.reply
-    return alias_reply(targets)
+    else:
+        aliases.failures.succeeded()
+        aliases.known.remember(key, targets)
+        return alias_reply(targets)
+    known = aliases.known.recall(key)
+    aliases.failures.failed(*failure, served=known is not None)
+    return fallback if known is None else known
 
 
 class _TargetUnknown(Exception):
@@ -264,6 +394,7 @@ async def handle_socketmap_connection(
     idle_timeout: float = IDLE_TIMEOUT,
     lookup_timeout: float = LOOKUP_TIMEOUT,
     mailboxes: MailboxMap | None = None,
+    aliases: AliasMap | None = None,
 ) -> None:
     """Serve socketmap requests on one connection until the client closes it."""
     decoder = NetstringDecoder()
@@ -281,7 +412,7 @@ async def handle_socketmap_connection(
                 log.warning("socketmap: closing connection: %s", exc)
                 return
             for request in requests:
-                reply = await answer(request, store, lookup_timeout, mailboxes)
+                reply = await answer(request, store, lookup_timeout, mailboxes, aliases)
                 writer.write(reply.encode())
             if requests:
                 await writer.drain()
@@ -303,10 +434,14 @@ def socketmap_handler(
 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """A client_connected_cb for asyncio.start_unix_server / start_server; `mailboxes`
     (a MailboxProber, or None when policyd.mailbox_lmtp is unset) serves that map and
-    checks alias targets in `local_domains`."""
+    checks alias targets in `local_domains`. The aliases' last known answers are shared by
+    every connection of this process."""
     mailbox_map = MailboxMap(mailboxes, local_domains=local_domains)
+    alias_map = AliasMap()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await handle_socketmap_connection(reader, writer, store, mailboxes=mailbox_map)
+        await handle_socketmap_connection(
+            reader, writer, store, mailboxes=mailbox_map, aliases=alias_map
+        )
 
     return serve
