@@ -8,7 +8,9 @@ created). The command re-executes itself inside a private network namespace (see
 bench/chaos/rig.py), starts the gateway there, sends the mail while the schedule
 (bench/chaos/schedule.py) breaks its parts, restores every part, lets Postfix drain its
 queue (bounded), then counts where each message ended (bench/chaos/accounting.py). The
-exit status is 1 when a message was lost, duplicated or accepted unchecked.
+exit status is 1 when a message was lost, duplicated or accepted unchecked, and with
+--gave-up-fails also when a sender gave up (a message never accepted after all retries;
+the "gave up" column and the `result:` line show them either way).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class FaultRunner(threading.Thread):
 
 
 def run_chaos(args: argparse.Namespace) -> int:
-    from bench.chaos.accounting import render_table, tally
+    from bench.chaos.accounting import render_table, render_verdict, tally
     from bench.chaos.rig import RESTART_DELAY, RigOptions, running_rig
     from bench.chaos.schedule import describe
     from bench.chaos.sender import Ports, SenderConfig, plan_messages, send_all
@@ -195,10 +197,11 @@ def run_chaos(args: argparse.Namespace) -> int:
             for name, sample in result.examples.items():
                 if name in ("lost", "duplicated", "unchecked", "unsigned", "gave_up"):
                     extra.append(f"{name} e.g. " + "; ".join(sample))
-            report = table + "\n\n" + "\n".join(f"- {x}" for x in extra)
+            verdict = render_verdict(result, count_gave_up=args.gave_up_fails)
+            report = table + "\n\n" + "\n".join(f"- {x}" for x in extra) + "\n\n" + verdict
             print("\n" + report + "\n", flush=True)
             reports.append(report)
-            failed = failed or result.failed
+            failed = failed or bool(result.failures(count_gave_up=args.gave_up_fails))
     if args.output:
         Path(args.output).write_text("\n\n".join(reports) + "\n")
     return 1 if failed else 0
@@ -249,6 +252,11 @@ def main() -> int:
         "--no-mapd",
         action="store_true",
         help="policyd serves Postfix's lookup maps itself (no `postwarden mapd`)",
+    )
+    run.add_argument(
+        "--gave-up-fails",
+        action="store_true",
+        help="exit 1 also when a sender gave up (a message never accepted after all retries)",
     )
     run.add_argument("--output", help="also write the tables to this file")
     run.add_argument("--keep", action="store_true", help="keep the run's directory")

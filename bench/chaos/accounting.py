@@ -12,7 +12,12 @@ returns the counts; `render_table()` prints them. Definitions (per message, by t
 - unsigned: an outbound (submitted) message delivered without a valid DKIM signature of ours;
 - unchecked: a message from a forbidden sender (list entry by IP, mailbox or domain) that was
   accepted or delivered;
-- gave_up: the sender's retries ran out (never accepted: the sender still holds it).
+- gave_up: the sender's retries ran out (never accepted: the sender still holds it). Not
+  one by design: a forbidden or DNSBL-listed sender is refused with a 5xx ("bounced",
+  "refused"); only mail the gateway kept deferring for 40 attempts or 15 minutes gives up.
+
+`Tally.failures()` names the counts that fail a run: lost, duplicated and unchecked always,
+gave up when the caller counts it (`--gave-up-fails`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ COUNT_NAMES = (
     "copies",
     "dnsbl_listed_accepted",
 )
+# Counts that fail a run whenever they are not 0; GAVE_UP fails it when asked to.
+FAILING_COUNTS = ("lost", "duplicated", "unchecked")
+GAVE_UP = "gave_up"
 
 
 @dataclass(frozen=True)
@@ -57,9 +65,14 @@ class Tally:
     by_kind: dict[str, Counter[str]] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
+    def failures(self, *, count_gave_up: bool = False) -> list[str]:
+        """What fails the run, as `name count` (empty: it passed)."""
+        names = [*FAILING_COUNTS, GAVE_UP] if count_gave_up else list(FAILING_COUNTS)
+        return [f"{_label(n)} {self.counts[n]}" for n in names if self.counts[n]]
+
     @property
     def failed(self) -> bool:
-        return any(self.counts[k] for k in ("lost", "duplicated", "unchecked"))
+        return bool(self.failures())
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -140,13 +153,30 @@ def tally(
     return Tally({n: counts[n] for n in COUNT_NAMES}, wait_figures, by_kind, examples)
 
 
-MAIN_COLUMNS = COUNT_NAMES[:9]
+MAIN_COLUMNS = (*COUNT_NAMES[:9], GAVE_UP)
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def render_verdict(result: Tally, *, count_gave_up: bool = False) -> str:
+    """One line: the exit status this tally gives and why; gave up named when not counted."""
+    failures = result.failures(count_gave_up=count_gave_up)
+    line = f"result: FAILED ({', '.join(failures)})" if failures else "result: passed"
+    gave_up = result.counts[GAVE_UP]
+    if gave_up and not count_gave_up:
+        line += (
+            f"; gave up {gave_up} (never accepted, still at the sender: not counted in the "
+            "exit status without --gave-up-fails)"
+        )
+    return line
 
 
 def render_table(result: Tally, title: str) -> str:
     """A markdown table: the required counts and waits, then the other counts by kind."""
     c, w = result.counts, result.waits
-    head = [*MAIN_COLUMNS, "wait p50", "wait p99"]
+    head = [*(_label(k) for k in MAIN_COLUMNS), "wait p50", "wait p99"]
     row = [str(c[k]) for k in MAIN_COLUMNS] + [f"{w['wait_p50']:.1f} s", f"{w['wait_p99']:.1f} s"]
     lines = [
         f"### {title}",
