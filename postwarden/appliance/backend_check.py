@@ -216,6 +216,10 @@ class Dialect:
     offers_starttls: Callable[[Reply], bool]
     starttls_command: str
     starttls: Callable[[Sequence[str]], Reply | None]
+    # Asked again over TLS (SMTP must: RFC 3207 4.2); its answer proves the backend accepted
+    # the session (TLS 1.3 servers refuse a client certificate only after the handshake).
+    tls_capabilities_command: str
+    tls_capabilities: Callable[[Sequence[str]], Reply | None]
     quit_command: str
     starttls_word: str  # the capability's name: STARTTLS, or STLS in POP3
 
@@ -231,6 +235,8 @@ def dialect(service: ServiceName, helo: str) -> Dialect:
             offers_starttls=smtp_offers_starttls,
             starttls_command="STARTTLS",
             starttls=partial(smtp_reply, expect=220),
+            tls_capabilities_command=f"EHLO {helo}",
+            tls_capabilities=partial(smtp_reply, expect=250),
             quit_command="QUIT",
             starttls_word="STARTTLS",
         )
@@ -243,7 +249,9 @@ def dialect(service: ServiceName, helo: str) -> Dialect:
             offers_starttls=imap_offers_starttls,
             starttls_command="c2 STARTTLS",
             starttls=partial(imap_tagged, tag="c2"),
-            quit_command="c3 LOGOUT",
+            tls_capabilities_command="c3 CAPABILITY",
+            tls_capabilities=partial(imap_tagged, tag="c3"),
+            quit_command="c4 LOGOUT",
             starttls_word="STARTTLS",
         )
     return Dialect(
@@ -254,6 +262,8 @@ def dialect(service: ServiceName, helo: str) -> Dialect:
         offers_starttls=pop3_offers_stls,
         starttls_command="STLS",
         starttls=pop3_status,
+        tls_capabilities_command="CAPA",
+        tls_capabilities=pop3_multiline,
         quit_command="QUIT",
         starttls_word="STLS",
     )
@@ -544,8 +554,9 @@ def _converse(
     timeout: float,
     seen: _Seen,
 ) -> None:
-    """Greeting, capabilities, STARTTLS and handshake as `security` says; _Stop where it ends
-    short of a TLS session (or of the capabilities, for `none`)."""
+    """Greeting, capabilities, STARTTLS, handshake and the capabilities again over TLS, as
+    `security` says; _Stop where it ends short of a working TLS session (for `none`: of the
+    capabilities)."""
     sock = _connect(host, port, timeout)
     talk = _Conversation(sock, timeout, time.monotonic() + SERVICE_DEADLINE)
     step = "TLS handshake" if security == "tls" else "greeting"
@@ -591,15 +602,34 @@ def _converse(
             step = "TLS handshake"
             assert context is not None
             _handshake(talk, context, server_hostname, seen)
+            step = f"answer to {verb} over TLS"
+            talk.send(steps.tls_capabilities_command)
+            talk.reply(steps.tls_capabilities)
         talk.goodbye(steps.quit_command)
     except TimeoutError:
         raise _Stop(Verdict.NO_ANSWER, f"no {step} within {timeout:g} s") from None
     except BackendProtocolError as exc:
         raise _Stop(Verdict.PROTOCOL_ERROR, f"{step}: {exc}") from None
-    except OSError as exc:  # ssl.SSLError is one; the handshake's own are caught in _handshake
+    except ssl.SSLError as exc:  # after the handshake: those in it are caught in _handshake
+        reason = _reason(exc)
+        hint = (
+            " (it wants a client certificate: gateway.client_cert, SMTP only)"
+            if "CERTIFICATE_REQUIRED" in reason
+            else ""
+        )
+        raise _Stop(
+            Verdict.TLS_FAILED, f"the backend ended the TLS session at the {step}: {reason}{hint}"
+        ) from None
+    except OSError as exc:
         raise _Stop(Verdict.PROTOCOL_ERROR, f"{step}: connection lost: {exc}") from None
     finally:
         talk.close()
+
+
+def _reason(exc: OSError) -> str:
+    """OpenSSL's reason (`TLSV13_ALERT_CERTIFICATE_REQUIRED`) or the system's words."""
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc.strerror or exc or type(exc).__name__)
 
 
 def _handshake(
@@ -613,8 +643,7 @@ def _handshake(
     except TimeoutError:
         raise
     except (ssl.SSLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
-        raise _Stop(Verdict.TLS_FAILED, f"TLS handshake failed: {reason}") from None
+        raise _Stop(Verdict.TLS_FAILED, f"TLS handshake failed: {_reason(exc)}") from None
     seen.tls_version = tls.version()
     cipher = tls.cipher()
     seen.cipher = None if cipher is None else cipher[0]
@@ -635,6 +664,10 @@ def _rejection_text(
     if verdict is Verdict.UNTRUSTED:
         return f"certificate does not chain to gateway.ca ({message}; issuer {cert.issuer})"
     return f"certificate rejected: {message}"
+
+
+def _facts(der: bytes | None) -> CertificateFacts | None:
+    return None if der is None else CertificateFacts.from_der(der)
 
 
 def check_service(
@@ -670,6 +703,9 @@ def check_service(
                 found=stop.found,
                 greeting=seen.greeting,
                 starttls_offered=seen.starttls_offered,
+                tls_version=seen.tls_version,
+                cipher=seen.cipher,
+                certificate=_facts(seen.certificate_der),
             )
         # The handshake that refused the certificate shows none of it: ask again, unchecked,
         # only to show which certificate it was (the dialogue is the same, still no login).
@@ -678,11 +714,7 @@ def check_service(
             _converse(
                 host, port, security, steps, contexts.inspecting, expected_name, timeout, shown
             )
-        cert = (
-            None
-            if shown.certificate_der is None
-            else CertificateFacts.from_der(shown.certificate_der)
-        )
+        cert = _facts(shown.certificate_der)
         return result(
             verdict=stop.verdict,
             found=_rejection_text(stop.verdict, stop.found, expected_name, cert),
