@@ -254,6 +254,18 @@ def test_backend_that_refuses_starttls_fails_with_its_answer(
     assert check["found"].endswith(f"refused: {refusal}"), check["found"]
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_backend_that_sends_plaintext_after_accepting_starttls_is_refused(
+    protocol: str, certs: Certs, one_stub: Any
+) -> None:
+    _, config = one_stub(protocol, StubTls.INJECTING, certs.right, ca=certs.ca_file)
+    code, report = check_json(config)
+    check = check_for(report, protocol)
+    assert (code, check["verdict"]) == (1, "protocol_error")
+    assert "sent more after accepting" in check["found"], check["found"]
+    assert check["tls"] is None
+
+
 # --- certificates ---------------------------------------------------------------------------
 
 
