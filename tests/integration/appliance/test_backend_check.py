@@ -24,7 +24,7 @@ from cryptography import x509
 from postwarden.appliance.backend_check import Verdict
 from tests.fixtures.mail_system import free_ports
 from tests.fixtures.policyd_daemon import POSTWARDEN
-from tests.fixtures.tls_backend_stubs import Stub, StubTls, start_stub
+from tests.fixtures.tls_backend_stubs import Stub, StubTls, start_stub, unanswered_port
 
 NAME = "backend.example.test"
 HELO = "gw.example.test"
@@ -390,6 +390,18 @@ def test_closed_port_is_unreachable_connection_refused(certs: Certs, tmp_path: P
     assert (code, check["verdict"]) == (1, "unreachable")
     assert check["found"] == "unreachable: connection refused"
     assert check["greeting"] is None
+
+
+def test_port_that_never_answers_the_connect_is_unreachable_timed_out(
+    certs: Certs, tmp_path: Path
+) -> None:
+    with unanswered_port() as port:
+        services = {"smtp": (port, "starttls")}
+        config = write_config(tmp_path / "gwcheck.toml", services, ca=certs.ca_file)
+        code, report = check_json(config, "--timeout", "1")
+    check = check_for(report, "smtp")
+    assert (code, check["verdict"]) == (1, "unreachable")
+    assert check["found"] == "unreachable: connection timed out after 1 s"
 
 
 def test_backend_that_never_greets_is_reported_not_waited_for(certs: Certs, tmp_path: Path) -> None:
