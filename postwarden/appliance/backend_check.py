@@ -94,8 +94,19 @@ def certificate_verdict(verify_code: int) -> Verdict:
 # --- lines and replies (pure) -------------------------------------------------------------
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """The backend's words made safe for a terminal and a log: control characters escaped."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class LineBuffer:
-    """Bytes in, complete lines out (CRLF or bare LF), a partial line kept for the next feed."""
+    """Bytes in, complete lines out (CRLF or bare LF), a partial line kept for the next feed.
+
+    The lines are the backend's untrusted words: decoded leniently, control characters
+    escaped (`printable`), so that they can be shown as they are."""
 
     def __init__(self) -> None:
         self._pending = b""
@@ -104,7 +115,7 @@ class LineBuffer:
         *lines, self._pending = (self._pending + data).split(b"\n")
         if len(self._pending) > MAX_LINE or any(len(line) > MAX_LINE for line in lines):
             raise BackendProtocolError(f"a line longer than {MAX_LINE} bytes")
-        return [line.rstrip(b"\r").decode("utf-8", errors="replace") for line in lines]
+        return [printable(line.rstrip(b"\r").decode("utf-8", errors="replace")) for line in lines]
 
     @property
     def pending(self) -> bytes:
@@ -293,10 +304,10 @@ class CertificateFacts:
         except x509.ExtensionNotFound:
             names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         return cls(
-            names=tuple(names),
+            names=tuple(printable(name) for name in names),
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
-            issuer=cert.issuer.rfc4514_string(),
+            issuer=printable(cert.issuer.rfc4514_string()),
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -653,8 +664,8 @@ def _handshake(
 def _rejection_text(
     verdict: Verdict, message: str, expected: str, cert: CertificateFacts | None
 ) -> str:
-    if cert is None:
-        return f"certificate rejected: {message}"
+    if cert is None:  # the second look at it failed: OpenSSL's words alone
+        return f"certificate rejected ({verdict}): {message}"
     if verdict is Verdict.WRONG_NAME:
         return f"certificate names {', '.join(cert.names) or 'nothing'}, not {expected}"
     if verdict is Verdict.EXPIRED:

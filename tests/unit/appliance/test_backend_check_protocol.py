@@ -208,3 +208,11 @@ def test_any_bytes_give_a_reply_none_or_a_protocol_error(chunks: list[bytes]) ->
                 parse(lines)
         except BackendProtocolError:
             continue
+
+
+def test_control_characters_from_the_backend_are_escaped() -> None:
+    # An escape sequence in a greeting must not reach the operator's terminal as one.
+    (line,) = LineBuffer().feed(b"220 mx \x1b]0;owned\x07 ESMTP \xc2\x9b2J\r\n")
+    assert line == "220 mx \\x1b]0;owned\\x07 ESMTP \\x9b2J"
+    reply = smtp_reply([line], 220)
+    assert reply is not None and reply.ok
