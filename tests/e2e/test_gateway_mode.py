@@ -43,7 +43,12 @@ from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory, Smtp
 from tests.fixtures.milterd_daemon import MilterdHandle, start_milterd
 from tests.fixtures.policyd_daemon import PolicydHandle, start_policyd
 
-pytestmark = pytest.mark.e2e
+pytestmark = [
+    pytest.mark.e2e,
+    # Not done: the tests are written against docs/gateway-mode.md, but Postfix and Dovecot
+    # are not rendered for gateway mode yet, so every one of them fails (issue #9 is open).
+    pytest.mark.skip(reason="gateway rendering not written yet (issue #9)"),
+]
 
 ALICE, BOB = f"alice@{BACKEND_DOMAIN}", f"bob@{BACKEND_DOMAIN}"
 UNKNOWN = f"nobody@{BACKEND_DOMAIN}"
