@@ -137,7 +137,7 @@ fi
 # the installed copy is independent of the checkout. Built from a clean copy: nothing a
 # build left in the checkout (build/, *.egg-info) can end up in the wheel.
 APP_PATHS=()
-for p in pyproject.toml README.md postwarden policyd milterd cli postfix-config dovecot-config; do
+for p in pyproject.toml README.md postwarden policyd milterd frontd cli postfix-config dovecot-config; do
     [[ -e $SRC/$p ]] && APP_PATHS+=("$p")
 done
 source_hash() {
@@ -231,6 +231,11 @@ if [[ ! -e $CONFIG ]]; then
     changed "wrote $CONFIG (hostname $host, main domain $domain, ipv6 $ipv6)"
 fi
 pw config check >/dev/null || die "$CONFIG is not valid (see above); fix it and run again"
+# frontd (always-up front ends on Postfix's milter and SASL sockets) runs when the config
+# turns it on, as the shipped example does; an older config without [frontd] keeps working
+# without it. It starts after milterd: Postfix reaches it last.
+frontd_enabled=$(pw config get frontd.enabled) || die "cannot read frontd.enabled (config get)"
+if [[ $frontd_enabled == true ]]; then DAEMONS+=(frontd); fi
 # The daemons read the whole file at start, so a change that renders nothing new for
 # Postfix or Dovecot (greylisting, DNSBL, SPF, DKIM keys) still needs them restarted.
 config_sum=$(sha256sum "$CONFIG" | cut -d' ' -f1)
@@ -306,7 +311,9 @@ fi
 wait_until_postfix_reaches_daemons() { # hint for the error
     local sock deadline=$((SECONDS + 15))
     local key addr addrs sockets=()
-    for key in policyd.listen policyd.aliases_listen milterd.listen; do
+    local keys=(policyd.listen policyd.aliases_listen milterd.listen)
+    [[ $frontd_enabled == true ]] && keys+=(frontd.milter_listen frontd.sasl_listen)
+    for key in "${keys[@]}"; do
         addrs=$(pw config get --lines "$key") || die "cannot read $key (config get)"
         for addr in $addrs; do
             if [[ $addr == unix:* ]]; then sockets+=("${addr#unix:}"); fi
@@ -352,7 +359,11 @@ if [[ -d /run/systemd/system ]]; then
         if [[ $1 == postfix ]]; then postfix status >/dev/null 2>&1
         else systemctl is-active --quiet "$1"; fi
     }
-    for unit in postwarden-policyd postwarden-mapd postwarden-milterd dovecot postfix; do
+    if [[ $frontd_enabled != true ]] && systemctl is-enabled --quiet postwarden-frontd 2>/dev/null; then
+        systemctl disable --now --quiet postwarden-frontd
+        changed "stopped and disabled postwarden-frontd (frontd.enabled is false)"
+    fi
+    for unit in "${DAEMONS[@]/#/postwarden-}" dovecot postfix; do
         if ! systemctl is-enabled --quiet "$unit"; then
             systemctl enable --quiet "$unit"
             changed "enabled $unit"
@@ -365,14 +376,18 @@ if [[ -d /run/systemd/system ]]; then
             systemctl restart "$unit"
             changed "restarted $unit (new code, key, config or unit)"
         fi
-        if [[ $unit == postwarden-milterd ]]; then
+        if [[ $unit == "postwarden-${DAEMONS[-1]}" ]]; then
             wait_until_postfix_reaches_daemons \
-                "see journalctl -u postwarden-policyd -u postwarden-mapd -u $unit"
+                "see journalctl ${DAEMONS[*]/#/-u postwarden-}"
         fi
     done
 else
     say "service path: no systemd (PID 1 is $(ps -o comm= -p 1)); Debian init scripts + start-stop-daemon"
     ensure_dir "$RUN" root root 0755
+    if [[ $frontd_enabled != true ]] && supervisor_running "$RUN/frontd.pid"; then
+        start-stop-daemon --stop --pidfile "$RUN/frontd.pid" --remove-pidfile --retry TERM/35/KILL/5
+        changed "stopped frontd (frontd.enabled is false)"
+    fi
     # Each daemon runs under `postwarden supervise`, which starts it again within a second
     # when it dies (and backs off when it keeps dying); the pid file holds the supervisor's.
     for d in "${DAEMONS[@]}"; do

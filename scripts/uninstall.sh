@@ -10,7 +10,7 @@ set -euo pipefail
 purge=0
 [[ ${1:-} == --purge ]] && purge=1
 
-for d in policyd mapd milterd; do
+for d in frontd policyd mapd milterd; do
     if [[ -d /run/systemd/system ]]; then
         systemctl disable --now "postwarden-$d.service" 2>/dev/null || true
         rm -f "/etc/systemd/system/postwarden-$d.service"

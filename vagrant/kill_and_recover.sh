@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A killed daemon serves again without a person: SIGKILL policyd, mapd and milterd (the children
+# A killed daemon serves again without a person: SIGKILL policyd, mapd, milterd and frontd
+# (when frontd.enabled; the children
 # of `postwarden supervise`), then measure until a new one runs and Postfix's user can
 # connect to its sockets again. Under systemd, also SIGKILL each supervisor (the unit's
 # MainPID): systemd starts it again. Prints each figure; fails beyond LIMIT seconds.
@@ -28,6 +29,7 @@ sockets_of() { # daemon
     local keys=(milterd.listen)
     [[ $1 == policyd ]] && keys=(policyd.listen)
     [[ $1 == mapd ]] && keys=(policyd.aliases_listen)
+    [[ $1 == frontd ]] && keys=(frontd.milter_listen frontd.sasl_listen)
     for key in "${keys[@]}"; do
         for addr in $("${PW[@]}" config get --lines "$key"); do
             if [[ $addr == unix:* ]]; then echo "${addr#unix:}"; fi
@@ -61,7 +63,9 @@ wait_for_recovery() { # daemon since old child|supervisor
     done
 }
 
-for d in policyd mapd milterd; do
+daemons=(policyd mapd milterd)
+[[ $("${PW[@]}" config get frontd.enabled) == true ]] && daemons+=(frontd)
+for d in "${daemons[@]}"; do
     sup=$(supervisor_pid "$d")
     old=$(child_pid "$sup")
     [[ -n $old ]] || die "$d: no process under its supervisor (pid $sup)"

@@ -128,7 +128,8 @@ out=$(install_inside) || { echo "$out"; die "scripts/install.sh"; }
 echo "$out"
 grep -q "service path: systemd (systemd is PID 1)" <<<"$out" \
     || die "install.sh did not take the systemd path"
-for unit in postwarden-policyd postwarden-mapd postwarden-milterd; do
+# A fresh container gets the example config, which turns frontd on.
+for unit in postwarden-policyd postwarden-mapd postwarden-milterd postwarden-frontd; do
     inside systemctl is-enabled --quiet "$unit" || die "$unit is not enabled"
     inside systemctl is-active --quiet "$unit" || die "$unit is not running"
     [[ $(inside systemctl show -p User --value "$unit") == postwarden ]] \
@@ -143,10 +144,10 @@ inside bash /src/vagrant/kill_and_recover.sh || die "vagrant/kill_and_recover.sh
 
 poweroff
 boot
-for unit in postwarden-policyd postwarden-mapd postwarden-milterd postfix@- dovecot; do
+for unit in postwarden-policyd postwarden-mapd postwarden-milterd postwarden-frontd postfix@- dovecot; do
     inside systemctl is-active --quiet "$unit" || die "$unit is not running after the reboot"
 done
-say "after a reboot: postwarden-policyd, -mapd, -milterd, postfix and dovecot running"
+say "after a reboot: postwarden-policyd, -mapd, -milterd, -frontd, postfix and dovecot running"
 inside bash /src/vagrant/smoke.sh || die "vagrant/smoke.sh after the reboot"
 # Postfix's and Dovecot's lines are in the journal under their units and log names (what
 # fail2ban's systemd backend and an operator's journalctl select on).

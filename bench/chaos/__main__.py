@@ -124,6 +124,7 @@ def run_chaos(args: argparse.Namespace) -> int:
             policy_unreachable_action=args.policy_unreachable_action,
             aliases_socketmap=not args.no_aliases_socketmap,
             mapd=not args.no_mapd,
+            frontd=not args.no_frontd,
         )
         with running_rig(options, keep=args.keep) as rig:
             t0 = time.monotonic()
@@ -252,6 +253,11 @@ def main() -> int:
         "--no-mapd",
         action="store_true",
         help="policyd serves Postfix's lookup maps itself (no `postwarden mapd`)",
+    )
+    run.add_argument(
+        "--no-frontd",
+        action="store_true",
+        help="Postfix talks to milterd and Dovecot's auth socket directly (no `postwarden frontd`)",
     )
     run.add_argument(
         "--gave-up-fails",

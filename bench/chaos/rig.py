@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import email.parser
 import email.policy
+import functools
 import json
 import os
 import pwd
@@ -283,6 +284,9 @@ class RigOptions:
     aliases_socketmap: bool = True
     # The maps served by `postwarden mapd` (as the appliance does) when the CLI has it.
     mapd: bool = True
+    # Postfix on `postwarden frontd`'s milter and SASL sockets (as the appliance runs it)
+    # when the CLI has frontd.
+    frontd: bool = True
     workers: int = 1
     # "supervise": `postwarden supervise` restarts a killed daemon; "harness": this harness
     # does, RESTART_DELAY after finding it dead; "auto": supervise when the CLI has it.
@@ -299,6 +303,7 @@ class Rig:
     policyd: Daemon = field(init=False)
     milterd: Daemon = field(init=False)
     mapd: Daemon | None = None
+    frontd: Daemon | None = None
     daemons: list[Daemon] = field(default_factory=list)
     redis_nodes: dict[str, RedisNode] = field(default_factory=dict)
     sentinel: RedisNode | None = None
@@ -419,7 +424,17 @@ class Rig:
             policyd["unreachable_action"] = self.options.policy_unreachable_action
         if not self.options.aliases_socketmap:
             del policyd["aliases_listen"]
+        front = self.root / "f"
+        frontd = {
+            "enabled": self.with_frontd,
+            "milter_listen": f"unix:{front / 'milter-front.sock'}",
+            "sasl_listen": f"unix:{front / 'auth-front.sock'}",
+            "sasl_upstream": f"unix:{front / 'dovecot-auth'}",
+            "socket_mode": "0660",
+            "socket_group": "postfix",
+        }
         return {
+            **({"frontd": frontd} if self.with_frontd else {}),
             "store": {"url": store_url, "refresh_interval": 0.5},
             "policyd": policyd,
             "milterd": {
@@ -454,8 +469,19 @@ class Rig:
             },
         }
 
+    @functools.cached_property
+    def with_frontd(self) -> bool:
+        return self.options.frontd and _has_command("frontd")
+
+    @property
+    def milter_socket(self) -> Path:
+        """Where Postfix connects for the milter: frontd's front end, or milterd itself."""
+        if self.with_frontd:
+            return self.root / "f" / "milter-front.sock"
+        return self.root / "m" / "milterd.sock"
+
     def _daemons(self, store_url: str) -> None:
-        for d in ("p", "m"):
+        for d in ("p", "m", "f"):
             (self.root / d).mkdir(mode=0o755)
             (self.root / d).chmod(0o755)
         self.data = self.config_data(store_url)
@@ -492,6 +518,12 @@ class Rig:
             )
             self.daemons.append(self.mapd)
             sockets["mapd"] = self.root / "p" / "aliases.sock"
+        if self.with_frontd:
+            self.frontd = Daemon(
+                "frontd", [*base, *wrap, "frontd"], self.root / "frontd.log", self.root, bool(wrap)
+            )
+            self.daemons.append(self.frontd)
+            sockets["frontd"] = self.root / "f" / "milter-front.sock"
         for daemon in self.daemons:
             daemon.start()
         for daemon in self.daemons:
@@ -516,7 +548,7 @@ class Rig:
             self.root / "mailsys",
             STANDARD_PORTS,
             policyd=f"unix:{self.root / 'p' / 'policyd.sock'}",
-            milterd=f"unix:{self.root / 'm' / 'milterd.sock'}",
+            milterd=f"unix:{self.milter_socket}",
         )
         layout = dataclasses.replace(layout, inet_interfaces=None, dovecot_listen=None)
         if self.options.aliases_socketmap:
