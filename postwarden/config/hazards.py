@@ -295,6 +295,34 @@ def _domain_grant_outside_our_domains(cfg: Config) -> Iterable[Hazard]:
     ]
 
 
+def _gateway_not_rendered_yet(cfg: Config) -> Iterable[Hazard]:
+    # Issue #9: the config and `check backend` exist, the Postfix/Dovecot rendering does
+    # not; applied, the backend's domains would simply be refused. Refused until it does.
+    if not cfg.gateway.enabled:
+        return []
+    return [
+        Hazard(
+            "gateway.enabled",
+            "gateway mode is not rendered into Postfix and Dovecot yet (README \"Gateway "
+            "mode\"): `postwarden check backend` works, but nothing would relay to the "
+            "backend or pass logins through",
+            refuse=True,
+        )
+    ]
+
+
+def _gateway_service_unencrypted(cfg: Config) -> Iterable[Hazard]:
+    return [
+        Hazard(
+            f"gateway.{name}.security",
+            "'none' sends logins and mail to the backend in the clear: for tests only",
+            refuse=False,
+        )
+        for name, service in cfg.gateway.services()
+        if cfg.gateway.enabled and service.security == "none"
+    ]
+
+
 RULES: tuple[Callable[[Config], Iterable[Hazard]], ...] = (
     _open_relay,
     _public_trusted_networks,
@@ -309,6 +337,8 @@ RULES: tuple[Callable[[Config], Iterable[Hazard]], ...] = (
     _recipients_checked_by_cached_probe,
     _mailbox_lmtp_without_a_listener,
     _domain_grant_outside_our_domains,
+    _gateway_not_rendered_yet,
+    _gateway_service_unencrypted,
 )
 
 

@@ -195,3 +195,25 @@ def test_refusals_come_first_even_for_an_unvalidated_config() -> None:
     hazards = config_hazards(Config.model_construct(network=network, mail=mail))
     assert [(h.key, h.refuse) for h in hazards][:1] == [("network.trusted", True)]
     assert ("mail.smuggling_protection", False) in [(h.key, h.refuse) for h in hazards]
+
+
+GATEWAY: dict[str, Any] = {
+    "enabled": True,
+    "domains": ["backend.example"],
+    "ca": "/etc/postwarden/backend/ca.pem",
+    "smtp": {"host": "mail.backend.example"},
+}
+
+
+def test_gateway_mode_is_refused_until_it_is_rendered() -> None:
+    hazards = config_hazards(parse_config({"gateway": GATEWAY}))
+    assert [(h.key, h.refuse) for h in hazards] == [("gateway.enabled", True)]
+    assert config_hazards(parse_config({"gateway": {**GATEWAY, "enabled": False}})) == []
+
+
+def test_an_unencrypted_backend_service_is_warned_for_tests_only() -> None:
+    gateway = {**GATEWAY, "imap": {"host": "10.0.0.5", "security": "none"}}
+    hazards = config_hazards(parse_config({"gateway": gateway}))
+    warned = [h for h in hazards if not h.refuse]
+    assert [h.key for h in warned] == ["gateway.imap.security"]
+    assert "for tests only" in warned[0].message
