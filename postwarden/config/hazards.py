@@ -303,8 +303,8 @@ def _gateway_not_rendered_yet(cfg: Config) -> Iterable[Hazard]:
     return [
         Hazard(
             "gateway.enabled",
-            "gateway mode is not rendered into Postfix and Dovecot yet (README \"Gateway "
-            "mode\"): `postwarden check backend` works, but nothing would relay to the "
+            'gateway mode is not rendered into Postfix and Dovecot yet (README "Gateway '
+            'mode"): `postwarden check backend` works, but nothing would relay to the '
             "backend or pass logins through",
             refuse=True,
         )
