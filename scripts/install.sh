@@ -293,16 +293,24 @@ while IFS= read -r -d '' f; do
     live=/etc/${rel}
     cmp -s "$f" "$live" || { config_differs=1; break; }
 done < <(find "$scratch" -type f -print0)
-if ((config_differs)); then
-    restart_daemons=1
-    apply_out=$(pw config apply 2>&1) || {
-        printf '%s\n' "$apply_out" >&2
-        die "config apply failed: the running configuration is unchanged"
-    }
-    changed "applied the Postfix/Dovecot configuration: $(tr '\n' ';' <<<"$apply_out")"
-else
-    say "Postfix/Dovecot configuration already matches $CONFIG"
-fi
+# Applied in step 7 once the daemons are up with this config: Postfix is reloaded only when
+# the sockets the new main.cf names accept its connections. Turning frontd on reloaded
+# Postfix onto frontd's sockets seconds before frontd listened (the other daemons restart
+# first), and every submission in between lost its session to smtpd's fatal "no SASL
+# authentication mechanisms". Turning it off is the reverse: Postfix leaves frontd's
+# sockets before frontd stops.
+if ((config_differs)); then restart_daemons=1; fi
+apply_rendered_config() {
+    if ((config_differs)); then
+        apply_out=$(pw config apply 2>&1) || {
+            printf '%s\n' "$apply_out" >&2
+            die "config apply failed: Postfix and Dovecot still run the configuration they had"
+        }
+        changed "applied the Postfix/Dovecot configuration: $(tr '\n' ';' <<<"$apply_out")"
+    else
+        say "Postfix/Dovecot configuration already matches $CONFIG"
+    fi
+}
 
 # --- 7. services ------------------------------------------------------------------------------
 # Postfix must reach the daemons' sockets before it is handed mail: a socket file alone is
@@ -359,11 +367,8 @@ if [[ -d /run/systemd/system ]]; then
         if [[ $1 == postfix ]]; then postfix status >/dev/null 2>&1
         else systemctl is-active --quiet "$1"; fi
     }
-    if [[ $frontd_enabled != true ]] && systemctl is-enabled --quiet postwarden-frontd 2>/dev/null; then
-        systemctl disable --now --quiet postwarden-frontd
-        changed "stopped and disabled postwarden-frontd (frontd.enabled is false)"
-    fi
-    for unit in "${DAEMONS[@]/#/postwarden-}" dovecot postfix; do
+    ensure_unit() { # enabled and running; postwarden's own restarted for new code or config
+        local unit=$1
         if ! systemctl is-enabled --quiet "$unit"; then
             systemctl enable --quiet "$unit"
             changed "enabled $unit"
@@ -376,18 +381,19 @@ if [[ -d /run/systemd/system ]]; then
             systemctl restart "$unit"
             changed "restarted $unit (new code, key, config or unit)"
         fi
-        if [[ $unit == "postwarden-${DAEMONS[-1]}" ]]; then
-            wait_until_postfix_reaches_daemons \
-                "see journalctl ${DAEMONS[*]/#/-u postwarden-}"
-        fi
-    done
+    }
+    for unit in "${DAEMONS[@]/#/postwarden-}"; do ensure_unit "$unit"; done
+    wait_until_postfix_reaches_daemons "see journalctl ${DAEMONS[*]/#/-u postwarden-}"
+    # The daemons are up: now Postfix may be pointed at their sockets (and off frontd's).
+    apply_rendered_config
+    if [[ $frontd_enabled != true ]] && systemctl is-enabled --quiet postwarden-frontd 2>/dev/null; then
+        systemctl disable --now --quiet postwarden-frontd
+        changed "stopped and disabled postwarden-frontd (frontd.enabled is false)"
+    fi
+    for unit in dovecot postfix; do ensure_unit "$unit"; done
 else
     say "service path: no systemd (PID 1 is $(ps -o comm= -p 1)); Debian init scripts + start-stop-daemon"
     ensure_dir "$RUN" root root 0755
-    if [[ $frontd_enabled != true ]] && supervisor_running "$RUN/frontd.pid"; then
-        start-stop-daemon --stop --pidfile "$RUN/frontd.pid" --remove-pidfile --retry TERM/35/KILL/5
-        changed "stopped frontd (frontd.enabled is false)"
-    fi
     # Each daemon runs under `postwarden supervise`, which starts it again within a second
     # when it dies (and backs off when it keeps dying); the pid file holds the supervisor's.
     for d in "${DAEMONS[@]}"; do
@@ -414,6 +420,12 @@ else
             || die "$d's supervisor exited at start; see $LOGS/$d.log: $(tail -n 5 "$LOGS/$d.log")"
     done
     wait_until_postfix_reaches_daemons "see $LOGS/<daemon>.log"
+    # The daemons are up: now Postfix may be pointed at their sockets (and off frontd's).
+    apply_rendered_config
+    if [[ $frontd_enabled != true ]] && supervisor_running "$RUN/frontd.pid"; then
+        start-stop-daemon --stop --pidfile "$RUN/frontd.pid" --remove-pidfile --retry TERM/35/KILL/5
+        changed "stopped frontd (frontd.enabled is false)"
+    fi
     # The daemons these start must not inherit our stdout/stderr (a caller's pipe would
     # never close), so their words go to a log that is shown when a start fails.
     if ! /etc/init.d/dovecot status >/dev/null 2>&1; then
