@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A killed daemon serves again without a person: SIGKILL policyd, mapd, milterd and, when
 # frontd.enabled, frontd (the children of `postwarden supervise`), then measure until a new
-# one runs and Postfix's user can connect to its sockets again. Under systemd, also SIGKILL each supervisor (the unit's
-# MainPID): systemd starts it again. Prints each figure; fails beyond LIMIT seconds.
+# one runs and Postfix's user can connect to its sockets again. Under systemd, also SIGKILL
+# each supervisor (the unit's MainPID): systemd starts it again. Prints each figure; fails
+# beyond LIMIT seconds.
 # Run as root on the installed appliance (CI runs it after smoke.sh, on both service paths).
 set -euo pipefail
 
