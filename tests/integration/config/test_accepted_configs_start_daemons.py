@@ -1,9 +1,10 @@
-"""What `config check` accepts, both daemons start with; what they would refuse, it refuses.
+"""What `config check` accepts, every daemon starts with; what they would refuse, it refuses.
 
 Configs are generated over every key of the model (a key without a strategy here fails
 `test_every_key_has_a_strategy`), mixing valid and invalid forms of each grammar. Many are
 checked in-process; a bounded number of accepted ones start `postwarden policyd` and
-`postwarden milterd` on temp unix sockets, which must be listening without a traceback.
+`postwarden milterd`, `postwarden frontd` (and `postwarden mapd` when its socket is set) on
+temp unix sockets, which must be listening without a traceback.
 Only the keys that name this machine's files, sockets, ports and groups are pinned to the
 temp dir before the daemons start (file existence is not a grammar).
 """
@@ -95,6 +96,9 @@ BY_KEY: dict[str, st.SearchStrategy[Any]] = {
     "milterd.listen": st.lists(listen, min_size=0, max_size=2),
     "milterd.socket_mode": st.sampled_from(["0660", "660", "0999", "x"]),
     "milterd.authserv_id": st.one_of(st.none(), domains),
+    "frontd.milter_listen": listen,
+    "frontd.sasl_listen": st.one_of(st.none(), listen),
+    "frontd.sasl_upstream": st.one_of(st.none(), listen),
     "dns.nameservers": st.lists(nameservers, max_size=3),
     "dnsbl.zones.zone": domains,
     "dnsbl.zones.codes": st.lists(dnsbl_codes, max_size=3),
@@ -252,6 +256,14 @@ def pin_to_machine(data: dict[str, Any], tmp: Path) -> dict[str, Any]:
     milterd = pinned.setdefault("milterd", {})
     milterd["listen"] = [f"unix:{tmp}/milterd.sock"]
     milterd.pop("socket_group", None)
+    frontd = pinned.setdefault("frontd", {})
+    frontd["enabled"] = True  # frontd refuses to run for a config that does not use it
+    frontd["milter_listen"] = f"unix:{tmp}/milter-front.sock"
+    frontd.pop("socket_group", None)
+    if frontd.get("sasl_listen") is not None:
+        frontd["sasl_listen"] = f"unix:{tmp}/sasl-front.sock"
+    if frontd.get("sasl_upstream") is not None:
+        frontd["sasl_upstream"] = f"unix:{tmp}/dovecot-auth.sock"
     dkim = pinned.setdefault("dkim", {})
     dkim["key_directory"] = str(tmp / "dkim")
     dkim["keys"] = []  # a key file's existence is not a grammar
@@ -288,7 +300,7 @@ def assert_starts(config: Path, daemon: str, sock: Path, tmp: Path) -> None:
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=configs)
-def test_accepted_configs_start_both_daemons(
+def test_accepted_configs_start_every_daemon(
     data: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     tmp = tmp_path_factory.mktemp("cfg")
@@ -299,6 +311,9 @@ def test_accepted_configs_start_both_daemons(
     load_config(config)  # the file as written is the config that was checked
     assert_starts(config, "policyd", tmp / "policyd.sock", tmp)
     assert_starts(config, "milterd", tmp / "milterd.sock", tmp)
+    assert_starts(config, "frontd", tmp / "milter-front.sock", tmp)
+    if pinned["policyd"].get("aliases_listen") is not None:
+        assert_starts(config, "mapd", tmp / "aliases.sock", tmp)
 
 
 # -- fixed cases: one per unified grammar ---------------------------------------------------
