@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from postwarden.appliance import gateway_render
 from postwarden.config.mail import MailConfig, RelayServer, parse_client_patterns_file
 from postwarden.config.model import Config
 from postwarden.config.types import IPNetwork, ListenAddress
@@ -150,37 +151,56 @@ def _name_matches(pattern: str, hostname: str) -> bool:
     return pattern == hostname
 
 
-def check_tls_files(cfg: Config) -> None:
-    """An operator-supplied certificate must load, match its key and name mail.hostname."""
-    tls = cfg.mail.tls
-    if tls.cert is None or tls.key is None:
-        return
+def _read_pem(key: str, path: Path) -> bytes:
     try:
-        pem = tls.cert.read_bytes()
-        key_pem = tls.key.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
-        raise RenderError(f"mail.tls: cannot read {exc.filename}: {exc.strerror}") from None
+        raise RenderError(f"{key}: cannot read {exc.filename}: {exc.strerror}") from None
+
+
+def _load_pair(cert_key: str, cert_path: Path, key_key: str, key_path: Path) -> x509.Certificate:
+    """A PEM certificate and its unencrypted PEM key, which must belong together."""
+    pem, key_pem = _read_pem(cert_key, cert_path), _read_pem(key_key, key_path)
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
-        raise RenderError(f"mail.tls.cert: {tls.cert} is not a PEM certificate") from None
+        raise RenderError(f"{cert_key}: {cert_path} is not a PEM certificate") from None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError):
-        raise RenderError(
-            f"mail.tls.key: {tls.key} is not an unencrypted PEM private key"
-        ) from None
+        raise RenderError(f"{key_key}: {key_path} is not an unencrypted PEM private key") from None
     public = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
     if key.public_key().public_bytes(der, public) != cert.public_key().public_bytes(der, public):
-        raise RenderError(f"mail.tls.key: {tls.key} is not the key of {tls.cert}")
-    names = _cert_names(cert)
-    hostname = cfg.mail.hostname
-    if not any(_name_matches(n, hostname) for n in names):
-        raise RenderError(
-            f"mail.tls.cert: {tls.cert} is for {', '.join(names) or 'no name'}, "
-            f"not for mail.hostname {hostname!r}"
-        )
+        raise RenderError(f"{key_key}: {key_path} is not the key of {cert_path}")
+    return cert
+
+
+def check_tls_files(cfg: Config) -> None:
+    """The TLS files the config names must load.
+
+    An operator-supplied certificate must match its key and name mail.hostname; in gateway
+    mode the backend CA must hold PEM certificates, and a client certificate its key."""
+    tls = cfg.mail.tls
+    if tls.cert is not None and tls.key is not None:
+        cert = _load_pair("mail.tls.cert", tls.cert, "mail.tls.key", tls.key)
+        names = _cert_names(cert)
+        hostname = cfg.mail.hostname
+        if not any(_name_matches(n, hostname) for n in names):
+            raise RenderError(
+                f"mail.tls.cert: {tls.cert} is for {', '.join(names) or 'no name'}, "
+                f"not for mail.hostname {hostname!r}"
+            )
+    gw = cfg.gateway
+    if not gw.enabled:
+        return
+    if gw.ca is not None:
+        try:
+            x509.load_pem_x509_certificates(_read_pem("gateway.ca", gw.ca))
+        except ValueError:
+            raise RenderError(f"gateway.ca: {gw.ca} holds no PEM certificate") from None
+    if gw.client_cert is not None and gw.client_key is not None:
+        _load_pair("gateway.client_cert", gw.client_cert, "gateway.client_key", gw.client_key)
 
 
 def _template(directory: Traversable, name: str) -> _Template:
@@ -269,6 +289,10 @@ def _smtp_services(cfg: MailConfig, layout: Layout, chroot: str) -> str:
         "smtpd_data_restrictions="
         + ("reject_unauth_pipelining" if cfg.smuggling_protection else ""),
         "milter_macro_daemon_name=ORIGINATING",
+        # No session transcripts to the postmaster from here: they hold the AUTH line, a
+        # password in base64 (notify_classes' default sends them on resource and software
+        # errors).
+        "notify_classes=",
     ]
     # Connection control answers at connect (a 554 greeting), not only at RCPT. No DSN on
     # port 25: a success notice there would go to whatever sender an outsider forged.
@@ -358,10 +382,15 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
     files: dict[str, str] = {}
 
     # Relay domains ("domain|host"): accepted from anyone, forwarded to the named server.
-    files["transport"] = _table([(d.domain, f"relay:{d.nexthop}") for d in mail.relay_domains])
+    # Gateway mode: the backend's domains, and what their users send, go to the backend.
+    gateway = cfg.gateway if cfg.gateway.enabled else None
+    to_backend, from_backend = gateway_render.postfix_routes(gateway) if gateway else ([], [])
+    files["transport"] = _table(
+        [(d.domain, f"relay:{d.nexthop}") for d in mail.relay_domains] + to_backend
+    )
 
     outbound: list[str] = []
-    sender_relays: list[tuple[str, str]] = []
+    sender_relays: list[tuple[str, str]] = list(from_backend)
     passwords: list[tuple[str, str]] = []
     for relay in mail.relays:
         target = f"relay_{relay.name}:{relay.nexthop}"
@@ -453,7 +482,7 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
                 f"550 5.7.1 Sender address in our own domain {d}: log in to send "
                 "(submission) or send from a trusted network",
             )
-            for d in local
+            for d in [*local, *(gateway.domains if gateway else [])]
         ]
     )
     forged_sender_check = (
@@ -532,7 +561,9 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
                 else []
             )
         ),
-        "relay_domains": " ".join(d.domain for d in mail.relay_domains),
+        "relay_domains": " ".join(
+            [*(d.domain for d in mail.relay_domains), *(gateway.domains if gateway else [])]
+        ),
         "transport_maps": f"texthash:{conf}/transport",
         "outbound_relay": "\n".join(outbound),
         "recipient_bcc_maps": f"texthash:{conf}/recipient_bcc",
@@ -557,7 +588,8 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
             "chroot": chroot,
             "smtp_services": _smtp_services(mail, layout, chroot),
             "relay_services": "\n".join(
-                _relay_service(r, chroot, mail.tls.ca) for r in mail.relays
+                [_relay_service(r, chroot, mail.tls.ca) for r in mail.relays]
+                + ([gateway_render.postfix_backend_service(gateway, chroot)] if gateway else [])
             ),
         }
     )
@@ -567,6 +599,7 @@ def render_postfix(cfg: Config, layout: Layout) -> dict[str, str]:
 def render_dovecot(cfg: Config, layout: Layout) -> dict[str, str]:
     """dovecot.conf, keyed by file name."""
     mail = cfg.mail
+    gateway = cfg.gateway if cfg.gateway.enabled else None
     protocols = ["lmtp"]
     if mail.imap or mail.imaps:
         protocols.insert(0, "imap")
@@ -634,6 +667,9 @@ def render_dovecot(cfg: Config, layout: Layout) -> dict[str, str]:
         "auth_socket": str(_sasl_sockets(cfg, layout)[1]),
         "postfix_user": layout.postfix_user,
         "postfix_group": layout.postfix_group,
+        "gateway_settings": gateway_render.dovecot_settings(gateway) if gateway else "",
+        "gateway_passdbs": gateway_render.dovecot_passdbs(gateway) if gateway else "",
+        "local_passdb_filter": gateway_render.local_passdb_filter(gateway) if gateway else "",
     }
     text = _template(DOVECOT_TEMPLATES, "dovecot.conf.tmpl").substitute(values)
     return {"dovecot.conf": text}

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from postwarden.config.mail import Domain, Port, _Table, check_host
+from postwarden.syntax.networks import NetworkSyntaxError, parse_ip_address
 
 Security = Literal["starttls", "tls", "none"]
 ServiceName = Literal["smtp", "imap", "pop3"]
@@ -46,6 +47,15 @@ class BackendService(_Table):
             data = {**data, "host": check_host(data["host"])}
         return data
 
+    @property
+    def host_is_address(self) -> bool:
+        """The host is an IP address (check_host spells one normally), not a name."""
+        try:
+            parse_ip_address(self.host)
+        except NetworkSyntaxError:
+            return False
+        return True
+
 
 class GatewayConfig(_Table):
     """`[gateway]`: off unless enabled; then smtp and at least the domains are required."""
@@ -56,8 +66,10 @@ class GatewayConfig(_Table):
     # mail.additional_domains).
     domains: list[Domain] = Field(default_factory=list)
     smtp: BackendService | None = None
-    # Unset: that service is not offered to clients.
+    # IMAP logins are passed through to it, and SMTP logins are checked by one login
+    # there. Unset: both are refused for the backend's domains (an inbound-only gateway).
     imap: BackendService | None = None
+    # Unset: POP3 logins to the backend's domains are refused.
     pop3: BackendService | None = None
     # PEM file of the CA the backend's certificates must chain to (required with TLS).
     ca: Path | None = None

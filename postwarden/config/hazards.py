@@ -295,18 +295,53 @@ def _domain_grant_outside_our_domains(cfg: Config) -> Iterable[Hazard]:
     ]
 
 
-def _gateway_not_rendered_yet(cfg: Config) -> Iterable[Hazard]:
-    # Issue #9: the config and `check backend` exist, the Postfix/Dovecot rendering does
-    # not; applied, the backend's domains would simply be refused. Refused until it does.
-    if not cfg.gateway.enabled:
+def _gateway_certificate_name_unchecked(cfg: Config) -> Iterable[Hazard]:
+    # Dovecot checks a backend's certificate against the host it connects to: the login
+    # proxy can be given an address to connect to (hostip) and a name to check, imapc (SMTP
+    # logins) cannot. Either way the connection fails closed; this says why beforehand.
+    gw = cfg.gateway
+    if not gw.enabled or gw.certificate_name is None:
+        return []
+    out = []
+    for name, service in gw.services():
+        if service.security == "none" or service.host == gw.certificate_name:
+            continue
+        is_address = service.host_is_address
+        if name in ("imap", "pop3") and not is_address:
+            out.append(
+                Hazard(
+                    f"gateway.{name}.host",
+                    f"Dovecot's proxy checks the backend's certificate against {service.host}, "
+                    f"not gateway.certificate_name {gw.certificate_name}: give the host as an "
+                    "address, or leave certificate_name unset",
+                    refuse=False,
+                )
+            )
+        if name == "imap" and is_address:
+            out.append(
+                Hazard(
+                    "gateway.imap.host",
+                    "SMTP logins are checked by Dovecot's imapc, which verifies the backend's "
+                    f"IMAP certificate against {service.host} itself, not "
+                    f"{gw.certificate_name}: the certificate must carry that address, or name "
+                    "the host by its certificate name",
+                    refuse=False,
+                )
+            )
+    return out
+
+
+def _gateway_without_imap(cfg: Config) -> Iterable[Hazard]:
+    gw = cfg.gateway
+    if not gw.enabled or gw.imap is not None:
         return []
     return [
         Hazard(
-            "gateway.enabled",
-            'gateway mode is not rendered into Postfix and Dovecot yet (README "Gateway '
-            'mode"): `postwarden check backend` works, but nothing would relay to the '
-            "backend or pass logins through",
-            refuse=True,
+            "gateway.imap",
+            "unset: SMTP logins are checked at the backend's IMAP, so without it the "
+            "backend's users can neither send through the gateway nor read mail (inbound "
+            "filtering only)",
+            refuse=False,
         )
     ]
 
@@ -337,8 +372,9 @@ RULES: tuple[Callable[[Config], Iterable[Hazard]], ...] = (
     _recipients_checked_by_cached_probe,
     _mailbox_lmtp_without_a_listener,
     _domain_grant_outside_our_domains,
-    _gateway_not_rendered_yet,
+    _gateway_without_imap,
     _gateway_service_unencrypted,
+    _gateway_certificate_name_unchecked,
 )
 
 

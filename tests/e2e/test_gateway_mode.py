@@ -19,6 +19,7 @@ import imaplib
 import poplib
 import shutil
 import smtplib
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -43,12 +44,7 @@ from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory, Smtp
 from tests.fixtures.milterd_daemon import MilterdHandle, start_milterd
 from tests.fixtures.policyd_daemon import PolicydHandle, start_policyd
 
-pytestmark = [
-    pytest.mark.e2e,
-    # Not done: the tests are written against docs/gateway-mode.md, but Postfix and Dovecot
-    # are not rendered for gateway mode yet, so every one of them fails (issue #9 is open).
-    pytest.mark.skip(reason="gateway rendering not written yet (issue #9)"),
-]
+pytestmark = pytest.mark.e2e
 
 ALICE, BOB = f"alice@{BACKEND_DOMAIN}", f"bob@{BACKEND_DOMAIN}"
 UNKNOWN = f"nobody@{BACKEND_DOMAIN}"
@@ -368,10 +364,29 @@ def test_pop3_wrong_password_and_unknown_user_are_refused_alike(
         conn.quit()
 
 
+# Dovecot counts a connection from its own address (127.0.0.1 to 127.0.0.1) as secured and
+# allows a plaintext login on it; a client elsewhere on loopback is an ordinary client.
+CLIENT_SOURCE = "127.0.0.50"
+
+
+class _ImapFromElsewhere(imaplib.IMAP4):
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection(
+            (self.host, self.port), timeout, source_address=(CLIENT_SOURCE, 0)
+        )
+
+
+class _Pop3FromElsewhere(poplib.POP3):
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return socket.create_connection(
+            (self.host, self.port), timeout, source_address=(CLIENT_SOURCE, 0)
+        )
+
+
 def test_imap_and_pop3_logins_before_tls_are_refused(gateway: Gateway) -> None:
     backend = gateway.real_backend
     password = backend.users[ALICE]
-    conn = imaplib.IMAP4(HOST, gateway.mail.ports["imap_port"], timeout=30)
+    conn = _ImapFromElsewhere(HOST, gateway.mail.ports["imap_port"], timeout=30)
     try:
         assert "LOGINDISABLED" in conn.capabilities, conn.capabilities
         with pytest.raises(imaplib.IMAP4.error, match=r"PRIVACYREQUIRED|[Pp]laintext"):
@@ -384,7 +399,7 @@ def test_imap_and_pop3_logins_before_tls_are_refused(gateway: Gateway) -> None:
         assert conn.login(ALICE, password)[0] == "OK"
     finally:
         conn.logout()
-    pop = poplib.POP3(HOST, gateway.mail.ports["pop3_port"], timeout=30)
+    pop = _Pop3FromElsewhere(HOST, gateway.mail.ports["pop3_port"], timeout=30)
     try:
         with pytest.raises(poplib.error_proto, match=r"[Pp]laintext|AUTH"):
             pop.user(ALICE)
@@ -443,7 +458,7 @@ def test_smtp_auth_before_starttls_is_refused(gateway: Gateway) -> None:
         client.ehlo("client.test")
         assert not client.has_extn("auth"), client.esmtp_features
         code, _ = client.docmd("AUTH", "PLAIN AGFsaWNlQGNvcnAudGVzdABndWVzcw==")
-        assert code == 503
+        assert code == 530  # 5.7.0 Must issue a STARTTLS command first
         code, _ = client.mail(ALICE)
         assert code == 530  # 5.7.0 Must issue a STARTTLS command first
         client.rset()
@@ -559,3 +574,26 @@ def test_a_backend_whose_certificate_names_another_host_gets_nothing(rig: Gatewa
     assert "Login: user=" not in evil.dovecot_log and "auth failed" not in evil.dovecot_log
     assert "from=<" not in evil.postfix_log, evil.postfix_log
     assert evil.imap_fetch(BOB, evil.users[BOB]) == []
+
+
+# --- inbound only: without [gateway.imap] no login of the backend's users is accepted ----------
+@pytest.mark.expect_log(r"User found from deny passdb|denied")
+def test_without_the_backends_imap_no_login_is_accepted_and_inbound_mail_still_flows(
+    rig: GatewayRig,
+) -> None:
+    backend = rig.backends.start()
+    table = backend.gateway_config("starttls")
+    del table["imap"], table["pop3"]
+    gateway = rig.start(backend, table)
+    password = backend.users[ALICE]  # the right password: no backend may be asked with it
+    assert "AUTHENTICATIONFAILED" in _imap_login_error(gateway, "imap_port", ALICE, password)
+    assert _pop3_login_error(gateway, "pop3_port", ALICE, password).startswith("b'-ERR")
+    assert _smtp_auth_reply(gateway, "submission_port", ALICE, password)[0] == 535
+    assert "Login: user=" not in backend.dovecot_log and "auth failed" not in backend.dovecot_log
+    # Inbound mail to the backend's domain is filtered and relayed as before.
+    sent = gateway.mail.smtp_send(
+        f"carol@{SENDER_ZONE}", BOB, message=_outside_message(gateway, "inbound only")
+    )
+    assert sent.accepted, (sent, gateway.diagnostics())
+    (delivered,) = backend.wait_for_delivery(BOB, timeout=30)
+    assert delivered["Subject"] == "inbound only"

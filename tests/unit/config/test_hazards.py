@@ -202,13 +202,35 @@ GATEWAY: dict[str, Any] = {
     "domains": ["backend.example"],
     "ca": "/etc/postwarden/backend/ca.pem",
     "smtp": {"host": "mail.backend.example"},
+    "imap": {"host": "mail.backend.example"},
 }
 
 
-def test_gateway_mode_is_refused_until_it_is_rendered() -> None:
-    hazards = config_hazards(parse_config({"gateway": GATEWAY}))
-    assert [(h.key, h.refuse) for h in hazards] == [("gateway.enabled", True)]
+def test_a_complete_gateway_config_has_no_hazard() -> None:
+    assert config_hazards(parse_config({"gateway": GATEWAY})) == []
     assert config_hazards(parse_config({"gateway": {**GATEWAY, "enabled": False}})) == []
+
+
+def test_a_gateway_without_the_backends_imap_is_warned_inbound_only() -> None:
+    gateway = {k: v for k, v in GATEWAY.items() if k != "imap"}
+    (hazard,) = config_hazards(parse_config({"gateway": gateway}))
+    assert (hazard.key, hazard.refuse) == ("gateway.imap", False)
+    assert "inbound filtering only" in hazard.message
+
+
+def test_a_certificate_name_dovecot_cannot_check_is_warned() -> None:
+    # By name, the login proxy checks the host's name; by address, imapc checks the address.
+    by_name = {**GATEWAY, "certificate_name": "cert.backend.example"}
+    warned = config_hazards(parse_config({"gateway": by_name}))
+    assert [(h.key, h.refuse) for h in warned] == [("gateway.imap.host", False)]
+    assert "Dovecot's proxy checks" in warned[0].message
+    by_address = {**by_name, "imap": {"host": "192.0.2.7"}, "pop3": {"host": "mx.example"}}
+    warned = config_hazards(parse_config({"gateway": by_address}))
+    assert [h.key for h in warned] == ["gateway.imap.host", "gateway.pop3.host"]
+    assert "imapc" in warned[0].message and "192.0.2.7" in warned[0].message
+    # The name the certificate carries is the host itself: nothing to say.
+    same = {**GATEWAY, "certificate_name": "mail.backend.example"}
+    assert config_hazards(parse_config({"gateway": same})) == []
 
 
 def test_an_unencrypted_backend_service_is_warned_for_tests_only() -> None:
