@@ -378,8 +378,12 @@ def apply(
     if no_reload:
         return
     try:
-        click.echo(reload_postfix(layout))
+        # Dovecot first: Postfix's smtpd_sasl_path may now name a socket only the reloaded
+        # Dovecot creates (frontd turned off: private/auth again), and an smtpd that finds
+        # no SASL server dies with "no SASL authentication mechanisms". The other way round,
+        # Postfix still points at frontd, which stands in while Dovecot's socket moves.
         click.echo(reload_dovecot(layout))
+        click.echo(reload_postfix(layout))
     except ApplyError as exc:
         click.echo(str(exc), err=True)
         raise SystemExit(EXIT_FAILURE) from None
