@@ -26,6 +26,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import dns.exception
 
@@ -36,8 +37,8 @@ from postwarden.policy.filtering_order import (
     DnsblLookup,
     FilteringSettings,
     Gathered,
-    GreylistLookup,
     GreylistRecords,
+    Lookup,
     SpfLookup,
     Unavailable,
 )
@@ -55,6 +56,19 @@ INSTANCE_MEMORY = 10_000  # messages whose prepended headers are remembered
 MAX_STEPS = 8
 
 RequestTimer = Callable[[float], asyncio.Timeout]
+
+# One lookup the order asked for and what it found (the store's records, the DNSBL score,
+# the SPF result, or Unavailable).
+LookupAnswer = tuple[Lookup, object]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What `Pipeline.explain` found: the facts, each lookup in order, the decision."""
+
+    facts: filtering_order.RequestFacts
+    lookups: list[LookupAnswer]
+    decision: Decision
 
 
 class FailureLog:
@@ -155,13 +169,29 @@ class Pipeline:
 
     async def evaluate(self, request: PolicyRequest) -> Verdict:
         """The verdict for one request; never raises (failures give the default)."""
+        return (await self._decide(request, None)).verdict
+
+    async def explain(self, request: PolicyRequest) -> Explanation:
+        """What `evaluate` would answer, with every lookup it made, writing nothing.
+
+        The same order, lookups and time budget as a real request (`postwarden explain`),
+        but no greylist record is written and no header remembered, so asking changes
+        nothing of what policyd answers next."""
+        lookups: list[LookupAnswer] = []
+        decision = await self._decide(request, lookups)
+        facts = filtering_order.request_facts(request, self.lists.current, self.settings)
+        return Explanation(facts, lookups, decision)
+
+    async def _decide(
+        self, request: PolicyRequest, explained: list[LookupAnswer] | None
+    ) -> Decision:
         traceback = False
         try:
             if not self._bounded:
-                decision = await self._judge(request)
+                decision = await self._judge(request, explained)
             else:
                 async with self._request_timer(self._timeout):
-                    decision = await self._judge(request)
+                    decision = await self._judge(request, explained)
         except TimeoutError:
             failure = Unavailable("timeout", f"no verdict within {self._timeout:g}s")
             decision = filtering_order.failed(self.settings, failure)
@@ -173,10 +203,15 @@ class Pipeline:
             self.failures.report(
                 decision.failure.kind, decision.failure.reason, traceback=traceback
             )
-        return decision.verdict
+        return decision
 
-    async def _judge(self, request: PolicyRequest) -> Decision:
-        """Ask the order, fetch what it asks for, until it decides; then write its state."""
+    async def _judge(
+        self, request: PolicyRequest, explained: list[LookupAnswer] | None = None
+    ) -> Decision:
+        """Ask the order, fetch what it asks for, until it decides; then write its state.
+
+        With `explained`, each lookup and its answer are appended there and nothing is
+        written (an explanation)."""
         lists = self.lists.current
         instance = request.instance
         sent = self._sent_headers.get(instance) if instance else None
@@ -187,6 +222,8 @@ class Pipeline:
         for _ in range(MAX_STEPS):
             step = filtering_order.next_step(facts, self.settings, gathered, self.clock())
             if isinstance(step, Decision):
+                if explained is not None:
+                    return step
                 write = step.greylist_write
                 if write is not None and step.failure is None:
                     try:
@@ -203,27 +240,30 @@ class Pipeline:
                 if step.remember_header is not None:
                     self._remember(instance, step.remember_header)
                 return step
-            await self._fetch(step, gathered)
+            answer = await self._fetch(step, gathered)
+            if explained is not None:
+                explained.append((step, answer))
         raise RuntimeError(f"the filtering order took more than {MAX_STEPS} steps")
 
-    async def _fetch(
-        self, lookup: DnsblLookup | SpfLookup | GreylistLookup, gathered: Gathered
-    ) -> None:
-        """Add the answer to `lookup` to `gathered`; a store or DNS failure as Unavailable."""
+    async def _fetch(self, lookup: Lookup, gathered: Gathered) -> object:
+        """Add the answer to `lookup` to `gathered` (and return it); a store or DNS failure
+        as Unavailable."""
         try:
             if isinstance(lookup, DnsblLookup):
                 assert self.dnsbl is not None  # the order asks only for steps that are on
                 gathered.dnsbl = await self.dnsbl.check(lookup.client_address)
-            elif isinstance(lookup, SpfLookup):
+                return gathered.dnsbl
+            if isinstance(lookup, SpfLookup):
                 assert self.spf is not None
                 gathered.spf = await self.spf.check(
                     lookup.client_address, lookup.sender, lookup.helo
                 )
-            else:
-                triplet, network = await self.store.greylist_lookup(
-                    lookup.triplet_key, lookup.client_network
-                )
-                gathered.greylist = GreylistRecords(triplet, network)
+                return gathered.spf
+            triplet, network = await self.store.greylist_lookup(
+                lookup.triplet_key, lookup.client_network
+            )
+            gathered.greylist = GreylistRecords(triplet, network)
+            return gathered.greylist
         except (StoreError, dns.exception.DNSException) as exc:
             failure = _unavailable(exc)
             if isinstance(lookup, DnsblLookup):
@@ -232,6 +272,7 @@ class Pipeline:
                 gathered.spf = failure
             else:
                 gathered.greylist = failure
+            return failure
 
     def _remember(self, instance: str, header: str) -> None:
         sent = self._sent_headers.get(instance)

@@ -7,6 +7,7 @@ run on loopback; the test poses as remote clients with XCLIENT. Lists are edited
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import tempfile
@@ -164,3 +165,59 @@ def test_forwarding_group_added_while_running_delivers_to_every_member(gateway: 
     (to_alice,) = gateway.mail.wait_for_delivery(USER, PASSWORD)
     (to_bob,) = gateway.mail.wait_for_delivery("bob@example.test", "bob-secret")
     assert to_alice["Subject"] == to_bob["Subject"] == "order"
+
+
+# --- `postwarden explain`: the same answer policyd then gives, and nothing written ----------------
+def _explained(gateway: Gateway, client_ip: str, sender: str) -> tuple[str, str]:
+    """`postwarden explain --json` for this RCPT: (action, rule)."""
+    out = gateway.cli(
+        "explain", "--json", "--client", client_ip, "--helo", "mail.sender.test",
+        "--from", sender, "--to", USER,
+    ).stdout  # fmt: skip
+    report = json.loads(out)
+    return report["action"], report["rule"]
+
+
+def _policyd_said(gateway: Gateway, client_ip: str, count: int) -> list[tuple[str, str]]:
+    """policyd's RCPT-stage (action, rule) for this client, once `count` lines are logged."""
+    pattern = re.compile(
+        rf"client=[^\[]*\[{re.escape(client_ip)}\], .*to=<{re.escape(USER)}>, "
+        r"verdict=(\w+), rule=(\w+), stage=RCPT"
+    )
+    deadline = time.monotonic() + 5
+    while len(found := pattern.findall(gateway.policyd.logs())) < count:
+        assert time.monotonic() < deadline, gateway.policyd.logs()
+        time.sleep(0.1)
+    return found
+
+
+def test_explain_gives_the_answer_policyd_then_gives_and_writes_nothing(gateway: Gateway) -> None:
+    ip, sender = "198.51.100.61", "news@explained.test"
+    # New triplet: greylisted; explaining wrote no record of it (a real request would).
+    assert _explained(gateway, ip, sender) == ("DEFER_IF_PERMIT", "greylist_defer")
+    stored = json.loads(gateway.cli("greylist", "show", "--json").stdout)["triplets"]
+    assert not [t for t in stored if sender in t["key"]], stored
+    first = gateway.mail.smtp_send(sender, USER, client_ip=ip, helo="mail.sender.test")
+    assert first.stage == "rcpt" and 400 <= first.code < 500, first
+    assert _policyd_said(gateway, ip, 1) == [("DEFER_IF_PERMIT", "greylist_defer")]
+    stored = json.loads(gateway.cli("greylist", "show", "--json").stdout)["triplets"]
+    assert [t for t in stored if sender in t["key"]], stored  # the real request wrote it
+    # After the delay explain says the retry passes, and policyd lets that retry in.
+    time.sleep(GREYLIST_DELAY + 0.5)
+    action, rule = _explained(gateway, ip, sender)
+    assert (action, rule) == ("PREPEND", "greylist_pass"), (action, rule)
+    second = gateway.mail.smtp_send(sender, USER, client_ip=ip, helo="mail.sender.test")
+    assert second.accepted, (second, gateway.policyd.logs())
+    assert _policyd_said(gateway, ip, 2)[1] == (action, rule)
+    # A forbidden sender: explain names the list rule policyd then refuses with.
+    gateway.lists("add", "forbidden", "spam@explained.test")
+    refused = gateway.send_until(
+        lambda r: r.stage == "rcpt" and r.code >= 500,
+        "spam@explained.test",
+        USER,
+        client_ip="198.51.100.62",
+    )
+    assert refused.code >= 500, refused
+    said = _policyd_said(gateway, "198.51.100.62", 1)[-1]
+    assert _explained(gateway, "198.51.100.62", "spam@explained.test") == said
+    assert said[0] == "REJECT"
