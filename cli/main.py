@@ -13,6 +13,7 @@ from cli import (
     commands_lists,
     commands_mail,
     commands_milterd,
+    commands_trace,
 )
 from cli.context import CliContext
 
@@ -42,6 +43,7 @@ for module in (
     commands_dkim,
     commands_config,
     commands_mail,
+    commands_trace,
 ):
     for command in module.COMMANDS:
         cli.add_command(command)

@@ -8,7 +8,10 @@ are posed with XCLIENT; what the tests read is what Dovecot stored (IMAP and POP
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,7 +31,7 @@ from tests.fixtures.gateway import (
 )
 from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory
 from tests.fixtures.milterd_daemon import MilterdHandle, start_milterd
-from tests.fixtures.policyd_daemon import start_policyd
+from tests.fixtures.policyd_daemon import POSTWARDEN, start_policyd
 
 pytestmark = pytest.mark.e2e
 
@@ -130,11 +133,9 @@ def _signed_remote_message(gateway: Gateway, subject: str) -> bytes:
     return signed_remote_message(gateway.remote_key, BOB, subject, "Hello Bob, from outside.")
 
 
-def test_outside_message_is_greylisted_retried_and_delivered_with_results(
-    gateway: Gateway,
-) -> None:
-    message = _signed_remote_message(gateway, "from outside")
-    sender, client = f"carol@{SENDER_ZONE}", "198.51.100.25"
+def _greylisted_then_accepted(gateway: Gateway, sender: str, client: str, subject: str) -> None:
+    """Send from outside as a real server would: greylisted first, resent until accepted."""
+    message = _signed_remote_message(gateway, subject)
     first = gateway.mail.smtp_send(sender, BOB, message=message, client_ip=client)
     # Greylisted: a 4xx at RCPT, so a real sending server keeps the message and retries.
     assert first.stage == "rcpt" and 400 <= first.code < 500, first
@@ -147,6 +148,11 @@ def test_outside_message_is_greylisted_retried_and_delivered_with_results(
     assert result.accepted, (result, gateway.diagnostics())
     assert time.monotonic() - started >= GREYLIST_DELAY - 0.5  # not let through early
 
+
+def test_outside_message_is_greylisted_retried_and_delivered_with_results(
+    gateway: Gateway,
+) -> None:
+    _greylisted_then_accepted(gateway, f"carol@{SENDER_ZONE}", "198.51.100.25", "from outside")
     (over_imap,) = gateway.mail.wait_for_delivery(BOB, BOB_PW, timeout=30)
     (over_pop3,) = gateway.mail.pop3_fetch(BOB, BOB_PW)
     for message_read in (over_imap, over_pop3):
@@ -215,3 +221,40 @@ def test_relaying_for_an_unknown_domain_is_refused(gateway: Gateway) -> None:
     )
     assert (still.stage, still.code) == ("rcpt", 554), still  # ... and still no relaying
     assert "elsewhere.test" not in str(gateway.mail.queue())
+
+
+def test_trace_follows_the_message_through_postfix_policyd_and_milterd(gateway: Gateway) -> None:
+    sender, client = f"erin@{SENDER_ZONE}", "198.51.100.26"
+    _greylisted_then_accepted(gateway, sender, client, "traced")
+    gateway.mail.wait_for_delivery(BOB, BOB_PW, timeout=30)
+    assert gateway.mail.layout.maillog_file is not None
+    logs = [gateway.mail.layout.maillog_file, gateway.policyd.log_path, gateway.milterd.log_path]
+    log_args = [arg for path in logs for arg in ("--log", str(path))]
+    found = json.loads(gateway.cli("trace", "--json", "--from", sender, *log_args).stdout)
+    (message,) = found["messages"]
+    qid = message["queue_id"]
+    text = "\n".join(line["line"] for line in message["lines"])
+    # The session, policyd's RCPT verdict (joined through the instance) and its DATA line,
+    # milterd's DKIM result, and the delivery into Dovecot.
+    # (The session connected from 127.0.0.1 and posed as the client with XCLIENT.)
+    assert re.search(r"postfix/smtpd\[\d+\]: connect from ", text), text
+    assert f"{qid}: client=mail.remote.test[{client}]" in text, text
+    assert re.search(r"policyd: NOQUEUE: [^\n]*rule=greylist_pass, stage=RCPT", text), text
+    assert re.search(rf"policyd: {qid}: [^\n]*stage=DATA", text), text
+    assert re.search(rf"milterd: {qid}: [^\n]*dkim=pass", text), text
+    assert any("status=sent" in outcome for outcome in message["outcomes"]), message
+    # The first, greylisted attempt never got a queue id: it is listed apart.
+    refused = "\n".join(line["line"] for line in found["refused"])
+    assert "Greylisted" in refused and "greylist_defer" in refused, refused
+    # By queue id: the same message's lines.
+    by_id = json.loads(gateway.cli("trace", "--json", qid, *log_args).stdout)
+    assert by_id["messages"][0]["lines"] == message["lines"]
+    # Nothing for a recipient it was not sent to: exit 1 and says so.
+    none = subprocess.run(
+        [POSTWARDEN, "trace", "--from", sender, "--to", "nobody@example.test", *log_args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (none.returncode, none.stderr.strip()) == (1, "no message matches"), none
