@@ -349,6 +349,47 @@ runs_our() { # pid file, word its command line must hold (supervise, or a daemon
 }
 supervisor_running() { runs_our "$1" supervise; }
 
+# No core dumps from the processes that see passwords: Dovecot's auth and login processes
+# and Postfix's smtpd. Their masters run with RLIMIT_CORE 0, soft and hard, and every
+# process a master starts inherits it (only root may raise a hard limit again; neither
+# does, and vagrant/smoke.sh checks every process of both).
+# Under systemd a drop-in (LimitCORE=0) sets it, else install.sh starts them under
+# `ulimit -c 0`. A master already running with another limit is restarted once.
+# Reloads (`postwarden config apply`) signal the running master, which keeps its limit.
+NOCORE_DROPINS=(dovecot.service postfix@.service)
+without_core_dumps() { (ulimit -c 0 && "$@"); }  # a command or a function
+master_pid() { # dovecot|postfix: the PID in its master's own pid file, if that runs it
+    local file program pid
+    if [[ $1 == postfix ]]; then
+        file=$(postconf -h queue_directory)/pid/master.pid program=/usr/lib/postfix/sbin/master
+    else
+        file=$(doveconf -h base_dir 2>/dev/null)/master.pid program=/usr/sbin/dovecot
+    fi
+    # Postfix pads its pid with blanks; read trims them.
+    [[ -r $file ]] && read -r pid <"$file" && [[ $pid =~ ^[1-9][0-9]*$ ]] || return 1
+    { tr '\0' '\n' <"/proc/$pid/cmdline" | head -n 1 | grep -qxF "$program"; } 2>/dev/null \
+        || return 1
+    echo "$pid"
+}
+core_dumps_closed() { # dovecot|postfix: its master runs with RLIMIT_CORE 0, soft and hard
+    local pid
+    pid=$(master_pid "$1") || return 1
+    awk '$1 == "Max" && $2 == "core" { found = 1; closed = ($5 == "0" && $6 == "0") }
+        END { exit !(found && closed) }' "/proc/$pid/limits" 2>/dev/null
+}
+# Just started: the master writes its pid file a moment after the start command returns.
+require_core_dumps_closed() { # dovecot|postfix, hint for the error
+    local deadline=$((SECONDS + 15)) pid
+    until core_dumps_closed "$1"; do
+        if ((SECONDS >= deadline)); then
+            pid=$(master_pid "$1") || die "$1: no running master found after its start; $2"
+            die "$1's master (pid $pid) may write core dumps:" \
+                "$(grep '^Max core' "/proc/$pid/limits" 2>/dev/null); $2"
+        fi
+        sleep 0.2
+    done
+}
+
 if [[ -d /run/systemd/system ]]; then
     say "service path: systemd (systemd is PID 1)"
     units_changed=0
@@ -358,6 +399,15 @@ if [[ -d /run/systemd/system ]]; then
             install -m 0644 "$SRC/scripts/systemd/$unit" "/etc/systemd/system/$unit"
             units_changed=1
             changed "installed /etc/systemd/system/$unit"
+        fi
+    done
+    for base in "${NOCORE_DROPINS[@]}"; do
+        dropin=/etc/systemd/system/$base.d/postwarden-nocore.conf
+        if ! cmp -s "$SRC/scripts/systemd/postwarden-nocore.conf" "$dropin"; then
+            install -d -m 0755 "$(dirname "$dropin")"
+            install -m 0644 "$SRC/scripts/systemd/postwarden-nocore.conf" "$dropin"
+            units_changed=1
+            changed "installed $dropin (LimitCORE=0: no core dumps)"
         fi
     done
     if ((units_changed)); then systemctl daemon-reload; fi
@@ -391,6 +441,17 @@ if [[ -d /run/systemd/system ]]; then
         changed "stopped and disabled postwarden-frontd (frontd.enabled is false)"
     fi
     for unit in dovecot postfix; do ensure_unit "$unit"; done
+    # Started before the drop-in existed (at boot, or by the package's own postinst): the
+    # limit applies from the next start on. Postfix's master runs under postfix@-.
+    for svc in dovecot postfix; do
+        unit=$svc.service
+        if [[ $svc == postfix ]]; then unit=postfix@-.service; fi
+        if ! core_dumps_closed "$svc"; then
+            systemctl restart "$unit"
+            changed "restarted $unit: its master ran with core dumps allowed (now LimitCORE=0)"
+        fi
+        require_core_dumps_closed "$svc" "see systemctl cat $unit"
+    done
 else
     say "service path: no systemd (PID 1 is $(ps -o comm= -p 1)); Debian init scripts + start-stop-daemon"
     ensure_dir "$RUN" root root 0755
@@ -428,16 +489,28 @@ else
     fi
     # The daemons these start must not inherit our stdout/stderr (a caller's pipe would
     # never close), so their words go to a log that is shown when a start fails.
-    if ! /etc/init.d/dovecot status >/dev/null 2>&1; then
-        service dovecot start >"$LOGS/init.log" 2>&1 </dev/null \
-            || die "dovecot did not start: $(cat "$LOGS/init.log")"
-        changed "started dovecot (init script)"
-    fi
-    if ! /etc/init.d/postfix status >/dev/null 2>&1; then
-        /etc/init.d/postfix start >"$LOGS/init.log" 2>&1 </dev/null \
-            || die "postfix did not start: $(cat "$LOGS/init.log")"
-        changed "started postfix (init script)"
-    fi
+    # Both start under `ulimit -c 0` (no core dumps, see without_core_dumps); one already
+    # running with another limit (started by its package, or by hand) is restarted so.
+    init_script() { # dovecot|postfix, start|restart
+        if [[ $1 == dovecot ]]; then service dovecot "$2"; else /etc/init.d/postfix "$2"; fi
+    }
+    for svc in dovecot postfix; do
+        if ! /etc/init.d/$svc status >/dev/null 2>&1; then
+            without_core_dumps init_script "$svc" start >"$LOGS/init.log" 2>&1 </dev/null \
+                || die "$svc did not start: $(cat "$LOGS/init.log")"
+            changed "started $svc (init script, no core dumps)"
+        elif ! core_dumps_closed "$svc"; then
+            without_core_dumps init_script "$svc" restart >"$LOGS/init.log" 2>&1 </dev/null \
+                || die "$svc did not restart: $(cat "$LOGS/init.log")"
+            changed "restarted $svc: its master ran with core dumps allowed (now ulimit -c 0)"
+        fi
+        hint="it was started with ulimit -c 0 by /etc/init.d/$svc"
+        if [[ $svc == dovecot ]] && grep -qs '^[[:space:]]*ALLOW_COREDUMPS=1' /etc/default/dovecot
+        then
+            hint="/etc/default/dovecot sets ALLOW_COREDUMPS=1: its init script raises the limit"
+        fi
+        require_core_dumps_closed "$svc" "$hint"
+    done
 fi
 
 # logrotate's daily run: systemd's logrotate.timer, else cron's /etc/cron.daily.

@@ -20,6 +20,16 @@ for d in frontd policyd mapd milterd; do
     fi
     echo "uninstall: stopped $d"
 done
+# install.sh's LimitCORE=0 drop-ins (no core dumps from Dovecot's and Postfix's masters):
+# the running masters keep the limit until their next start.
+for base in dovecot.service postfix@.service; do
+    dropin=/etc/systemd/system/$base.d/postwarden-nocore.conf
+    if [[ -e $dropin ]]; then
+        rm -f "$dropin"
+        rmdir --ignore-fail-on-non-empty "$(dirname "$dropin")"
+        echo "uninstall: removed $dropin"
+    fi
+done
 [[ -d /run/systemd/system ]] && systemctl daemon-reload
 # The fail2ban jails (mail.fail2ban); fail2ban itself stops too when install.sh started it.
 if [[ -e /etc/fail2ban/jail.d/postwarden.conf ]]; then

@@ -11,7 +11,10 @@
 #      postfix/smtpd, which fail2ban's filters know), the submission login, a delivery line
 #      with status=sent for each message, Dovecot's IMAP login; read from the journal under
 #      systemd, else from /var/log/mail.log and /var/log/dovecot.log,
-#   6. no daemon that only the test packages bring (redis-server, nsd, ...) runs as a service.
+#   6. no daemon that only the test packages bring (redis-server, nsd, ...) runs as a service,
+#   7. no process of Postfix's or Dovecot's may write a core dump (RLIMIT_CORE 0 in each
+#      master and in every process it runs; smtpd and Dovecot's auth and login processes
+#      see passwords).
 # Exit 0 when all of that holds; otherwise 1 with what failed.
 set -euo pipefail
 
@@ -42,4 +45,46 @@ runuser -u postwarden -- "$PW" --config "$CONFIG" \
 
 # The checks themselves (send, read back, DKIM, the mail log, no test-only services) are a
 # Python module checked by ruff and mypy; it reads the config through postwarden's model.
-exec "$PY" "$HERE/smoke_checks.py" "$CONFIG" "$user" "$SMOKE_PASSWORD" "smoke-alias@$domain"
+"$PY" "$HERE/smoke_checks.py" "$CONFIG" "$user" "$SMOKE_PASSWORD" "smoke-alias@$domain"
+
+# No core dumps from the processes that see passwords (Dovecot's auth and login processes,
+# Postfix's smtpd): Dovecot's and Postfix's masters, found through their own pid files, and
+# every process each runs now (after the logins above: smtpd, auth, ...) have RLIMIT_CORE
+# 0, soft and hard (install.sh: a LimitCORE=0 drop-in under systemd, else `ulimit -c 0`).
+core_limit_zero() { # pid: "Max core file size  0  0  bytes" in its limits
+    awk '$1 == "Max" && $2 == "core" { found = 1; zero = ($5 == "0" && $6 == "0") }
+        END { exit !(found && zero) }' "/proc/$1/limits" 2>/dev/null
+}
+nocore_failed=0
+for entry in "$(postconf -h queue_directory)/pid/master.pid /usr/lib/postfix/sbin/master" \
+    "$(doveconf -h base_dir 2>/dev/null)/master.pid /usr/sbin/dovecot"; do
+    read -r file program <<<"$entry"
+    pid=
+    # Postfix pads its pid with blanks; read trims them.
+    if [[ -r $file ]] && read -r pid <"$file" && [[ $pid =~ ^[1-9][0-9]*$ ]] \
+        && tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n 1 | grep -qxF "$program"
+    then
+        checked=0 failed_here=0
+        for p in "$pid" $(ps -o pid= --ppid "$pid" || true); do
+            [[ -e /proc/$p ]] || continue  # exited meanwhile
+            if core_limit_zero "$p"; then
+                checked=$((checked + 1))
+            elif [[ -e /proc/$p ]]; then
+                echo "smoke: FAIL: $(ps -o comm= -p "$p") (pid $p, under $program) may dump" \
+                    "core: $(grep '^Max core' "/proc/$p/limits")" >&2
+                failed_here=1
+            fi
+        done
+        if ((failed_here)); then nocore_failed=1; else
+            echo "smoke: no core dumps: $program (pid $pid) and its children," \
+                "$checked processes with RLIMIT_CORE 0 (soft and hard)"
+        fi
+    else
+        echo "smoke: FAIL: no running $program found through $file" >&2
+        nocore_failed=1
+    fi
+done
+if ((nocore_failed)); then
+    echo "smoke: FAIL: Postfix or Dovecot may write core dumps (the mail checks above passed)" >&2
+    exit 1
+fi
