@@ -1,28 +1,21 @@
-"""Prometheus metrics of the policy server, served on a loopback HTTP port.
+"""What the policy server counts for Prometheus; postwarden.daemon.metrics_http serves it.
 
-With several worker processes the counters are aggregated across them with
-prometheus_client's multiprocess mode: the supervisor sets PROMETHEUS_MULTIPROC_DIR
-before any worker imports prometheus_client (the library picks its value store at import
-time), and one dedicated process serves the sum of every worker's files. With one worker
-the ordinary in-process registry is served from a thread.
-
-prometheus_client is imported inside functions on purpose: importing it before the
-multiprocess directory is chosen would silently give per-process numbers.
+With several worker processes the counters are aggregated across them (the supervisor
+chooses the multiprocess directory before any worker imports prometheus_client); with one
+worker the ordinary in-process registry is served from a thread. `create_metrics` imports
+prometheus_client inside the function for that reason.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from postwarden.syntax.endpoints import parse_ip_port
+# policyd's name for it since before the serving moved to postwarden.daemon.
+from postwarden.daemon.metrics_http import parse_metrics_listen as parse_metrics_listen
 
 if TYPE_CHECKING:
     from postwarden.policy.verdict import Verdict
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Latency buckets around the 1 ms target: most answers are sub-millisecond; DNS is slower.
 LATENCY_BUCKETS = (
@@ -43,14 +36,6 @@ LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
-
-
-def parse_metrics_listen(value: str) -> tuple[str, int]:
-    """`127.0.0.1:9641` or `[::1]:9641` as (host, port); the config validator checks loopback.
-
-    The same parser `policyd.metrics_listen` is validated with, so a checked value binds.
-    """
-    return parse_ip_port(value)
 
 
 class NullMetrics:
@@ -106,41 +91,3 @@ def create_metrics() -> Metrics:
             ["kind"],
         ),
     )
-
-
-def serve_in_thread(listen: str) -> None:
-    """Serve this process's registry on `listen` from a daemon thread (one-worker mode)."""
-    from prometheus_client import start_http_server
-
-    host, port = parse_metrics_listen(listen)
-    start_http_server(port, addr=host)
-
-
-def serve_multiprocess_forever(listen: str) -> None:
-    """Serve the sum over every worker's metric files; blocks (run in its own process)."""
-    from wsgiref.simple_server import make_server
-
-    from prometheus_client import CollectorRegistry, make_wsgi_app
-    from prometheus_client.exposition import (
-        ThreadingWSGIServer,
-        _SilentHandler,
-    )
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    class V6Server(ThreadingWSGIServer):
-        address_family = socket.AF_INET6
-
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
-    host, port = parse_metrics_listen(listen)
-    server_class = V6Server if ":" in host else ThreadingWSGIServer
-    httpd = make_server(host, port, make_wsgi_app(registry), server_class, _SilentHandler)
-    httpd.serve_forever()
-
-
-def mark_worker_dead(pid: int) -> None:
-    """Drop a dead worker's live-only files (multiprocess mode)."""
-    if os.environ.get(MULTIPROC_ENV):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]  # untyped upstream

@@ -12,9 +12,9 @@ import errno
 import logging
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from policyd.listeners import Listener, Served, bind_listeners, close_listeners
@@ -24,6 +24,12 @@ from policyd.wiring import open_store_for
 from postwarden.config import Config, ConfigError, load_config
 from postwarden.daemon.child_processes import die_with_parent
 from postwarden.daemon.log_lines import setup_logging
+from postwarden.daemon.metrics_http import (
+    mark_process_dead,
+    multiprocess_directory,
+    serve_in_thread,
+    serve_multiprocess_forever,
+)
 from postwarden.daemon.startup import (
     EXIT_CHILD_STARTUP_FAILED,
     EXIT_OK,
@@ -52,7 +58,7 @@ def _serve_in_this_process(
 ) -> int:
     metrics: Metrics | NullMetrics = NullMetrics()
     if with_metrics and cfg.policyd.metrics_listen is not None:
-        from policyd.metrics import create_metrics, serve_in_thread
+        from policyd.metrics import create_metrics
 
         metrics = create_metrics()
         if metrics_thread:
@@ -127,17 +133,18 @@ class Supervisor:
         self._failed = False
 
     def run(self) -> int:
-        metrics_dir: tempfile.TemporaryDirectory[str] | None = None
-        if self.cfg.policyd.metrics_listen is not None:
-            from policyd.metrics import MULTIPROC_ENV
+        # Chosen before any worker imports prometheus_client (see metrics_http).
+        metrics_dir: AbstractContextManager[object] = (
+            nullcontext() if self.cfg.policyd.metrics_listen is None else multiprocess_directory()
+        )
+        with metrics_dir:
+            return self._run()
 
-            # Chosen before any worker imports prometheus_client (see policyd.metrics).
-            metrics_dir = tempfile.TemporaryDirectory(prefix="postwarden-metrics-")
-            os.environ[MULTIPROC_ENV] = metrics_dir.name
+    def _run(self) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
         previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_signal)
         try:
-            if metrics_dir is not None:
+            if self.cfg.policyd.metrics_listen is not None:
                 self.metrics_pid = self._fork(self._metrics_main)
             for slot in range(self.count):
                 self.workers[self._fork(self._worker_main)] = slot
@@ -146,9 +153,6 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if metrics_dir is not None:
-                metrics_dir.cleanup()
-                os.environ.pop(MULTIPROC_ENV, None)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals.append(signum)
@@ -181,8 +185,6 @@ class Supervisor:
         )
 
     def _metrics_main(self) -> int:
-        from policyd.metrics import serve_multiprocess_forever
-
         for listener in self.listeners:
             listener.sock.close()
         assert self.cfg.policyd.metrics_listen is not None
@@ -252,9 +254,7 @@ class Supervisor:
             slot = self.workers.pop(pid, None)
             if slot is None:
                 continue
-            from policyd.metrics import mark_worker_dead
-
-            mark_worker_dead(pid)
+            mark_process_dead(pid)
             if stopping:
                 continue
             if code == EXIT_CHILD_STARTUP_FAILED:
