@@ -12,6 +12,10 @@ exits: every connection wakes the poll at once. Once libmilter has a SIGTERM it 
 further command of any session, so a listener gets it only when its messages in progress
 are done (bounded by DRAIN_TIMEOUT); what is cut, Postfix defers (tempfail). Under systemd
 this needs KillMode=mixed, or every process gets the SIGTERM at once.
+
+Metrics (`milterd.metrics_listen`): the supervisor chooses prometheus_client's multiprocess
+directory and binds the HTTP port before forking; each listener records into the directory
+(milterd.message_metrics) and a thread of the supervisor serves the sum.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import Milter
 
@@ -38,6 +42,11 @@ from milterd.milter import DkimMilter
 from postwarden.config.model import Config
 from postwarden.config.types import ListenAddress
 from postwarden.daemon.child_processes import die_with_parent
+from postwarden.daemon.metrics_http import (
+    mark_process_dead,
+    multiprocess_directory,
+    multiprocess_server,
+)
 from postwarden.daemon.socket_files import SocketInUseError, remove_stale_socket
 from postwarden.daemon.startup import (
     EXIT_CHILD_STARTUP_FAILED,
@@ -45,6 +54,9 @@ from postwarden.daemon.startup import (
     StartupError,
     log_startup_failure,
 )
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger("postwarden.milterd")
 MILTER_NAME = "postwarden-milterd"
@@ -106,6 +118,25 @@ def run(config: Config) -> int:
     # Once, before forking: every listener shares the parsed keys and the resolver.
     DkimMilter.handler = MessageHandler(config)
     Milter.factory = DkimMilter
+    if cfg.metrics_listen is None:
+        return _run_listeners(config, None)
+    # Chosen before anything imports prometheus_client (see postwarden.daemon.metrics_http).
+    with multiprocess_directory():
+        try:
+            server = multiprocess_server(cfg.metrics_listen)
+        except OSError as exc:
+            raise StartupError(
+                f"milterd.metrics_listen: cannot listen on {cfg.metrics_listen}: {exc.strerror}"
+            ) from None
+        try:
+            return _run_listeners(config, server)
+        finally:
+            server.server_close()
+
+
+def _run_listeners(config: Config, metrics_server: WSGIServer | None) -> int:
+    """Fork one listener per address, serve the metrics (if on) and supervise until stopped."""
+    cfg = config.milterd
     # Blocked before forking, so no signal slips in between; listeners keep TERM/INT/HUP
     # blocked too, which is what libmilter's signal thread (sigwait) wants.
     signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
@@ -120,9 +151,18 @@ def run(config: Config) -> int:
         pid = os.fork()
         if pid == 0:
             DkimMilter.busy = busy
-            _serve(config, address, supervisor, stop_asked)
+            _serve(config, address, supervisor, stop_asked, metrics_server)
         children[pid] = Listener(address, busy, stop_asked)
-    return _supervise(children)
+    if metrics_server is None:
+        return _supervise(children)
+    # Started after the forks (a thread does not survive one) and with the signals blocked,
+    # which it inherits: they stay the main thread's, for sigtimedwait.
+    serving = threading.Thread(target=metrics_server.serve_forever, name="metrics", daemon=True)
+    serving.start()
+    try:
+        return _supervise(children)
+    finally:
+        metrics_server.shutdown()
 
 
 @dataclass
@@ -152,6 +192,7 @@ def _supervise(children: dict[int, Listener]) -> int:
             started = time.monotonic()
         for pid, status in _reap(children):
             address = children.pop(pid).address
+            mark_process_dead(pid)
             exit_code = os.waitstatus_to_exitcode(status)
             if started is None:
                 # A listener gone on its own: stop the rest so the service manager restarts all.
@@ -211,12 +252,21 @@ def _wake(address: ListenAddress) -> None:
 
 
 def _serve(
-    config: Config, address: ListenAddress, supervisor: int, stop_asked: ctypes.c_int64
+    config: Config,
+    address: ListenAddress,
+    supervisor: int,
+    stop_asked: ctypes.c_int64,
+    metrics_server: WSGIServer | None,
 ) -> NoReturn:
     """One listener process: libmilter on one address, until SIGTERM. Never returns."""
     code = 0
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        if metrics_server is not None:
+            from milterd.message_metrics import create_metrics
+
+            metrics_server.socket.close()  # the supervisor's to serve
+            DkimMilter.metrics = create_metrics()  # into the supervisor's multiprocess directory
         _listen(config, address, supervisor, stop_asked)
     except StartupError as exc:
         log_startup_failure(log, "milterd", exc)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import Milter
 
 from milterd.message_handler import Changes, Envelope, MessageFault, MessageHandler
+from milterd.message_metrics import Metrics, NullMetrics
 from postwarden.daemon.log_lines import decision_line
 from postwarden.dkim.verification import AR_HEADER
 
@@ -39,6 +40,8 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
     # (set by the server), so the supervisor can let them finish before it ends the listener.
     busy: ClassVar[ctypes.c_int64] = ctypes.c_int64(0)
     _busy_lock: ClassVar[threading.Lock] = threading.Lock()
+    # Set per listener process when milterd.metrics_listen is set (milterd.message_metrics).
+    metrics: ClassVar[Metrics | NullMetrics] = NullMetrics()
 
     def __init__(self) -> None:
         super().__init__()
@@ -105,15 +108,17 @@ class DkimMilter(Milter.Base):  # type: ignore[misc]
             if changes.reject is None:
                 self._apply(changes)
         except MessageFault as exc:
+            self.metrics.error("fault")
             return self._on_error(queue_id, str(exc))
         except Exception as exc:  # noqa: BLE001 - never crash or lose a message; say what and go on
+            self.metrics.error("internal")
             return self._on_error(queue_id, f"internal error {type(exc).__name__}: {exc}")
         finally:
             self._reset()
             self._end_message()
-        log.info(
-            "%s", message_line(envelope, self.client_name, changes, time.monotonic() - started)
-        )
+        elapsed = time.monotonic() - started
+        self.metrics.message(changes, elapsed)
+        log.info("%s", message_line(envelope, self.client_name, changes, elapsed))
         if changes.reject is not None:
             self.setreply("550", "5.7.1", changes.reject)
             return REJECT

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -88,6 +89,18 @@ class StoreConfig(Section):
 PolicyAction = Literal["DUNNO", "DEFER_IF_PERMIT"]
 
 
+def _loopback_metrics(value: str) -> str:
+    # Metrics reveal traffic patterns: they are served on loopback only.
+    host, _ = parse_ip_port(value)  # the grammar postwarden.daemon.metrics_http serves with
+    if not ipaddress.ip_address(host).is_loopback:
+        raise ValueError("must be a loopback address (127.0.0.0/8 or [::1]) and a port")
+    return value
+
+
+# Prometheus metrics on a loopback HTTP port, e.g. "127.0.0.1:9641" (policyd, milterd).
+MetricsListen = Annotated[str, AfterValidator(_loopback_metrics)]
+
+
 class PolicydConfig(Section):
     """The Postfix policy server."""
 
@@ -114,7 +127,7 @@ class PolicydConfig(Section):
     # Postfix waits for policyd). Longer than dnsbl.budget + spf.timeout (2 + 20 s) with room.
     request_timeout: Annotated[float, Field(gt=0)] = 30.0
     # Prometheus metrics on a loopback HTTP port, e.g. "127.0.0.1:9641"; off when unset.
-    metrics_listen: str | None = None
+    metrics_listen: MetricsListen | None = None
     # Forwarding aliases served to Postfix as a socketmap (virtual_alias_maps =
     # socketmap:<this>:aliases), so alias edits apply without a reload; unset: not served.
     aliases_listen: Listen | None = None
@@ -123,18 +136,6 @@ class PolicydConfig(Section):
     # an unknown or deleted user is refused at RCPT at once). Unset: that map is not served.
     mailbox_lmtp: Listen | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-
-    @field_validator("metrics_listen")
-    @classmethod
-    def _loopback_metrics(cls, value: str | None) -> str | None:
-        # Metrics reveal traffic patterns: they are served on loopback only.
-        if value is None:
-            return value
-        host, _ = parse_ip_port(value)  # the grammar policyd.metrics serves with
-        loopback = ipaddress.ip_address(host).is_loopback
-        if not loopback:
-            raise ValueError("must be a loopback address (127.0.0.0/8 or [::1]) and a port")
-        return value
 
 
 class MilterdConfig(Section):
@@ -154,6 +155,9 @@ class MilterdConfig(Section):
     # (postwarden.policy.sender_identity): "reject" it (550 5.7.1 at end of data) or pass it on
     # "unsigned" (logged). Mail from trusted networks without a login is signed as before.
     from_mismatch: Literal["reject", "unsigned"] = "reject"
+    # Prometheus metrics on a loopback HTTP port, e.g. "127.0.0.1:9642", summed over the
+    # listener processes; off when unset.
+    metrics_listen: MetricsListen | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

@@ -96,6 +96,7 @@ BY_KEY: dict[str, st.SearchStrategy[Any]] = {
     "milterd.listen": st.lists(listen, min_size=0, max_size=2),
     "milterd.socket_mode": st.sampled_from(["0660", "660", "0999", "x"]),
     "milterd.authserv_id": st.one_of(st.none(), domains),
+    "milterd.metrics_listen": metrics_listen,
     "frontd.milter_listen": listen,
     "frontd.sasl_listen": st.one_of(st.none(), listen),
     "frontd.sasl_upstream": st.one_of(st.none(), listen),
@@ -255,7 +256,8 @@ def pin_to_machine(data: dict[str, Any], tmp: Path) -> dict[str, Any]:
         policyd["mailbox_lmtp"] = f"unix:{tmp}/lmtp.sock"
     milterd = pinned.setdefault("milterd", {})
     milterd["listen"] = [f"unix:{tmp}/milterd.sock"]
-    milterd.pop("socket_group", None)
+    for key in ("socket_group", "metrics_listen"):
+        milterd.pop(key, None)
     frontd = pinned.setdefault("frontd", {})
     frontd["enabled"] = True  # frontd refuses to run for a config that does not use it
     frontd["milter_listen"] = f"unix:{tmp}/milter-front.sock"
