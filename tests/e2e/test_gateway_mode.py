@@ -11,15 +11,26 @@ Contract: docs/gateway-mode.md. Each security mode (enforced STARTTLS, TLS, none
 parametrisation of the `gateway` fixture; the fail-closed tests point an enforced-STARTTLS
 gateway at a backend without STARTTLS, at one whose certificate names evil.test, and at a
 recorder, and check that no credential and no message reached it.
+
+Every test ends with a credential scan (tests/fixtures/credential_scan.py), after its
+daemons stopped and before their directories are removed: the gateway's and the backends'
+configs, queues, logs, mail stores and Dovecot runtime directories, milterd's and policyd's
+directories, the recorder's captures, new files in the core dump locations and in Dovecot's
+state_dir, and journald's export when journald runs. None may hold any password the test
+used, in any form `credential_forms` lists; `test_the_credential_scan_finds_a_password_dovecot_logs`
+is the positive control (Dovecot told to log passwords: the scan must find one).
 """
 
 from __future__ import annotations
 
+import base64
 import imaplib
 import poplib
+import re
 import shutil
 import smtplib
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +49,7 @@ from tests.fixtures.backend_servers import (
     Recorder,
     backend_factory,
 )
+from tests.fixtures.credential_scan import Finding, ScanReport, scan, secrets_for
 from tests.fixtures.dns_server import DnsServer
 from tests.fixtures.gateway import dkim_results, raw_bytes, signed_remote_message
 from tests.fixtures.mail_system import HOST, MailSystem, MailSystemFactory, SmtpResult
@@ -65,6 +77,22 @@ FAIL_CLOSED_LOGS = (
     r"[Cc]ertificate|SSL|TLS",
 )
 CREDENTIAL_VERBS = (b"LOGIN", b"AUTHENTICATE", b"AUTH ", b"USER ", b"PASS ")
+# Every password a test types besides the backends' own (those come from Backend.users);
+# the helpers below also record whatever they are given, so a new literal is scanned too.
+WRONG_PASSWORD = "not-alices-password"
+UNKNOWN_PASSWORD = "whatever-password"
+CANARY_PASSWORD = "recorder-canary-pw"
+BEFORE_TLS_PASSWORD = "sent-before-starttls"
+TYPED_PASSWORDS = (WRONG_PASSWORD, UNKNOWN_PASSWORD, CANARY_PASSWORD, BEFORE_TLS_PASSWORD)
+# Where a core dump of the run could land besides the daemons' working directories (which
+# are in the scanned roots: Postfix's queue, Dovecot's base_dir and mail homes), and
+# Dovecot's default state_dir (its `instances` list is rewritten by every start).
+CORE_DIRS = (Path("/var/lib/systemd/coredump"), Path("/var/crash"))
+DOVECOT_STATE_DIR = Path("/var/lib/dovecot")
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+# The backend's passwd-file holds its users' SHA512-CRYPT hashes by design (salted: no form
+# the scan knows could match). It is excluded from the scan by path and checked for that.
+BACKEND_USERS_LINE = re.compile(r"^[^:\s]+:\{SHA512-CRYPT\}\$6\$[^:\s]+::::::$")
 
 
 def _signing_key(dns_server: DnsServer, directory: Path) -> tuple[dict[str, Any], SigningKey]:
@@ -88,6 +116,12 @@ class Gateway:
     nameserver: str
     remote_key: SigningKey
     policyd: PolicydHandle | None = None
+    # The rig's record of passwords typed at this gateway (scanned for at teardown).
+    typed: set[str] = field(default_factory=set)
+
+    def type_password(self, password: str) -> str:
+        self.typed.add(password)
+        return password
 
     def diagnostics(self) -> str:
         backend = self.backend.logs() if isinstance(self.backend, Backend) else ""
@@ -112,8 +146,26 @@ class GatewayRig:
     directory: Path
     dkim: dict[str, Any]
     remote_key: SigningKey
+    started_at: float = field(default_factory=time.time)
+    passwords: set[str] = field(default_factory=lambda: set(TYPED_PASSWORDS))
+    # The positive control's file, where findings are expected (and required) at teardown.
+    allow_leaks_in: Path | None = None
     _daemons: list[MilterdHandle | PolicydHandle] = field(default_factory=list)
     _systems: list[MailSystem] = field(default_factory=list)
+    _backends: list[Backend] = field(default_factory=list)
+    _recorders: list[Recorder] = field(default_factory=list)
+
+    def backend(self, **options: Any) -> Backend:
+        """A running backend (BackendFactory.start), scanned with the rig."""
+        backend = self.backends.start(**options)
+        self._backends.append(backend)
+        return backend
+
+    def recorder(self, **options: Any) -> Recorder:
+        """A recording fake backend (BackendFactory.recorder), scanned with the rig."""
+        recorder = self.backends.recorder(**options)
+        self._recorders.append(recorder)
+        return recorder
 
     def start(
         self,
@@ -122,6 +174,7 @@ class GatewayRig:
         *,
         security: str = "starttls",
         greylisting: bool = False,
+        dovecot_settings: str | None = None,
     ) -> Gateway:
         n = len(self._systems)
         dns = {"nameservers": [self.dns_server.nameserver], "timeout": 2.0}
@@ -159,18 +212,146 @@ class GatewayRig:
             config,
             milterd_socket=str(milterd.socket_path),
             policyd_socket=str(policyd.socket_path) if policyd and policyd.socket_path else None,
+            dovecot_settings=dovecot_settings,
         )
         self._systems.append(mail)
         return Gateway(
-            mail, backend, security, milterd, self.dns_server.nameserver, self.remote_key, policyd
+            mail,
+            backend,
+            security,
+            milterd,
+            self.dns_server.nameserver,
+            self.remote_key,
+            policyd,
+            typed=self.passwords,
         )
 
     def stop(self) -> None:
+        """Stop every daemon (idempotent): the gateways, milterd/policyd, the backends."""
         # Postfix first: its smtpd holds keep-alive connections that policyd would drain.
         for system in self._systems:
             system.stop()
         for daemon in self._daemons:
             daemon.stop()
+        for backend in self._backends:
+            backend.stop()
+        for recorder in self._recorders:
+            recorder.stop()
+
+    # --- the credential scan ------------------------------------------------------------------
+    def scan(self) -> tuple[ScanReport, list[str]]:
+        """Scan everything this run wrote for every password it used (daemons stopped first).
+
+        Returns the report and notes on what could not be scanned here (and why)."""
+        notes: list[str] = []
+        users = {ALICE, BOB, UNKNOWN}
+        passwords = set(self.passwords)
+        for backend in self._backends:
+            users |= set(backend.users)
+            passwords |= set(backend.users.values())
+        roots = [self.directory]
+        roots += [system.root for system in self._systems]
+        roots += [backend.root for backend in self._backends]
+        roots += [recorder.root for recorder in self._recorders]
+        new_system_files, core_findings = self._system_files_changed(notes)
+        report = scan(
+            [*roots, *new_system_files],
+            secrets_for(users, passwords),
+            exclude=[backend.root / "users" for backend in self._backends],
+            extra=self._journal_export(notes),
+        )
+        report.findings += core_findings
+        for backend in self._backends:
+            report.findings += _backend_users_file_findings(backend.root / "users")
+        return report, notes
+
+    def _system_files_changed(self, notes: list[str]) -> tuple[list[Path], list[Finding]]:
+        """Files outside the roots this run may have written: new core dumps (each one a
+        finding: a dump of a mail daemon holds its memory) and Dovecot's state_dir."""
+        files: list[Path] = []
+        findings: list[Finding] = []
+        pattern = _read_text(Path("/proc/sys/kernel/core_pattern")).strip()
+        core_dirs = list(CORE_DIRS)
+        if pattern.startswith("/"):
+            core_dirs.append(Path(pattern).parent)
+        notes.append(
+            f"core_pattern {pattern!r}; core dump locations {[str(d) for d in core_dirs]}"
+            " and the roots (a relative pattern dumps in the daemon's working directory)"
+        )
+        places = [(d, True) for d in core_dirs] + [(DOVECOT_STATE_DIR, False)]
+        for directory, is_core_dir in places:
+            if not directory.is_dir():
+                notes.append(f"{directory}: absent")
+                continue
+            for path in sorted(directory.rglob("*")):
+                if path.is_symlink() or not path.is_file():
+                    continue
+                if path.stat().st_mtime >= self.started_at - 1:
+                    files.append(path)
+                    if is_core_dir:
+                        findings.append(Finding(str(path), "core dump", detail="new in this run"))
+        return files, findings
+
+    def _journal_export(self, notes: list[str]) -> dict[str, bytes]:
+        """journald's export of this run's time, when journald runs (else a note: not faked)."""
+        if not JOURNAL_SOCKET.exists() or shutil.which("journalctl") is None:
+            notes.append(f"journald not running ({JOURNAL_SOCKET} absent): no journal to scan")
+            return {}
+        since = f"@{int(self.started_at) - 1}"
+        done = subprocess.run(
+            ["journalctl", "-o", "export", "--no-pager", "--since", since],
+            capture_output=True,
+            check=False,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            pytest.fail(f"journalctl -o export failed: {done.stderr!r}")
+        notes.append(f"journald export since {since}: {len(done.stdout)} bytes scanned")
+        return {f"journalctl -o export --since {since}": done.stdout}
+
+    def must_have_scanned(self) -> list[Path]:
+        """Files every scan must have read: each daemon's log (an empty scan proves nothing)."""
+        logs = []
+        for system in self._systems:
+            logs += [system.layout.maillog_file, system.layout.dovecot_log_file]
+        for backend in self._backends:
+            logs += [backend.root / "log" / "postfix.log", backend.root / "log" / "dovecot.log"]
+        return [p for p in logs if p is not None]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _backend_users_file_findings(users_file: Path) -> list[Finding]:
+    """The excluded passwd-file holds only SHA512-CRYPT hashes (anything else is a finding)."""
+    lines = _read_text(users_file).splitlines()
+    bad = [n for n, line in enumerate(lines, 1) if not BACKEND_USERS_LINE.match(line)]
+    if lines and not bad:
+        return []
+    return [Finding(str(users_file), "not only SHA512-CRYPT hashes", detail=f"lines {bad}")]
+
+
+def _judge_scan(rig: GatewayRig, report: ScanReport, notes: list[str]) -> None:
+    """Fail the test on any finding (the positive control's own file aside, which must have
+    some) and on a scan that missed a daemon's log."""
+    print(f"credential scan: {len(report.scanned)} files and sources read", *notes, sep="\n  ")
+    findings = report.findings
+    problems: list[str] = []
+    if rig.allow_leaks_in is not None:
+        expected = [f for f in findings if f.source == str(rig.allow_leaks_in)]
+        findings = [f for f in findings if f not in expected]
+        print("  found, as the positive control must:", *expected, sep="\n    ")
+        if not expected:
+            problems.append(f"the positive control found nothing in {rig.allow_leaks_in}")
+    unscanned = [str(p) for p in rig.must_have_scanned() if str(p) not in report.scanned]
+    problems += [f"not scanned: {p}" for p in unscanned]
+    problems += [str(f) for f in findings]
+    if problems:
+        pytest.fail("credential scan:\n" + "\n".join(problems), pytrace=False)
 
 
 @pytest.fixture
@@ -178,14 +359,20 @@ def rig(mail_system_factory: MailSystemFactory, dns_server: DnsServer) -> Iterat
     # World-traversable: Postfix's smtpd runs as `postfix` and must reach the daemons' sockets.
     directory = Path(tempfile.mkdtemp(prefix="pw-gwe2e-"))
     directory.chmod(0o755)
-    dkim, remote_key = _signing_key(dns_server, directory)
-    with backend_factory() as backends:
-        rig = GatewayRig(mail_system_factory, backends, dns_server, directory, dkim, remote_key)
-        try:
-            yield rig
-        finally:
-            rig.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        dkim, remote_key = _signing_key(dns_server, directory)
+        with backend_factory() as backends:
+            rig = GatewayRig(mail_system_factory, backends, dns_server, directory, dkim, remote_key)
+            try:
+                yield rig
+            finally:
+                # After the daemons stopped (nothing more is written), before anything is
+                # removed (the backends at this block's end, the gateways after this fixture).
+                rig.stop()
+                report, notes = rig.scan()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    _judge_scan(rig, report, notes)
 
 
 @pytest.fixture(params=["starttls", "tls", "none"])
@@ -193,7 +380,7 @@ def gateway(request: pytest.FixtureRequest, rig: GatewayRig) -> Gateway:
     """A gateway in each security mode, with greylisting, in front of a matching backend:
     enforced STARTTLS and TLS reach the backend with TLS, "none" the one without TLS."""
     security: str = request.param
-    backend = rig.backends.start(starttls=security != "none")
+    backend = rig.backend(starttls=security != "none")
     return rig.start(backend, backend.gateway_config(security), security=security, greylisting=True)
 
 
@@ -212,7 +399,7 @@ def _imap_login_error(gateway: Gateway, port_key: str, user: str, password: str)
     conn = _imap(gateway, port_key)
     try:
         with pytest.raises(imaplib.IMAP4.error) as refused:
-            conn.login(user, password)
+            conn.login(user, gateway.type_password(password))
         return str(refused.value)
     finally:
         conn.shutdown()
@@ -232,7 +419,7 @@ def _pop3_login_error(gateway: Gateway, port_key: str, user: str, password: str)
     try:
         conn.user(user)
         with pytest.raises(poplib.error_proto) as refused:
-            conn.pass_(password)
+            conn.pass_(gateway.type_password(password))
         return str(refused.value)
     finally:
         conn.close()
@@ -256,7 +443,7 @@ def _smtp_auth_reply(gateway: Gateway, port_key: str, user: str, password: str) 
     """The gateway's answer to AUTH PLAIN with these credentials."""
     with _smtp(gateway, port_key) as client:
         try:
-            client.login(user, password)
+            client.login(user, gateway.type_password(password))
         except smtplib.SMTPResponseException as exc:
             error = exc.smtp_error
             return exc.smtp_code, error.decode(errors="replace") if isinstance(
@@ -319,8 +506,8 @@ def test_imap_login_reads_the_backend_mailbox(gateway: Gateway, port_key: str) -
 def test_imap_wrong_password_and_unknown_user_are_refused_alike(
     gateway: Gateway, port_key: str
 ) -> None:
-    wrong = _imap_login_error(gateway, port_key, ALICE, "not-alices-password")
-    unknown = _imap_login_error(gateway, port_key, UNKNOWN, "whatever-password")
+    wrong = _imap_login_error(gateway, port_key, ALICE, WRONG_PASSWORD)
+    unknown = _imap_login_error(gateway, port_key, UNKNOWN, UNKNOWN_PASSWORD)
     assert "AUTHENTICATIONFAILED" in wrong, wrong
     assert wrong == unknown
     # The same port lets the right password in: the refusals were the backend's verdicts.
@@ -352,8 +539,8 @@ def test_pop3_login_reads_the_backend_mailbox(gateway: Gateway, port_key: str) -
 def test_pop3_wrong_password_and_unknown_user_are_refused_alike(
     gateway: Gateway, port_key: str
 ) -> None:
-    wrong = _pop3_login_error(gateway, port_key, ALICE, "not-alices-password")
-    unknown = _pop3_login_error(gateway, port_key, UNKNOWN, "whatever-password")
+    wrong = _pop3_login_error(gateway, port_key, ALICE, WRONG_PASSWORD)
+    unknown = _pop3_login_error(gateway, port_key, UNKNOWN, UNKNOWN_PASSWORD)
     assert wrong.startswith("b'-ERR"), wrong
     assert wrong == unknown
     conn = _pop3(gateway, port_key)
@@ -445,8 +632,8 @@ def test_submitted_mail_arrives_in_the_backend_mailbox_signed(
 def test_smtp_wrong_password_and_unknown_user_are_refused_alike(
     gateway: Gateway, port_key: str
 ) -> None:
-    wrong = _smtp_auth_reply(gateway, port_key, ALICE, "not-alices-password")
-    unknown = _smtp_auth_reply(gateway, port_key, UNKNOWN, "whatever-password")
+    wrong = _smtp_auth_reply(gateway, port_key, ALICE, WRONG_PASSWORD)
+    unknown = _smtp_auth_reply(gateway, port_key, UNKNOWN, UNKNOWN_PASSWORD)
     assert wrong[0] == 535, (wrong, gateway.diagnostics())
     assert wrong == unknown
     right = _smtp_auth_reply(gateway, port_key, ALICE, gateway.real_backend.users[ALICE])
@@ -457,7 +644,8 @@ def test_smtp_auth_before_starttls_is_refused(gateway: Gateway) -> None:
     with smtplib.SMTP(HOST, gateway.mail.ports["submission_port"], timeout=30) as client:
         client.ehlo("client.test")
         assert not client.has_extn("auth"), client.esmtp_features
-        code, _ = client.docmd("AUTH", "PLAIN AGFsaWNlQGNvcnAudGVzdABndWVzcw==")
+        early = base64.b64encode(f"\0{ALICE}\0{BEFORE_TLS_PASSWORD}".encode()).decode()
+        code, _ = client.docmd("AUTH", f"PLAIN {early}")
         assert code == 530  # 5.7.0 Must issue a STARTTLS command first
         code, _ = client.mail(ALICE)
         assert code == 530  # 5.7.0 Must issue a STARTTLS command first
@@ -533,12 +721,12 @@ def _assert_nothing_sent(recorder: Recorder, secrets: list[str]) -> None:
 def test_a_backend_without_starttls_gets_no_credential_and_no_mail(
     rig: GatewayRig, refuse_starttls: bool
 ) -> None:
-    recorder = rig.backends.recorder(refuse_starttls=refuse_starttls)
+    recorder = rig.recorder(refuse_starttls=refuse_starttls)
     # A CA to name (the config needs one with TLS); the recorder never gets that far.
     ca_file = rig.directory / "recorder-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(ca_file))
     gateway = rig.start(recorder, recorder.gateway_config(ca_file))
-    password = "recorder-canary-pw"
+    password = CANARY_PASSWORD
     # IMAP and POP3: a temporary failure, the login never forwarded.
     imap = _imap_login_error(gateway, "imap_port", ALICE, password)
     assert TEMPORARY in imap, imap
@@ -557,7 +745,7 @@ def test_a_backend_without_starttls_gets_no_credential_and_no_mail(
 
 @pytest.mark.expect_log(*FAIL_CLOSED_LOGS)
 def test_a_backend_whose_certificate_names_another_host_gets_nothing(rig: GatewayRig) -> None:
-    evil = rig.backends.start(cert_names=("evil.test",))
+    evil = rig.backend(cert_names=("evil.test",))
     gateway = rig.start(evil, evil.gateway_config("starttls"))
     password = evil.users[ALICE]  # the right password: it must still not be sent
     imap = _imap_login_error(gateway, "imap_port", ALICE, password)
@@ -581,7 +769,7 @@ def test_a_backend_whose_certificate_names_another_host_gets_nothing(rig: Gatewa
 def test_without_the_backends_imap_no_login_is_accepted_and_inbound_mail_still_flows(
     rig: GatewayRig,
 ) -> None:
-    backend = rig.backends.start()
+    backend = rig.backend()
     table = backend.gateway_config("starttls")
     del table["imap"], table["pop3"]
     gateway = rig.start(backend, table)
@@ -597,3 +785,39 @@ def test_without_the_backends_imap_no_login_is_accepted_and_inbound_mail_still_f
     assert sent.accepted, (sent, gateway.diagnostics())
     (delivered,) = backend.wait_for_delivery(BOB, timeout=30)
     assert delivered["Subject"] == "inbound only"
+
+
+# --- the positive control of the credential scan --------------------------------------------
+# What an operator turning on Dovecot's password logging would write (all off in the render).
+GATEWAY_LOCAL_USER = "alice@example.test"  # in the gateway's own users file (mail_system.py)
+LOCAL_WRONG_PASSWORD = "not-the-local-password"
+LEAKY_DOVECOT_SETTINGS = """\
+auth_verbose = yes
+auth_verbose_passwords = plain
+auth_debug = yes
+auth_debug_passwords = yes
+"""
+
+
+@pytest.mark.expect_log(IMAPC_AUTH_FAILED)
+def test_the_credential_scan_finds_a_password_dovecot_logs(rig: GatewayRig) -> None:
+    """The scan every test ends with is not blind: with Dovecot told to log passwords, one
+    wrong SMTP login leaves the password in the gateway's Dovecot log, and the scan finds it."""
+    backend = rig.backend()
+    gateway = rig.start(
+        backend, backend.gateway_config("starttls"), dovecot_settings=LEAKY_DOVECOT_SETTINGS
+    )
+    code, text = _smtp_auth_reply(gateway, "submission_port", ALICE, WRONG_PASSWORD)
+    assert code == 535, (code, text, gateway.diagnostics())
+    # A local user's wrong password: the gateway's own passwd-file logs the mismatch.
+    local = _imap_login_error(gateway, "imap_port", GATEWAY_LOCAL_USER, LOCAL_WRONG_PASSWORD)
+    assert "AUTHENTICATIONFAILED" in local, local
+    rig.stop()
+    report, _ = rig.scan()
+    log = str(gateway.mail.layout.dovecot_log_file)
+    found = {f.form for f in report.findings if f.source == log}
+    assert f"AUTH PLAIN base64 of {WRONG_PASSWORD!r} as {ALICE}" in found, (report, log)
+    assert f"plain of {LOCAL_WRONG_PASSWORD!r}" in found, (report, log)
+    # Only the switched-on log leaked: the same login leaves nothing elsewhere.
+    assert [f for f in report.findings if f.source != log] == [], report.findings
+    rig.allow_leaks_in = gateway.mail.layout.dovecot_log_file
