@@ -14,6 +14,7 @@ from cli import (
     commands_mail,
     commands_milterd,
     commands_trace,
+    commands_users,
 )
 from cli.context import CliContext
 
@@ -44,6 +45,7 @@ for module in (
     commands_config,
     commands_mail,
     commands_trace,
+    commands_users,
 ):
     for command in module.COMMANDS:
         cli.add_command(command)
