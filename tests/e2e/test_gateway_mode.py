@@ -744,9 +744,19 @@ def test_a_backend_without_starttls_gets_no_credential_and_no_mail(
 
 
 @pytest.mark.expect_log(*FAIL_CLOSED_LOGS)
-def test_a_backend_whose_certificate_names_another_host_gets_nothing(rig: GatewayRig) -> None:
-    evil = rig.backend(cert_names=("evil.test",))
-    gateway = rig.start(evil, evil.gateway_config("starttls"))
+@pytest.mark.parametrize("unsafe", ["names-another-host", "chains-to-another-ca"])
+def test_a_backend_whose_certificate_does_not_verify_gets_nothing(
+    rig: GatewayRig, unsafe: str
+) -> None:
+    if unsafe == "names-another-host":
+        evil = rig.backend(cert_names=("evil.test",))
+        table = evil.gateway_config("starttls")
+    else:  # the right names, from a CA that is not gateway.ca
+        evil = rig.backend()
+        other_ca = rig.directory / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other_ca))
+        table = evil.gateway_config("starttls", ca=str(other_ca))
+    gateway = rig.start(evil, table)
     password = evil.users[ALICE]  # the right password: it must still not be sent
     imap = _imap_login_error(gateway, "imap_port", ALICE, password)
     assert TEMPORARY in imap, imap
