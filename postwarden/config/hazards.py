@@ -160,13 +160,16 @@ def _clear_text_imap_pop3_login(cfg: Config) -> Iterable[Hazard]:
     ports = [str(port) for port, enabled in plain if enabled]
     if mail.imap_pop3_require_tls or not ports:
         return []
+    # In gateway mode those passwords are the backend's, passed through: refused there.
+    gateway = cfg.gateway.enabled
     return [
         Hazard(
             "mail.imap_pop3_require_tls",
             f"false allows IMAP/POP3 logins without TLS on port{'s' * (len(ports) > 1)} "
             f"{', '.join(ports)}: "
-            "passwords may cross the network unencrypted",
-            refuse=False,
+            "passwords may cross the network unencrypted"
+            + (" (in gateway mode, the backend's passwords)" if gateway else ""),
+            refuse=gateway,
         )
     ]
 

@@ -211,6 +211,15 @@ def test_a_complete_gateway_config_has_no_hazard() -> None:
     assert config_hazards(parse_config({"gateway": {**GATEWAY, "enabled": False}})) == []
 
 
+def test_logins_before_tls_are_refused_in_gateway_mode_and_warned_otherwise() -> None:
+    mail = {"imap_pop3_require_tls": False}
+    (local,) = config_hazards(parse_config({"mail": mail}))
+    assert (local.key, local.refuse) == ("mail.imap_pop3_require_tls", False)
+    (gateway,) = config_hazards(parse_config({"mail": mail, "gateway": GATEWAY}))
+    assert (gateway.key, gateway.refuse) == ("mail.imap_pop3_require_tls", True)
+    assert "the backend's passwords" in gateway.message
+
+
 def test_a_gateway_without_the_backends_imap_is_warned_inbound_only() -> None:
     gateway = {k: v for k, v in GATEWAY.items() if k != "imap"}
     (hazard,) = config_hazards(parse_config({"gateway": gateway}))
