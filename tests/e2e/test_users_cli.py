@@ -7,6 +7,7 @@ sent through Postfix and delivered by Dovecot's LMTP, a quota that refuses a mes
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import time
 from pathlib import Path
@@ -47,14 +48,21 @@ def config_file(tmp_path: Path) -> Path:
 
 def can_log_in(mail: MailSystem, user: str, password: str) -> bool:
     conn = imaplib.IMAP4(HOST, mail.ports["imap_port"], timeout=10)
-    conn.starttls(ssl_context=mail.client_tls_context())
     try:
+        conn.starttls(ssl_context=mail.client_tls_context())
         conn.login(user, password)
     except imaplib.IMAP4.error:
+        # A NO, or (abort) Dovecot closing the connection: in the second after a change to
+        # the users file a login may find the user in one lookup and not the next.
         return False
+    else:
+        return True
     finally:
-        conn.logout()
-    return True
+        try:
+            conn.logout()
+        except (imaplib.IMAP4.error, OSError):
+            with contextlib.suppress(OSError):
+                conn.shutdown()  # closed by the server: close our end too, leak nothing
 
 
 def logins_become(mail: MailSystem, user: str, password: str, *, allowed: bool) -> bool:
